@@ -1,0 +1,174 @@
+"""The ``dfns-agent`` command line."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent import __version__
+from agent.config import Config, load_config
+from agent.errors import AgentError, ConfigError
+from agent.token import KeyKind, Token
+
+
+class _Context:
+    def __init__(self, config_path: str | None) -> None:
+        self.config_path = config_path
+        self._config: Config | None = None
+
+    @property
+    def config(self) -> Config:
+        if self._config is None:
+            self._config = load_config(self.config_path)
+        return self._config
+
+    def open_token(self, *, rw: bool = False) -> Token:
+        from agent.pin import read_pin
+
+        cfg = self.config.token
+        pin = read_pin(cfg.pin, token_name=f"token {cfg.label or cfg.serial}")
+        return Token.open(cfg, pin, rw=rw)
+
+
+def _fail(e: AgentError) -> None:
+    click.echo(f"dfns-agent: error: {e.message}", err=True)
+    sys.exit(2 if isinstance(e, ConfigError) else 1)
+
+
+class _Group(click.Group):
+    """Turns the agent's own errors into one clear line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AgentError as e:
+            _fail(e)
+
+
+@click.group(cls=_Group)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False),
+    help="Agent config (TOML). Default: $DFNS_AGENT_CONFIG, ~/.config/dfns-agent/agent.toml, /etc/dfns-agent/agent.toml.",
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.version_option(__version__, prog_name="dfns-agent")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
+    """Sign Dfns user-action challenges with keys that never leave a PKCS#11 token."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    ctx.obj = _Context(config_path)
+
+
+@main.command()
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), help="Override the socket path.")
+@click.pass_obj
+def serve(obj: _Context, socket_path: str | None) -> None:
+    """Run the agent: log in to the token once and serve signing requests on the Unix socket."""
+    from agent import daemon
+
+    daemon.run(obj.config, socket_override=socket_path)
+
+
+@main.group()
+def keys() -> None:
+    """Generate and inspect keys on the token (talks to the token directly, not to a running agent)."""
+
+
+@keys.command("generate")
+@click.option("--type", "kind", required=True, type=click.Choice([k.value for k in KeyKind]))
+@click.option("--label", required=True, help="Label of the new key pair (must not exist yet).")
+@click.pass_obj
+def keys_generate(obj: _Context, kind: str, label: str) -> None:
+    """Generate a key pair on the device; the private key is sensitive, non-extractable, sign-only."""
+    with obj.open_token(rw=True) as token:
+        info = token.generate(KeyKind(kind), label)
+    click.echo(f"generated {info.type_name} key {info.label!r} id {info.id.hex()} {info.fingerprint}")
+    click.echo(info.public_pem, nl=False)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def keys_list(obj: _Context, as_json: bool) -> None:
+    """List private keys: label, id, type, SPKI SHA-256 fingerprint, sensitive/extractable flags."""
+    with obj.open_token() as token:
+        found = [k.describe() for k in token.keys()]
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("no private keys on the token")
+        return
+    header = ("LABEL", "ID", "TYPE", "FINGERPRINT", "SENSITIVE", "EXTRACTABLE")
+    rows = [
+        (k["label"], k["id"], k["type"], k["fingerprint"] or "-", _yes(k["sensitive"]), _yes(k["extractable"]))
+        for k in found
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "no"
+
+
+@keys.command("public")
+@click.option("--label", required=True)
+@click.option("--id", "key_id", help="CKA_ID in hex, when several keys share the label.")
+@click.pass_obj
+def keys_public(obj: _Context, label: str, key_id: str | None) -> None:
+    """Print a key's public key as SubjectPublicKeyInfo PEM (what Dfns wants for service accounts)."""
+    try:
+        id_bytes = bytes.fromhex(key_id) if key_id else None
+    except ValueError:
+        raise click.BadParameter("must be hex", param_hint="--id") from None
+    with obj.open_token() as token:
+        info = token.find_key(label, id_bytes)
+    click.echo(info.public_pem, nl=False)
+
+
+@main.command()
+@click.option("--credential", help="Credential name; default: the first one the challenge allows.")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), help="Agent socket path.")
+@click.pass_obj
+def sign(obj: _Context, credential: str | None, socket_path: str | None) -> None:
+    """Read an /auth/action/init challenge (JSON) on stdin, print the firstFactor JSON from the agent."""
+    from agent.client import AgentClient, AgentClientError
+
+    try:
+        challenge = json.load(sys.stdin)
+    except ValueError as e:
+        raise click.ClickException(f"stdin is not JSON: {e}") from None
+    with AgentClient(_client_socket(obj, socket_path)) as client:
+        try:
+            result = client.sign(challenge, credential)
+        except AgentClientError as e:
+            click.echo(f"dfns-agent: {e.code}: {e.message}", err=True)
+            sys.exit(1)
+    click.echo(json.dumps(result))
+
+
+def _client_socket(obj: _Context, explicit: str | None) -> Path:
+    from agent.daemon import socket_path_for
+
+    if explicit:
+        return Path(explicit)
+    from agent.config import find_config
+
+    try:
+        find_config(obj.config_path)
+    except ConfigError:
+        return socket_path_for(None)  # no config file anywhere: the default socket path
+    return socket_path_for(obj.config)

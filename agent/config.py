@@ -1,0 +1,220 @@
+"""The agent's TOML configuration: which module, which token, where the PIN comes from, which keys are
+which Dfns credentials, and where the socket lives.
+
+Only the *path* of this file may come from the environment (``DFNS_AGENT_CONFIG``); every setting lives in
+the file so that a service manager, a shell and ``sudo`` all see the same agent. Unknown keys are errors:
+a typo in a security setting must not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+CONFIG_ENV = "DFNS_AGENT_CONFIG"
+DEFAULT_MAX_BODY = 64 * 1024
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_CRED_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,512}={0,2}$")
+
+
+@dataclass(frozen=True)
+class PinConfig:
+    """Where the token PIN comes from, in order of preference: file, systemd credential, env var, prompt."""
+
+    file: Path | None = None
+    credential: str = "pin"
+    env: str | None = None
+    prompt: bool = True
+
+
+@dataclass(frozen=True)
+class TokenConfig:
+    module: str
+    label: str | None = None
+    serial: str | None = None
+    module_env: Mapping[str, str] = field(default_factory=dict)
+    pin: PinConfig = field(default_factory=PinConfig)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    socket: Path | None = None
+    max_body_bytes: int = DEFAULT_MAX_BODY
+    sign_threads: int = 4
+
+
+@dataclass(frozen=True)
+class CredentialConfig:
+    """A Dfns Key credential backed by a key on the token."""
+
+    name: str
+    key: str
+    key_id: bytes | None = None
+    cred_id: str | None = None
+    origin: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    token: TokenConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
+    credentials: tuple[CredentialConfig, ...] = ()
+    path: Path | None = None
+
+    def credential(self, name: str) -> CredentialConfig | None:
+        return next((c for c in self.credentials if c.name == name), None)
+
+
+def default_config_paths() -> list[Path]:
+    xdg = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return [Path(xdg) / "dfns-agent" / "agent.toml", Path("/etc/dfns-agent/agent.toml")]
+
+
+def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config file to use: ``--config``, else ``$DFNS_AGENT_CONFIG``, else the first default that exists."""
+    if explicit:
+        return Path(explicit)
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env)
+    for candidate in default_config_paths():
+        if candidate.exists():
+            return candidate
+    tried = ", ".join(str(p) for p in default_config_paths())
+    raise ConfigError(f"no configuration file: pass --config, set {CONFIG_ENV}, or create one of: {tried}")
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    p = find_config(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read configuration file {p}: {e.strerror}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    return parse_config(data, base=p.parent, path=p)
+
+
+def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = None) -> Config:
+    """Validate a parsed TOML document; relative paths are taken relative to ``base`` (the file's folder)."""
+    where = str(path) if path else "config"
+    _only(data, {"token", "server", "credential"}, where)
+    token = _token(_table(data, "token", where, required=True), base, f"{where}: [token]")
+    server = _server(_table(data, "server", where), base, f"{where}: [server]")
+    creds_raw = data.get("credential", [])
+    if not isinstance(creds_raw, list):
+        raise ConfigError(f"{where}: credentials are written as [[credential]] tables")
+    creds = tuple(_credential(c, f"{where}: [[credential]] #{i + 1}") for i, c in enumerate(creds_raw))
+    names = [c.name for c in creds]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"{where}: credential names must be unique; repeated: {', '.join(dupes)}")
+    return Config(token=token, server=server, credentials=creds, path=path)
+
+
+def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
+    _only(t, {"module", "label", "serial", "module_env", "pin"}, where)
+    module = _str(t, "module", where, required=True)
+    label = _str(t, "label", where)
+    serial = _str(t, "serial", where)
+    if (label is None) == (serial is None):
+        raise ConfigError(f"{where}: set exactly one of 'label' or 'serial' to select the token")
+    env = t.get("module_env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ConfigError(f"{where}: 'module_env' must be a table of strings")
+    pin_t = _table(t, "pin", where)
+    _only(pin_t, {"file", "credential", "env", "prompt"}, f"{where}.pin")
+    pin_file = _str(pin_t, "file", f"{where}.pin")
+    prompt = pin_t.get("prompt", True)
+    if not isinstance(prompt, bool):
+        raise ConfigError(f"{where}.pin: 'prompt' must be true or false")
+    pin = PinConfig(
+        file=_path(pin_file, base) if pin_file else None,
+        credential=_str(pin_t, "credential", f"{where}.pin") or "pin",
+        env=_str(pin_t, "env", f"{where}.pin"),
+        prompt=prompt,
+    )
+    return TokenConfig(module=module, label=label, serial=serial, module_env=env, pin=pin)
+
+
+def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
+    _only(s, {"socket", "max_body_bytes", "sign_threads"}, where)
+    sock = _str(s, "socket", where)
+    max_body = _int(s, "max_body_bytes", where, DEFAULT_MAX_BODY, lo=1024, hi=16 * 1024 * 1024)
+    threads = _int(s, "sign_threads", where, 4, lo=1, hi=256)
+    return ServerConfig(socket=_path(sock, base) if sock else None, max_body_bytes=max_body, sign_threads=threads)
+
+
+def _credential(c: Any, where: str) -> CredentialConfig:
+    if not isinstance(c, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _only(c, {"name", "key", "key_id", "cred_id", "origin"}, where)
+    name = _str(c, "name", where, required=True)
+    if not _NAME_RE.match(name):
+        raise ConfigError(f"{where}: name {name!r} must be 1-64 characters of letters, digits, '.', '_', '-'")
+    key_id_hex = _str(c, "key_id", where)
+    try:
+        key_id = bytes.fromhex(key_id_hex) if key_id_hex else None
+    except ValueError:
+        raise ConfigError(f"{where}: key_id must be hex (the key's CKA_ID)") from None
+    cred_id = _str(c, "cred_id", where)
+    if cred_id is not None and not _CRED_ID_RE.match(cred_id):
+        raise ConfigError(f"{where}: cred_id must be the base64url credential id Dfns lists in allowCredentials")
+    origin = _str(c, "origin", where)
+    return CredentialConfig(
+        name=name, key=_str(c, "key", where, required=True), key_id=key_id, cred_id=cred_id, origin=origin
+    )
+
+
+def _only(t: Mapping[str, Any], allowed: set[str], where: str) -> None:
+    unknown = sorted(set(t) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _table(t: Mapping[str, Any], key: str, where: str, *, required: bool = False) -> Mapping[str, Any]:
+    v = t.get(key)
+    if v is None:
+        if required:
+            raise ConfigError(f"{where}: missing [{key}] table")
+        return {}
+    if not isinstance(v, dict):
+        raise ConfigError(f"{where}: '{key}' must be a table")
+    return v
+
+
+def _str(t: Mapping[str, Any], key: str, where: str, *, required: bool = False) -> Any:
+    v = t.get(key)
+    if v is None:
+        if required:
+            raise ConfigError(f"{where}: missing '{key}'")
+        return None
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where}: '{key}' must be a non-empty string")
+    return v
+
+
+def _int(t: Mapping[str, Any], key: str, where: str, default: int, *, lo: int, hi: int) -> int:
+    v = t.get(key, default)
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ConfigError(f"{where}: '{key}' must be an integer from {lo} to {hi}")
+    return v
+
+
+def _path(value: str, base: Path) -> Path:
+    p = Path(os.path.expanduser(value))
+    return p if p.is_absolute() else (base / p)

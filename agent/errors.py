@@ -1,0 +1,102 @@
+"""The agent's error hierarchy.
+
+Every error a client can see carries a stable machine-readable ``code``, a human ``message`` and the
+HTTP status it maps to, so the server turns any of them into ``{"error": {"code", "message"}}`` without a
+lookup table, and the CLI can print the same words. Messages never contain a PIN or a bearer token.
+"""
+
+from __future__ import annotations
+
+
+class AgentError(Exception):
+    """Base class: a failure with a stable code and the HTTP status that describes it."""
+
+    code = "internal_error"
+    status = 500
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_json(self) -> dict[str, dict[str, str]]:
+        return {"error": {"code": self.code, "message": self.message}}
+
+
+class ConfigError(AgentError):
+    """The configuration file is missing, unreadable or inconsistent (a start-up error)."""
+
+    code = "config_error"
+
+
+class PinError(AgentError):
+    """No usable PIN source, or a PIN source that is unsafe (e.g. a group-readable PIN file)."""
+
+    code = "pin_error"
+
+
+class BadRequest(AgentError):
+    """The request is malformed: not JSON, wrong shape, or a challenge that is not what Dfns sends."""
+
+    code = "invalid_request"
+    status = 400
+
+
+class NotFound(AgentError):
+    code = "not_found"
+    status = 404
+
+
+class UnknownCredential(NotFound):
+    code = "unknown_credential"
+
+
+class CredentialNotAllowed(AgentError):
+    """The challenge's ``allowCredentials.key`` does not list the credential asked for."""
+
+    code = "credential_not_allowed"
+    status = 422
+
+
+class PayloadTooLarge(AgentError):
+    code = "payload_too_large"
+    status = 413
+
+
+class TokenError(AgentError):
+    """Anything that went wrong on the PKCS#11 side."""
+
+    code = "token_error"
+    status = 503
+
+
+class TokenUnavailable(TokenError):
+    """The token cannot be reached or its session is gone; the request may be retried later."""
+
+    code = "token_unavailable"
+
+
+class PinRejected(TokenError):
+    """The token refused the PIN. Never retried automatically: a retry loop locks tokens."""
+
+    code = "pin_incorrect"
+
+
+class PinLocked(TokenError):
+    code = "pin_locked"
+
+
+class KeyNotFound(TokenError):
+    code = "key_not_found"
+    status = 404
+
+
+class KeyExists(TokenError):
+    code = "key_exists"
+    status = 409
+
+
+class UnsupportedKey(TokenError):
+    code = "unsupported_key"
+    status = 422

@@ -1,0 +1,104 @@
+"""Creating the agent's Unix socket safely.
+
+The socket lives in a directory only the agent's user can enter (0700) and is itself 0600, set by the
+umask at ``bind`` time so there is no window in which it is wider. A socket file left by a crashed agent
+is replaced; one that still answers belongs to a live agent and is a start-up error, never clobbered.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+import tempfile
+from pathlib import Path
+
+from agent.errors import AgentError
+
+_MAX_SUN_PATH = 107
+
+
+class ListenError(AgentError):
+    code = "listen_error"
+
+
+def default_socket_path() -> Path:
+    """``$XDG_RUNTIME_DIR/dfns-agent/agent.sock``, else a per-user directory under the temp dir."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "dfns-agent" / "agent.sock"
+    return Path(tempfile.gettempdir()) / f"dfns-agent-{os.geteuid()}" / "agent.sock"
+
+
+def prepare_directory(directory: Path) -> None:
+    """Create the socket's directory 0700, or check that an existing one is ours and make it 0700."""
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as e:
+        raise ListenError(f"cannot create socket directory {directory}: {e.strerror}") from None
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode):
+        raise ListenError(f"socket directory {directory} is not a directory (or is a symlink)")
+    if st.st_uid != os.geteuid():
+        raise ListenError(f"socket directory {directory} belongs to uid {st.st_uid}, not to this user")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(directory, 0o700)
+
+
+def _agent_answers(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+        return True
+    except OSError as e:
+        if e.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise ListenError(f"cannot tell whether {path} is in use: {e.strerror}") from None
+    finally:
+        probe.close()
+
+
+def bind_unix_socket(path: Path, *, backlog: int = 512) -> socket.socket:
+    """Bind and listen on ``path`` (mode 0600, directory 0700), replacing a stale socket file."""
+    path = Path(os.path.abspath(path))
+    if len(os.fsencode(path)) > _MAX_SUN_PATH:
+        raise ListenError(f"socket path {path} is longer than the {_MAX_SUN_PATH} bytes Unix sockets allow")
+    prepare_directory(path.parent)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ListenError(f"{path} exists and is not a socket; not replacing it")
+        if _agent_answers(path):
+            raise ListenError(f"another agent is already listening on {path}")
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    except OSError as e:
+        sock.close()
+        raise ListenError(f"cannot bind {path}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+def socket_inode(path: Path) -> int:
+    return os.lstat(path).st_ino
+
+
+def remove_socket(path: Path, inode: int) -> None:
+    """Remove the socket file if it is still the one we bound (another agent may have replaced it)."""
+    try:
+        if os.lstat(path).st_ino == inode:
+            os.unlink(path)
+    except OSError:
+        pass

@@ -1,0 +1,246 @@
+"""The OpenAPI 3.1 description of the agent's HTTP API (served at ``GET /v1/openapi.json``).
+
+Kept next to the code and checked by the tests: every route the server registers is described here and
+every response the tests see validates against the schema named for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from agent import __version__
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_B64URL = {"type": "string", "pattern": "^[A-Za-z0-9_-]+={0,2}$"}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "additionalProperties": False,
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "additionalProperties": False,
+                "properties": {
+                    "code": {"type": "string", "description": "stable, machine-readable"},
+                    "message": {"type": "string", "description": "for humans"},
+                },
+            }
+        },
+    },
+    "UserActionChallenge": {
+        "type": "object",
+        "description": "The body of Dfns's POST /auth/action/init answer, passed through unchanged.",
+        "required": ["challenge"],
+        "properties": {
+            "challenge": {**_B64URL, "maxLength": 1024},
+            "challengeIdentifier": {"type": "string"},
+            "allowCredentials": {
+                "type": "object",
+                "properties": {
+                    "key": {
+                        "type": "array",
+                        "items": {"type": "object", "required": ["id"], "properties": {"id": {"type": "string"}}},
+                    }
+                },
+            },
+        },
+    },
+    "RegistrationChallenge": {
+        "type": "object",
+        "description": "The body of Dfns's POST /auth/credentials/init answer (kind Key).",
+        "required": ["challenge"],
+        "properties": {
+            "kind": {"const": "Key"},
+            "challenge": {**_B64URL, "maxLength": 1024},
+            "challengeIdentifier": {"type": "string"},
+        },
+    },
+    "SignRequest": {
+        "type": "object",
+        "required": ["challenge"],
+        "additionalProperties": False,
+        "properties": {
+            "challenge": _ref("UserActionChallenge"),
+            "credential": {
+                "type": "string",
+                "minLength": 1,
+                "description": "configured credential name; default: the first one the challenge allows",
+            },
+        },
+    },
+    "FirstFactor": {
+        "type": "object",
+        "description": "firstFactor for POST /auth/action.",
+        "required": ["kind", "credentialAssertion"],
+        "additionalProperties": False,
+        "properties": {
+            "kind": {"const": "Key"},
+            "credentialAssertion": {
+                "type": "object",
+                "required": ["credId", "clientData", "signature"],
+                "additionalProperties": False,
+                "properties": {"credId": {"type": "string"}, "clientData": _B64URL, "signature": _B64URL},
+            },
+        },
+    },
+    "RegisterRequest": {
+        "type": "object",
+        "required": ["challenge", "credential"],
+        "additionalProperties": False,
+        "properties": {
+            "challenge": _ref("RegistrationChallenge"),
+            "credential": {"type": "string", "minLength": 1, "description": "configured credential whose key to register"},
+            "credId": {"type": "string", "minLength": 1, "description": "default: the credential's credId"},
+            "credentialName": {"type": "string", "minLength": 1, "description": "default: the credential's name"},
+        },
+    },
+    "RegisterResponse": {
+        "type": "object",
+        "description": "Body for POST /auth/credentials (sent with a user action from an existing credential).",
+        "required": ["credentialKind", "credentialInfo", "credentialName"],
+        "additionalProperties": False,
+        "properties": {
+            "credentialKind": {"const": "Key"},
+            "credentialName": {"type": "string"},
+            "challengeIdentifier": {"type": "string"},
+            "credentialInfo": {
+                "type": "object",
+                "required": ["credId", "clientData", "attestationData"],
+                "additionalProperties": False,
+                "properties": {"credId": {"type": "string"}, "clientData": _B64URL, "attestationData": _B64URL},
+            },
+        },
+    },
+    "Credential": {
+        "type": "object",
+        "required": ["name", "credId", "keyLabel", "keyId", "keyType", "fingerprint", "publicKey", "origin"],
+        "additionalProperties": False,
+        "properties": {
+            "name": {"type": "string"},
+            "credId": {"type": "string"},
+            "keyLabel": {"type": "string"},
+            "keyId": {"type": "string", "description": "CKA_ID, hex"},
+            "keyType": {"enum": ["ed25519", "p256", "secp256k1", "rsa2048", "rsa3072"]},
+            "fingerprint": {"type": "string", "pattern": "^sha256:[0-9a-f]{64}$"},
+            "publicKey": {"type": "string", "description": "SubjectPublicKeyInfo PEM"},
+            "origin": {"type": ["string", "null"]},
+        },
+    },
+    "Credentials": {
+        "type": "object",
+        "required": ["credentials"],
+        "additionalProperties": False,
+        "properties": {"credentials": {"type": "array", "items": _ref("Credential")}},
+    },
+    "Health": {
+        "type": "object",
+        "required": ["status", "token", "keys", "uptimeSeconds"],
+        "additionalProperties": False,
+        "properties": {
+            "status": {"enum": ["ok", "down"]},
+            "reason": {"type": "string"},
+            "uptimeSeconds": {"type": "number"},
+            "token": {
+                "type": "object",
+                "required": ["label", "serial", "manufacturer", "model", "present", "loggedIn"],
+                "additionalProperties": False,
+                "properties": {
+                    "label": {"type": "string"},
+                    "serial": {"type": "string"},
+                    "manufacturer": {"type": "string"},
+                    "model": {"type": "string"},
+                    "present": {"type": "boolean"},
+                    "loggedIn": {"type": "boolean"},
+                },
+            },
+            "keys": {"type": "object", "additionalProperties": {"type": "boolean"}},
+        },
+    },
+}
+
+
+def document() -> dict[str, Any]:
+    common = {
+        "400": _error("malformed request (codes invalid_json, invalid_request, invalid_challenge)"),
+        "413": _error("request body too large (payload_too_large)"),
+        "503": _error("token unavailable (token_unavailable)"),
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "dfns-agent",
+            "version": __version__,
+            "description": "Signs Dfns user-action and registration challenges with keys on a PKCS#11 token. "
+            "Served over a Unix socket (e.g. curl --unix-socket PATH http://agent/v1/health).",
+        },
+        "paths": {
+            "/v1/sign": {
+                "post": {
+                    "operationId": "sign",
+                    "summary": "Sign an /auth/action/init challenge; returns firstFactor for POST /auth/action.",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("SignRequest")}}},
+                    "responses": {
+                        "200": _json(_ref("FirstFactor"), "the signed assertion"),
+                        **common,
+                        "404": _error("no credential with that name (unknown_credential)"),
+                        "422": _error("credential not in allowCredentials.key (credential_not_allowed)"),
+                    },
+                }
+            },
+            "/v1/register": {
+                "post": {
+                    "operationId": "register",
+                    "summary": "Sign an /auth/credentials/init challenge with a credential's key (new credential).",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("RegisterRequest")}},
+                    },
+                    "responses": {
+                        "200": _json(_ref("RegisterResponse"), "body for POST /auth/credentials"),
+                        **common,
+                        "404": _error("no credential with that name (unknown_credential)"),
+                    },
+                }
+            },
+            "/v1/credentials": {
+                "get": {
+                    "operationId": "credentials",
+                    "summary": "The configured credentials and their public keys.",
+                    "responses": {"200": _json(_ref("Credentials"), "configured credentials")},
+                }
+            },
+            "/v1/health": {
+                "get": {
+                    "operationId": "health",
+                    "summary": "Token reachable, logged in, and every credential's key present.",
+                    "responses": {
+                        "200": _json(_ref("Health"), "healthy"),
+                        "503": _json(_ref("Health"), "not healthy; reason says why"),
+                    },
+                }
+            },
+            "/v1/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This document.",
+                    "responses": {"200": {"description": "OpenAPI 3.1 document", "content": {"application/json": {}}}},
+                }
+            },
+        },
+        "components": {"schemas": SCHEMAS},
+    }

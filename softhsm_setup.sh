@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Sets up everything dfns-agent needs on a Debian/Ubuntu machine, idempotently:
+#   - apt packages (SoftHSM 2, Python venv support) when missing;
+#   - a virtualenv in .venv with the agent and its test tools;
+#   - a project-local SoftHSM token directory in .dev/ (config from pkcs11_config/), a dev token
+#     "dfns-dev" with a random PIN in .dev/pin (mode 0600), an Ed25519 key "dfns-dev-ed25519" on it,
+#     and an agent config .dev/agent.toml that uses them.
+#
+# Usage:
+#   ./softhsm_setup.sh          set up only
+#   ./softhsm_setup.sh serve    set up, then run the agent on the dev token (Ctrl-C stops it)
+#   ./softhsm_setup.sh test     set up, then run the checks and the test suite (extra args go to pytest)
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")"
+ROOT=$(pwd)
+DEV="$ROOT/.dev"
+VENV="$ROOT/.venv"
+TOKEN_LABEL="dfns-dev"
+KEY_LABEL="dfns-dev-ed25519"
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    say "need root for: $*  (run as root or install sudo)"; exit 1
+  fi
+}
+
+find_module() {
+  local c
+  for c in /usr/lib/softhsm/libsofthsm2.so /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so \
+           /usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so /usr/local/lib/softhsm/libsofthsm2.so; do
+    [ -f "$c" ] && { echo "$c"; return 0; }
+  done
+  return 1
+}
+
+install_packages() {
+  local want=()
+  command -v softhsm2-util >/dev/null && find_module >/dev/null || want+=(softhsm2)
+  python3 -c 'import ensurepip, venv' 2>/dev/null || want+=(python3-venv)
+  command -v python3 >/dev/null || want+=(python3)
+  if [ ${#want[@]} -gt 0 ]; then
+    say "installing ${want[*]} (apt)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+  fi
+}
+
+setup_venv() {
+  local stamp="$VENV/.installed" want
+  want=$(cat pyproject.toml | sha256sum | cut -d' ' -f1)
+  if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then return 0; fi
+  say "creating $VENV"
+  [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+  "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+  "$VENV/bin/python" -m pip install -q -e '.[test]'
+  echo "$want" >"$stamp"
+}
+
+setup_dev_token() {
+  local module
+  module=$(find_module) || { say "libsofthsm2.so not found after install"; exit 1; }
+  mkdir -p "$DEV/tokens"
+  chmod 700 "$DEV"
+  sed "s|@TOKENDIR@|$DEV/tokens|" pkcs11_config/softhsm2.conf.in >"$DEV/softhsm2.conf"
+  export SOFTHSM2_CONF="$DEV/softhsm2.conf"
+  umask 077
+  [ -s "$DEV/pin" ] || "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(8))' >"$DEV/pin"
+  [ -s "$DEV/so-pin" ] || "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(8))' >"$DEV/so-pin"
+  chmod 600 "$DEV/pin" "$DEV/so-pin"
+  if ! softhsm2-util --show-slots 2>/dev/null | grep -Eq "Label: +$TOKEN_LABEL *\$"; then
+    say "initializing SoftHSM token '$TOKEN_LABEL' in $DEV/tokens"
+    softhsm2-util --init-token --free --label "$TOKEN_LABEL" \
+      --pin "$(cat "$DEV/pin")" --so-pin "$(cat "$DEV/so-pin")" >/dev/null
+  fi
+  cat >"$DEV/agent.toml" <<EOF
+# Written by softhsm_setup.sh for the SoftHSM dev token; see pkcs11_config/agent.example.toml.
+[token]
+module = "$module"
+label = "$TOKEN_LABEL"
+
+[token.module_env]
+SOFTHSM2_CONF = "$DEV/softhsm2.conf"
+
+[token.pin]
+file = "$DEV/pin"
+
+[[credential]]
+name = "dev"
+key = "$KEY_LABEL"
+EOF
+  if ! "$VENV/bin/dfns-agent" --config "$DEV/agent.toml" keys public --label "$KEY_LABEL" >/dev/null 2>&1; then
+    say "generating Ed25519 key '$KEY_LABEL' on the dev token"
+    "$VENV/bin/dfns-agent" --config "$DEV/agent.toml" keys generate --type ed25519 --label "$KEY_LABEL" >/dev/null
+  fi
+  export SOFTHSM_MODULE="$module"
+}
+
+install_packages
+setup_venv
+setup_dev_token
+
+case "${1:-setup}" in
+  setup)
+    say "ready: $VENV/bin/dfns-agent --config $DEV/agent.toml serve" ;;
+  serve)
+    shift
+    exec "$VENV/bin/dfns-agent" --config "$DEV/agent.toml" serve "$@" ;;
+  test)
+    shift
+    say "ruff"
+    "$VENV/bin/ruff" check agent tests
+    say "mypy"
+    "$VENV/bin/mypy" --no-error-summary
+    say "pytest"
+    exec "$VENV/bin/python" -m pytest "$@" ;;
+  *)
+    say "usage: $0 [setup|serve|test [pytest args]]"; exit 2 ;;
+esac
