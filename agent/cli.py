@@ -55,7 +55,8 @@ class _Group(click.Group):
     "--config",
     "config_path",
     type=click.Path(dir_okay=False),
-    help="Agent config (TOML). Default: $DFNS_AGENT_CONFIG, ~/.config/dfns-agent/agent.toml, /etc/dfns-agent/agent.toml.",
+    help="Agent config (TOML). Default: $DFNS_AGENT_CONFIG, ~/.config/dfns-agent/agent.toml, "
+    "/etc/dfns-agent/agent.toml.",
 )
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.version_option(__version__, prog_name="dfns-agent")
@@ -117,7 +118,7 @@ def keys_list(obj: _Context, as_json: bool) -> None:
     ]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip())
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
 def _yes(flag: bool) -> str:

@@ -43,17 +43,23 @@ class AgentClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (200,)) -> Any:
+    def _call(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (200,)) -> dict[str, Any]:
         try:
             r = self._http.request(method, path, json=body)
         except httpx.TransportError as e:
-            raise AgentClientError(0, "agent_unreachable", f"cannot reach the agent at {self.socket_path}: {e}") from None
+            raise AgentClientError(
+                0, "agent_unreachable", f"cannot reach the agent at {self.socket_path}: {e}"
+            ) from None
         try:
             data = r.json()
         except ValueError:
-            raise AgentClientError(r.status_code, "bad_response", f"agent answered {r.status_code} without JSON") from None
+            data = None
+        if not isinstance(data, dict):
+            raise AgentClientError(
+                r.status_code, "bad_response", f"agent answered {r.status_code} without a JSON object"
+            )
         if r.status_code not in ok:
-            err = data.get("error", {}) if isinstance(data, dict) else {}
+            err = data.get("error", {})
             raise AgentClientError(r.status_code, err.get("code", "unknown"), err.get("message", r.text))
         return data
 
@@ -89,4 +95,4 @@ class AgentClient:
         if "error" in data:
             err = data["error"]
             raise AgentClientError(503, err.get("code", "unknown"), err.get("message", ""))
-        return dict(data)
+        return data

@@ -106,6 +106,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ConfigError(f"{p}: not valid TOML: {e}") from None
+    p = Path(os.path.abspath(p))
     return parse_config(data, base=p.parent, path=p)
 
 
@@ -164,7 +165,7 @@ def _credential(c: Any, where: str) -> CredentialConfig:
         raise ConfigError(f"{where}: must be a table")
     _only(c, {"name", "key", "key_id", "cred_id", "origin"}, where)
     name = _str(c, "name", where, required=True)
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ConfigError(f"{where}: name {name!r} must be 1-64 characters of letters, digits, '.', '_', '-'")
     key_id_hex = _str(c, "key_id", where)
     try:
@@ -172,7 +173,7 @@ def _credential(c: Any, where: str) -> CredentialConfig:
     except ValueError:
         raise ConfigError(f"{where}: key_id must be hex (the key's CKA_ID)") from None
     cred_id = _str(c, "cred_id", where)
-    if cred_id is not None and not _CRED_ID_RE.match(cred_id):
+    if cred_id is not None and not _CRED_ID_RE.fullmatch(cred_id):
         raise ConfigError(f"{where}: cred_id must be the base64url credential id Dfns lists in allowCredentials")
     origin = _str(c, "origin", where)
     return CredentialConfig(

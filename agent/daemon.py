@@ -17,11 +17,11 @@ from typing import TextIO
 
 from agent import __version__
 from agent.config import Config
+from agent.errors import ConfigError
 from agent.listener import bind_unix_socket, default_socket_path, remove_socket, socket_inode
 from agent.pin import read_pin
 from agent.server import create_app, serve
 from agent.service import SigningService
-from agent.errors import ConfigError
 from agent.token import Token
 
 log = logging.getLogger(__name__)

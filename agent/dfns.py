@@ -61,7 +61,7 @@ def _challenge_string(obj: Mapping[str, Any]) -> str:
         raise BadRequest("challenge.challenge must be a non-empty string", code="invalid_challenge")
     if len(value) > MAX_CHALLENGE_LEN:
         raise BadRequest(f"challenge.challenge is longer than {MAX_CHALLENGE_LEN} characters", code="invalid_challenge")
-    if not _B64URL_RE.match(value):
+    if not _B64URL_RE.fullmatch(value):
         raise BadRequest("challenge.challenge is not base64url text", code="invalid_challenge")
     return value
 
@@ -129,7 +129,9 @@ class RegistrationChallenge:
             )
         kind = obj.get("kind")
         if kind is not None and kind != "Key":
-            raise BadRequest(f"challenge.kind is {kind!r}; the agent registers Key credentials", code="invalid_challenge")
+            raise BadRequest(
+                f"challenge.kind is {kind!r}; the agent registers Key credentials", code="invalid_challenge"
+            )
         return cls(challenge=_challenge_string(obj), challenge_identifier=_optional_string(obj, "challengeIdentifier"))
 
 

@@ -104,7 +104,11 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "challenge": _ref("RegistrationChallenge"),
-            "credential": {"type": "string", "minLength": 1, "description": "configured credential whose key to register"},
+            "credential": {
+                "type": "string",
+                "minLength": 1,
+                "description": "configured credential whose key to register",
+            },
             "credId": {"type": "string", "minLength": 1, "description": "default: the credential's credId"},
             "credentialName": {"type": "string", "minLength": 1, "description": "default: the credential's name"},
         },

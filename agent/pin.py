@@ -97,9 +97,9 @@ def read_pin(
                 raise PinError(f"systemd credential {cfg.credential!r} is empty")
             return Pin(value, f"systemd credential {cfg.credential}")
     if cfg.env:
-        value = env.get(cfg.env)
-        if value:
-            return Pin(value, f"environment variable {cfg.env}")
+        from_env = env.get(cfg.env)
+        if from_env:
+            return Pin(from_env, f"environment variable {cfg.env}")
     if interactive is None:
         interactive = sys.stdin.isatty()
     if cfg.prompt and interactive:

@@ -36,7 +36,9 @@ def error_response(status: int, code: str, message: str) -> web.Response:
 
 
 @web.middleware
-async def _errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def _errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except AgentError as e:
@@ -151,7 +153,9 @@ def create_app(service: SigningService, executor: Executor, *, max_body: int) ->
     return app
 
 
-async def serve(app: web.Application, sock: socket.socket, stop: asyncio.Event, *, shutdown_timeout: float = 10.0) -> None:
+async def serve(
+    app: web.Application, sock: socket.socket, stop: asyncio.Event, *, shutdown_timeout: float = 10.0
+) -> None:
     """Serve ``app`` on an already bound, listening socket until ``stop`` is set, then drain."""
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()

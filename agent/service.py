@@ -98,8 +98,9 @@ class SigningService:
                 return cred
         allowed = ", ".join(challenge.allowed_key_ids) or "no Key credentials"
         mine = ", ".join(f"{c.name} ({c.cred_id})" for c in self._credentials.values())
-        raise CredentialNotAllowed(f"none of the agent's credentials is allowed by the challenge: it allows {allowed}; "
-                                   f"the agent has {mine}")
+        raise CredentialNotAllowed(
+            f"none of the agent's credentials is allowed by the challenge: it allows {allowed}; the agent has {mine}"
+        )
 
     def sign(self, challenge: Mapping[str, Any], credential: str | None = None) -> dict[str, Any]:
         """Sign an ``/auth/action/init`` challenge; returns ``firstFactor`` for ``POST /auth/action``."""
@@ -115,7 +116,10 @@ class SigningService:
         cred_id: str | None = None,
         credential_name: str | None = None,
     ) -> dict[str, Any]:
-        """Sign an ``/auth/credentials/init`` challenge with the credential's key: the body for ``POST /auth/credentials``."""
+        """Sign an ``/auth/credentials/init`` challenge with the credential's key.
+
+        Returns the body for ``POST /auth/credentials`` (which needs a user action from an existing credential).
+        """
         parsed = dfns.RegistrationChallenge.parse(challenge)
         cred = self.credential(credential)
         info = dfns.sign_registration(

@@ -144,9 +144,7 @@ class _CK_SESSION_INFO(ctypes.Structure):
 
 class _CK_FUNCTION_LIST_HEAD(ctypes.Structure):
     # CK_VERSION then the first 16 entry points, in the order fixed by the PKCS#11 standard.
-    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)] + [
-        (f"f{i}", ctypes.c_void_p) for i in range(16)
-    ]
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)] + [(f"f{i}", ctypes.c_void_p) for i in range(16)]
 
 
 _CKF_OS_LOCKING_OK = 0x2
@@ -240,9 +238,7 @@ class KeyInfo:
     def spki_der(self) -> bytes:
         if self.public_key is None:
             raise UnsupportedKey(f"no public key found for key {self.label!r}")
-        return self.public_key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        return self.public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     @property
     def public_pem(self) -> str:

@@ -1,0 +1,142 @@
+"""The dfns-agent command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import KINDS, PIN, ROOT, AgentProcess, TokenEnv, check_assertion, cred_id_for, key_label, make_challenge
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+
+def cli(te: TokenEnv, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(te.config), *args],
+        env=te.env(),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert PIN not in r.stdout + r.stderr
+    return r
+
+
+def test_keys_generate_list_public(token_env: TokenEnv) -> None:
+    r = cli(token_env, "keys", "generate", "--type", "p256", "--label", "cli-new")
+    assert r.returncode == 0, r.stderr
+    assert "generated p256 key 'cli-new'" in r.stdout and "sha256:" in r.stdout
+
+    table = cli(token_env, "keys", "list")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["LABEL", "ID", "TYPE", "FINGERPRINT", "SENSITIVE", "EXTRACTABLE"]
+    row = next(line.split() for line in lines if line.startswith("cli-new "))
+    assert row[2] == "p256" and row[4:] == ["yes", "no"]
+
+    listed = {k["label"]: k for k in json.loads(cli(token_env, "keys", "list", "--json").stdout)}
+    assert set(listed) == {key_label(k) for k in KINDS} | {"cli-new"}
+    assert listed["cli-new"]["sensitive"] is True and listed["cli-new"]["extractable"] is False
+
+    pem = cli(token_env, "keys", "public", "--label", "cli-new")
+    assert pem.returncode == 0
+    key = serialization.load_pem_public_key(pem.stdout.encode())
+    assert isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name == "secp256r1"
+    spki = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    assert listed["cli-new"]["fingerprint"] == "sha256:" + hashlib.sha256(spki).hexdigest()
+
+
+def test_keys_generate_refuses_a_duplicate_label(token_env: TokenEnv) -> None:
+    r = cli(token_env, "keys", "generate", "--type", "ed25519", "--label", key_label("ed25519"))
+    assert r.returncode != 0
+    assert "already exists" in r.stderr
+
+
+def test_keys_public_of_a_missing_key(token_env: TokenEnv) -> None:
+    r = cli(token_env, "keys", "public", "--label", "nope")
+    assert r.returncode != 0
+    assert "no private key labelled 'nope'" in r.stderr
+
+
+def test_keys_generate_rejects_unknown_type(token_env: TokenEnv) -> None:
+    r = cli(token_env, "keys", "generate", "--type", "p384", "--label", "x")
+    assert r.returncode == 2
+    assert "p384" in r.stderr
+
+
+def test_sign_reads_a_challenge_and_prints_first_factor(agent: AgentProcess) -> None:
+    te = agent.token_env
+    challenge = make_challenge(cred_id_for("p256"))
+    r = cli(te, "sign", "--socket", str(agent.socket_path), "--credential", "p256", stdin=json.dumps(challenge))
+    assert r.returncode == 0, r.stderr
+    pem = cli(te, "keys", "public", "--label", key_label("p256")).stdout
+    check_assertion(json.loads(r.stdout), challenge, pem, cred_id_for("p256"))
+
+
+def test_sign_uses_the_socket_from_the_config(agent: AgentProcess) -> None:
+    te = agent.token_env
+    te.write_config(server=f'socket = "{agent.socket_path}"')
+    challenge = make_challenge(cred_id_for("ed25519"))
+    r = cli(te, "sign", stdin=json.dumps(challenge))
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["credentialAssertion"]["credId"] == cred_id_for("ed25519")
+
+
+def test_sign_reports_agent_errors_with_their_code(agent: AgentProcess) -> None:
+    r = cli(agent.token_env, "sign", "--socket", str(agent.socket_path), stdin=json.dumps(make_challenge("zzz")))
+    assert r.returncode == 1
+    assert "credential_not_allowed" in r.stderr and "zzz" in r.stderr
+
+
+def test_sign_without_a_running_agent(token_env: TokenEnv, short_dir: Path) -> None:
+    r = cli(token_env, "sign", "--socket", str(short_dir / "none.sock"), stdin=json.dumps(make_challenge("x")))
+    assert r.returncode == 1
+    assert "agent_unreachable" in r.stderr
+
+
+def test_sign_rejects_non_json_stdin(token_env: TokenEnv, short_dir: Path) -> None:
+    r = cli(token_env, "sign", "--socket", str(short_dir / "none.sock"), stdin="not json")
+    assert r.returncode != 0
+    assert "stdin is not JSON" in r.stderr
+
+
+def test_missing_config_file_is_a_clear_error(tmp_path: Path, token_env: TokenEnv) -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(tmp_path / "none.toml"), "keys", "list"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert r.returncode == 2
+    assert "cannot read configuration file" in r.stderr
+
+
+def test_serve_without_credentials_is_a_config_error(token_env: TokenEnv, tmp_path: Path) -> None:
+    text = token_env.config.read_text()
+    token_env.config.write_text(text[: text.index("[[credential]]")])
+    r = cli(token_env, "serve", "--socket", str(tmp_path / "a.sock"))
+    assert r.returncode == 2
+    assert "no [[credential]] configured" in r.stderr
+
+
+def test_client_library_round_trip(agent: AgentProcess) -> None:
+    from agent.client import AgentClient, AgentClientError
+
+    with AgentClient(agent.socket_path) as client:
+        creds = {c["name"]: c for c in client.credentials()}
+        assert set(creds) == set(KINDS)
+        challenge = make_challenge(cred_id_for("rsa3072"))
+        ff = client.sign(challenge, "rsa3072")
+        check_assertion(ff, challenge, creds["rsa3072"]["publicKey"], cred_id_for("rsa3072"))
+        reg = client.register({"kind": "Key", "challenge": "Y2gtcmVn"}, "p256", credential_name="n")
+        assert reg["credentialName"] == "n" and reg["credentialInfo"]["credId"] == cred_id_for("p256")
+        assert client.health()["status"] == "ok"
+        with pytest.raises(AgentClientError) as caught:
+            client.sign(make_challenge("x"), "missing")
+        assert caught.value.status == 404 and caught.value.code == "unknown_credential"
