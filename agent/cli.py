@@ -28,10 +28,10 @@ class _Context:
         return self._config
 
     def open_token(self, *, rw: bool = False) -> Token:
-        from agent.pin import read_pin
+        from agent.secret import read_pin
 
         cfg = self.config.token
-        pin = read_pin(cfg.pin, token_name=f"token {cfg.label or cfg.serial}")
+        pin = read_pin(cfg)
         return Token.open(cfg, pin, rw=rw)
 
 

@@ -30,11 +30,11 @@ _CRED_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,512}={0,2}$")
 
 
 @dataclass(frozen=True)
-class PinConfig:
-    """Where the token PIN comes from, in order of preference: file, systemd credential, env var, prompt."""
+class SecretSource:
+    """Where a secret comes from, in order of preference: file, systemd credential, env var, prompt."""
 
     file: Path | None = None
-    credential: str = "pin"
+    credential: str | None = "pin"
     env: str | None = None
     prompt: bool = True
 
@@ -45,7 +45,7 @@ class TokenConfig:
     label: str | None = None
     serial: str | None = None
     module_env: Mapping[str, str] = field(default_factory=dict)
-    pin: PinConfig = field(default_factory=PinConfig)
+    pin: SecretSource = field(default_factory=SecretSource)
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
     prompt = pin_t.get("prompt", True)
     if not isinstance(prompt, bool):
         raise ConfigError(f"{where}.pin: 'prompt' must be true or false")
-    pin = PinConfig(
+    pin = SecretSource(
         file=_path(pin_file, base) if pin_file else None,
         credential=_str(pin_t, "credential", f"{where}.pin") or "pin",
         env=_str(pin_t, "env", f"{where}.pin"),

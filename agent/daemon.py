@@ -19,7 +19,7 @@ from agent import __version__
 from agent.config import Config
 from agent.errors import ConfigError
 from agent.listener import bind_unix_socket, default_socket_path, remove_socket, socket_inode
-from agent.pin import read_pin
+from agent.secret import read_pin
 from agent.server import create_app, serve
 from agent.service import SigningService
 from agent.token import Token
@@ -44,8 +44,7 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
     inode = socket_inode(path)
     token: Token | None = None
     try:
-        label = config.token.label or f"serial {config.token.serial}"
-        pin = read_pin(config.token.pin, token_name=f"token {label}")
+        pin = read_pin(config.token)
         token = Token.open(config.token, pin)
         del pin
         service = SigningService.from_config(token, config.credentials)

@@ -30,10 +30,10 @@ class ConfigError(AgentError):
     code = "config_error"
 
 
-class PinError(AgentError):
-    """No usable PIN source, or a PIN source that is unsafe (e.g. a group-readable PIN file)."""
+class SecretError(AgentError):
+    """No usable source for a secret (PIN, Dfns token), or an unsafe one (e.g. a group-readable file)."""
 
-    code = "pin_error"
+    code = "secret_error"
 
 
 class BadRequest(AgentError):

@@ -45,7 +45,7 @@ from agent.errors import (
     TokenUnavailable,
     UnsupportedKey,
 )
-from agent.pin import Pin
+from agent.secret import Secret
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +416,7 @@ class Token:
     # -- opening and closing -----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, cfg: TokenConfig, pin: Pin, *, rw: bool = False) -> Token:
+    def open(cls, cfg: TokenConfig, pin: Secret, *, rw: bool = False) -> Token:
         """Load the module, find the token and log in once. A rejected PIN is never retried."""
         for name, value in cfg.module_env.items():
             os.environ[name] = value

@@ -114,10 +114,11 @@ def template_token(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Keys are made by the agent's own generator, in a child process so this one loads SoftHSM later
     # against its own copy.
     script = (
-        "import sys\n"
-        "from agent.config import TokenConfig\nfrom agent.pin import Pin\nfrom agent.token import Token, KeyKind\n"
+        "from agent.config import TokenConfig\n"
+        "from agent.secret import Secret\n"
+        "from agent.token import Token, KeyKind\n"
         f"cfg = TokenConfig(module={MODULE!r}, label={TOKEN_LABEL!r})\n"
-        f"with Token.open(cfg, Pin({PIN!r}, 'test'), rw=True) as t:\n"
+        f"with Token.open(cfg, Secret({PIN!r}, 'test'), rw=True) as t:\n"
         f"    for kind in {KINDS!r}:\n"
         "        t.generate(KeyKind(kind), 'key-' + kind)\n"
     )

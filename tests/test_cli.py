@@ -140,3 +140,63 @@ def test_client_library_round_trip(agent: AgentProcess) -> None:
         with pytest.raises(AgentClientError) as caught:
             client.sign(make_challenge("x"), "missing")
         assert caught.value.status == 404 and caught.value.code == "unknown_credential"
+
+
+def test_pin_prompt_on_a_terminal_does_not_echo(token_env: TokenEnv) -> None:
+    """The last PIN source: a no-echo prompt on the controlling terminal (a real pty here)."""
+    import os
+    import pty
+    import select
+    import time
+
+    token_env.write_config(pin="prompt = true")
+    pid, fd = pty.fork()
+    if pid == 0:  # child: the pty is its controlling terminal
+        os.execvpe(
+            sys.executable,
+            [sys.executable, "-m", "agent", "--config", str(token_env.config), "keys", "list"],
+            token_env.env() | {"PYTHONPATH": str(ROOT)},
+        )
+    screen = b""
+    deadline = time.monotonic() + 30
+
+    def read_some() -> bool:
+        nonlocal screen
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                chunk = os.read(fd, 4096)
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            screen += chunk
+        return True
+
+    while b"PIN for token 'agent-test': " not in screen and time.monotonic() < deadline:
+        assert read_some(), screen
+    os.write(fd, PIN.encode() + b"\n")
+    while time.monotonic() < deadline and read_some():
+        pass
+    _, status = os.waitpid(pid, 0)
+    text = screen.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text
+    assert PIN not in text, "the PIN was echoed"
+    assert key_label("p256") in text
+
+
+def test_pin_from_a_systemd_credential(token_env: TokenEnv, tmp_path: Path) -> None:
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+    (creds / "hsm-pin").write_text(PIN)
+    token_env.write_config(pin='credential = "hsm-pin"\nprompt = false')
+    r = subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(token_env.config), "keys", "list", "--json"],
+        env=token_env.env() | {"CREDENTIALS_DIRECTORY": str(creds)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+    )
+    assert r.returncode == 0, r.stderr
+    assert key_label("ed25519") in {k["label"] for k in json.loads(r.stdout)}

@@ -1,4 +1,4 @@
-"""Tests for agent.config (TOML configuration) and agent.pin (PIN sources)."""
+"""Tests for agent.config (TOML configuration) and agent.secret (PIN and token sources)."""
 
 from __future__ import annotations
 
@@ -14,15 +14,15 @@ from agent.config import (
     DEFAULT_MAX_BODY,
     Config,
     CredentialConfig,
-    PinConfig,
+    SecretSource,
     ServerConfig,
     TokenConfig,
     find_config,
     load_config,
     parse_config,
 )
-from agent.errors import ConfigError, PinError
-from agent.pin import Pin, read_pin, read_pin_file
+from agent.errors import ConfigError, SecretError
+from agent.secret import Secret, read_pin, read_secret, read_secret_file
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -92,7 +92,7 @@ def test_load_full_config(tmp_path: Path) -> None:
         label="dfns-token",
         serial=None,
         module_env={"SOFTHSM2_CONF": "/etc/softhsm/softhsm2.conf"},
-        pin=PinConfig(file=folder / "secrets" / "pin", credential="hsm-pin", env="DFNS_AGENT_PIN", prompt=False),
+        pin=SecretSource(file=folder / "secrets" / "pin", credential="hsm-pin", env="DFNS_AGENT_PIN", prompt=False),
     )
     assert cfg.server == ServerConfig(socket=folder / "run" / "agent.sock", max_body_bytes=131072, sign_threads=8)
     assert cfg.credentials == (
@@ -140,7 +140,7 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
     assert cfg.token.label == "dfns-token"
     assert cfg.token.serial is None
     assert dict(cfg.token.module_env) == {}
-    assert cfg.token.pin == PinConfig(file=None, credential="pin", env=None, prompt=True)
+    assert cfg.token.pin == SecretSource(file=None, credential="pin", env=None, prompt=True)
     assert cfg.server == ServerConfig(socket=None, max_body_bytes=DEFAULT_MAX_BODY, sign_threads=4)
     assert cfg.credentials == ()
 
@@ -389,34 +389,34 @@ def test_pin_file_wins_over_all_other_sources(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     write_pin(creds / "pin", "from-systemd")
     environ = {"CREDENTIALS_DIRECTORY": str(creds), "PIN_VAR": "from-env"}
-    cfg = PinConfig(file=pin_file, env="PIN_VAR", prompt=True)
-    pin = read_pin(cfg, environ=environ, prompt=must_not_prompt, interactive=True)
+    cfg = SecretSource(file=pin_file, env="PIN_VAR", prompt=True)
+    pin = read_secret(cfg, environ=environ, prompt=must_not_prompt, interactive=True)
     assert pin.reveal() == "from-file"
     assert pin.source == f"file {pin_file}"
 
 
 def test_configured_but_missing_pin_file_is_an_error_not_a_fallthrough(tmp_path: Path) -> None:
-    cfg = PinConfig(file=tmp_path / "missing", env="PIN_VAR")
-    with pytest.raises(PinError, match="cannot open PIN file"):
-        read_pin(cfg, environ={"PIN_VAR": "1234"}, prompt=must_not_prompt, interactive=True)
+    cfg = SecretSource(file=tmp_path / "missing", env="PIN_VAR")
+    with pytest.raises(SecretError, match="cannot open PIN file"):
+        read_secret(cfg, environ={"PIN_VAR": "1234"}, prompt=must_not_prompt, interactive=True)
 
 
 @pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644, 0o601, 0o610])
 def test_pin_file_with_group_or_other_access_refused(tmp_path: Path, mode: int) -> None:
     pin_file = write_pin(tmp_path / "pin", "1234", mode)
-    with pytest.raises(PinError) as info:
-        read_pin(PinConfig(file=pin_file), environ={}, interactive=False)
+    with pytest.raises(SecretError) as info:
+        read_secret(SecretSource(file=pin_file), environ={}, interactive=False)
     msg = info.value.message
     assert "chmod 600" in msg
     assert f"{mode:04o}" in msg
     assert "1234" not in msg
-    assert info.value.code == "pin_error"
+    assert info.value.code == "secret_error"
 
 
 @pytest.mark.parametrize("mode", [0o600, 0o400])
 def test_pin_file_owner_only_accepted(tmp_path: Path, mode: int) -> None:
     pin_file = write_pin(tmp_path / "pin", "1234", mode)
-    assert read_pin_file(pin_file) == "1234"
+    assert read_secret_file(pin_file) == "1234"
 
 
 @pytest.mark.parametrize(
@@ -425,44 +425,44 @@ def test_pin_file_owner_only_accepted(tmp_path: Path, mode: int) -> None:
 )
 def test_pin_file_single_trailing_newline_stripped(tmp_path: Path, content: str, expected: str) -> None:
     pin_file = write_pin(tmp_path / "pin", content)
-    assert read_pin(PinConfig(file=pin_file), environ={}, interactive=False).reveal() == expected
+    assert read_secret(SecretSource(file=pin_file), environ={}, interactive=False).reveal() == expected
 
 
 @pytest.mark.parametrize("content", ["", "\n"])
 def test_empty_pin_file_refused(tmp_path: Path, content: str) -> None:
     pin_file = write_pin(tmp_path / "pin", content)
-    with pytest.raises(PinError, match="is empty"):
-        read_pin(PinConfig(file=pin_file), environ={}, interactive=False)
+    with pytest.raises(SecretError, match="is empty"):
+        read_secret(SecretSource(file=pin_file), environ={}, interactive=False)
 
 
 def test_pin_file_symlink_refused(tmp_path: Path) -> None:
     target = write_pin(tmp_path / "real-pin", "1234")
     link = tmp_path / "pin"
     link.symlink_to(target)
-    with pytest.raises(PinError, match="cannot open PIN file") as info:
-        read_pin(PinConfig(file=link), environ={}, interactive=False)
+    with pytest.raises(SecretError, match="cannot open PIN file") as info:
+        read_secret(SecretSource(file=link), environ={}, interactive=False)
     assert "1234" not in info.value.message
-    assert read_pin_file(target) == "1234"  # the target itself is fine
+    assert read_secret_file(target) == "1234"  # the target itself is fine
 
 
 def test_pin_file_directory_refused(tmp_path: Path) -> None:
     folder = tmp_path / "pindir"
     folder.mkdir(mode=0o700)
-    with pytest.raises(PinError, match="not a regular file"):
-        read_pin_file(folder)
+    with pytest.raises(SecretError, match="not a regular file"):
+        read_secret_file(folder)
 
 
 def test_pin_file_not_utf8_refused(tmp_path: Path) -> None:
     pin_file = write_pin(tmp_path / "pin", b"\xff\xfe")
-    with pytest.raises(PinError, match="not UTF-8"):
-        read_pin_file(pin_file)
+    with pytest.raises(SecretError, match="not UTF-8"):
+        read_secret_file(pin_file)
 
 
 def test_systemd_credential_used(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     write_pin(creds / "hsm-pin", "from-systemd\n", 0o440)
-    cfg = PinConfig(credential="hsm-pin", env="PIN_VAR")
-    pin = read_pin(
+    cfg = SecretSource(credential="hsm-pin", env="PIN_VAR")
+    pin = read_secret(
         cfg,
         environ={"CREDENTIALS_DIRECTORY": str(creds), "PIN_VAR": "from-env"},
         prompt=must_not_prompt,
@@ -475,8 +475,8 @@ def test_systemd_credential_used(tmp_path: Path) -> None:
 def test_systemd_directory_without_the_credential_falls_through(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     write_pin(creds / "other", "x")
-    pin = read_pin(
-        PinConfig(env="PIN_VAR"),
+    pin = read_secret(
+        SecretSource(env="PIN_VAR"),
         environ={"CREDENTIALS_DIRECTORY": str(creds), "PIN_VAR": "from-env"},
         interactive=False,
     )
@@ -486,20 +486,20 @@ def test_systemd_directory_without_the_credential_falls_through(tmp_path: Path) 
 def test_empty_systemd_credential_refused(tmp_path: Path) -> None:
     creds = tmp_path / "creds"
     write_pin(creds / "pin", "")
-    with pytest.raises(PinError, match="empty"):
-        read_pin(PinConfig(), environ={"CREDENTIALS_DIRECTORY": str(creds)}, interactive=False)
+    with pytest.raises(SecretError, match="empty"):
+        read_secret(SecretSource(), environ={"CREDENTIALS_DIRECTORY": str(creds)}, interactive=False)
 
 
 def test_env_var_named_by_config() -> None:
-    cfg = PinConfig(env="MY_HSM_PIN")
-    pin = read_pin(cfg, environ={"MY_HSM_PIN": "98765", "PIN": "wrong"}, prompt=must_not_prompt, interactive=True)
+    cfg = SecretSource(env="MY_HSM_PIN")
+    pin = read_secret(cfg, environ={"MY_HSM_PIN": "98765", "PIN": "wrong"}, prompt=must_not_prompt, interactive=True)
     assert pin.reveal() == "98765"
     assert pin.source == "environment variable MY_HSM_PIN"
 
 
 def test_env_var_not_consulted_when_not_configured() -> None:
-    with pytest.raises(PinError):
-        read_pin(PinConfig(env=None), environ={"PIN": "1234", "DFNS_AGENT_PIN": "1234"}, interactive=False)
+    with pytest.raises(SecretError):
+        read_secret(SecretSource(env=None), environ={"PIN": "1234", "DFNS_AGENT_PIN": "1234"}, interactive=False)
 
 
 def test_prompt_used_when_interactive() -> None:
@@ -509,31 +509,38 @@ def test_prompt_used_when_interactive() -> None:
         asked.append(message)
         return "typed-pin"
 
-    pin = read_pin(PinConfig(env="UNSET"), environ={}, prompt=prompt, interactive=True, token_name="dfns-token")
+    pin = read_secret(SecretSource(env="UNSET"), environ={}, prompt=prompt, interactive=True)
     assert pin.reveal() == "typed-pin"
     assert pin.source == "prompt"
-    assert asked == ["PIN for dfns-token: "]
+    assert asked == ["PIN: "]
+
+
+def test_read_pin_prompts_with_the_token_name() -> None:
+    asked: list[str] = []
+    cfg = TokenConfig(module="/m.so", label="vault-hsm", pin=SecretSource(credential=None))
+    pin = read_pin(cfg, environ={}, prompt=lambda m: asked.append(m) or "p", interactive=True)
+    assert pin.reveal() == "p" and asked == ["PIN for token 'vault-hsm': "]
 
 
 def test_prompt_not_used_when_not_interactive() -> None:
-    with pytest.raises(PinError, match="no PIN available"):
-        read_pin(PinConfig(), environ={}, prompt=must_not_prompt, interactive=False)
+    with pytest.raises(SecretError, match="no PIN available"):
+        read_secret(SecretSource(), environ={}, prompt=must_not_prompt, interactive=False)
 
 
 def test_prompt_not_used_when_disabled() -> None:
-    with pytest.raises(PinError, match=r"prompt \(disabled\)"):
-        read_pin(PinConfig(prompt=False), environ={}, prompt=must_not_prompt, interactive=True)
+    with pytest.raises(SecretError, match=r"prompt \(disabled\)"):
+        read_secret(SecretSource(prompt=False), environ={}, prompt=must_not_prompt, interactive=True)
 
 
 def test_empty_prompt_answer_refused() -> None:
-    with pytest.raises(PinError, match="no PIN entered"):
-        read_pin(PinConfig(), environ={}, prompt=lambda _m: "", interactive=True)
+    with pytest.raises(SecretError, match="no PIN entered"):
+        read_secret(SecretSource(), environ={}, prompt=lambda _m: "", interactive=True)
 
 
 def test_nothing_available_lists_what_was_tried(tmp_path: Path) -> None:
-    cfg = PinConfig(credential="hsm-pin", env="MY_HSM_PIN")
-    with pytest.raises(PinError) as info:
-        read_pin(cfg, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)}, interactive=False)
+    cfg = SecretSource(credential="hsm-pin", env="MY_HSM_PIN")
+    with pytest.raises(SecretError) as info:
+        read_secret(cfg, environ={"CREDENTIALS_DIRECTORY": str(tmp_path)}, interactive=False)
     msg = info.value.message
     assert msg.startswith("no PIN available; tried ")
     assert "pin.file" in msg
@@ -543,8 +550,8 @@ def test_nothing_available_lists_what_was_tried(tmp_path: Path) -> None:
 
 
 def test_nothing_available_without_env_configured() -> None:
-    with pytest.raises(PinError) as info:
-        read_pin(PinConfig(prompt=False), environ={}, interactive=False)
+    with pytest.raises(SecretError) as info:
+        read_secret(SecretSource(prompt=False), environ={}, interactive=False)
     assert "pin.env (not set)" in info.value.message
     assert "prompt (disabled)" in info.value.message
 
@@ -553,22 +560,22 @@ def test_nothing_available_without_env_configured() -> None:
 def test_cloudhsm_style_pin_passes_through(tmp_path: Path, source: str) -> None:
     value = "user:pa:ss"
     environ: dict[str, str] = {}
-    cfg = PinConfig()
+    cfg = SecretSource()
     if source == "file":
-        cfg = PinConfig(file=write_pin(tmp_path / "pin", value + "\n"))
+        cfg = SecretSource(file=write_pin(tmp_path / "pin", value + "\n"))
     elif source == "systemd":
         write_pin(tmp_path / "creds" / "pin", value)
         environ["CREDENTIALS_DIRECTORY"] = str(tmp_path / "creds")
     elif source == "env":
-        cfg = PinConfig(env="CLOUDHSM_PIN")
+        cfg = SecretSource(env="CLOUDHSM_PIN")
         environ["CLOUDHSM_PIN"] = value
-    pin = read_pin(cfg, environ=environ, prompt=lambda _m: value, interactive=source == "prompt")
+    pin = read_secret(cfg, environ=environ, prompt=lambda _m: value, interactive=source == "prompt")
     assert pin.reveal() == "user:pa:ss"
 
 
 def test_pin_repr_and_str_hide_value(tmp_path: Path) -> None:
     secret = "s3cr3t-PIN-value"
-    pin = read_pin(PinConfig(file=write_pin(tmp_path / "pin", secret)), environ={}, interactive=False)
+    pin = read_secret(SecretSource(file=write_pin(tmp_path / "pin", secret)), environ={}, interactive=False)
     assert pin.reveal() == secret
     for text in (repr(pin), str(pin), f"{pin}", f"{pin!r}", repr([pin]), repr({"pin": pin})):
         assert secret not in text
@@ -576,7 +583,7 @@ def test_pin_repr_and_str_hide_value(tmp_path: Path) -> None:
 
 
 def test_pin_object_has_no_dict_leaking_value() -> None:
-    pin = Pin("1234", "prompt")
+    pin = Secret("1234", "prompt")
     assert not hasattr(pin, "__dict__")
     assert "1234" not in repr(pin) and "1234" not in str(pin)
     assert pin.source == "prompt"

@@ -15,7 +15,7 @@ from pkcs11 import exceptions as p11
 
 from agent.config import TokenConfig
 from agent.errors import KeyExists, KeyNotFound
-from agent.pin import Pin
+from agent.secret import Secret
 from agent.token import KeyKind, Token, unload_module
 
 
@@ -23,7 +23,7 @@ from agent.token import KeyKind, Token, unload_module
 def token(template_token: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
     te = make_token_env(template_token, tmp_path_factory.mktemp("inproc") / "hsm")
     os.environ["SOFTHSM2_CONF"] = str(te.softhsm_conf)
-    t = Token.open(TokenConfig(module=MODULE, label=TOKEN_LABEL), Pin(PIN, "test"), rw=True)
+    t = Token.open(TokenConfig(module=MODULE, label=TOKEN_LABEL), Secret(PIN, "test"), rw=True)
     try:
         yield t
     finally:

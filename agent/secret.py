@@ -1,0 +1,133 @@
+"""Reading secrets (the token PIN, the Dfns bearer token) without a command line or a log ever seeing them.
+
+Sources, in order of preference: a file that only its owner can read, a systemd credential
+(``$CREDENTIALS_DIRECTORY/<name>``, from ``LoadCredential=``), an environment variable whose *name* is in
+the config, and, for the PIN only, an interactive prompt without echo. The first configured source wins;
+a source that is configured but unusable is an error rather than a silent fall-through, so an operator
+who set a PIN file never ends up typing a PIN by accident. Values pass through unchanged: CloudHSM-style
+``user:password`` PINs work as they are.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from agent.config import SecretSource, TokenConfig
+from agent.errors import SecretError
+
+
+class Secret:
+    """A secret value that will not show itself in a repr, a traceback or a log line."""
+
+    __slots__ = ("_value", "source")
+
+    def __init__(self, value: str, source: str) -> None:
+        self._value = value
+        self.source = source
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"Secret(<hidden>, source={self.source!r})"
+
+    __str__ = __repr__
+
+
+def _strip_newline(value: str) -> str:
+    # Files written by `echo` end in a newline; secrets never do. Other whitespace is kept: it may be real.
+    return value[:-1] if value.endswith("\n") else value
+
+
+def read_secret_file(path: Path, what: str = "PIN") -> str:
+    """Read a secret file, refusing it if group or others have any access (as OpenSSH does for keys)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise SecretError(f"cannot open {what} file {path}: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SecretError(f"{what} file {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise SecretError(
+                f"{what} file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be accessible by group "
+                f"or others (chmod 600 {path})"
+            )
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(64 * 1024)
+    finally:
+        os.close(fd)
+    try:
+        value = _strip_newline(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise SecretError(f"{what} file {path} is not UTF-8 text") from None
+    if not value:
+        raise SecretError(f"{what} file {path} is empty")
+    return value
+
+
+def read_secret(
+    source: SecretSource,
+    *,
+    what: str = "PIN",
+    setting: str = "pin.",
+    environ: Mapping[str, str] | None = None,
+    prompt: Callable[[str], str] | None = None,
+    interactive: bool | None = None,
+    prompt_text: str | None = None,
+) -> Secret:
+    """Return the secret from the first configured source (see the module docstring for the order).
+
+    ``what`` names the secret in messages ("PIN", "Dfns token"); ``setting`` is the config prefix of its
+    source settings, so an error can say which setting to fill in.
+    """
+    env = os.environ if environ is None else environ
+    if source.file is not None:
+        return Secret(read_secret_file(source.file, what), f"file {source.file}")
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and source.credential:
+        cred_path = Path(cred_dir) / source.credential
+        if cred_path.exists():
+            # systemd makes the credential readable by the service only (its mode varies by version),
+            # so the strict file-mode check is not applied here.
+            try:
+                value = _strip_newline(cred_path.read_text("utf-8"))
+            except (OSError, UnicodeDecodeError) as e:
+                raise SecretError(f"cannot read systemd credential {source.credential!r}: {e}") from None
+            if not value:
+                raise SecretError(f"systemd credential {source.credential!r} is empty")
+            return Secret(value, f"systemd credential {source.credential}")
+    if source.env:
+        from_env = env.get(source.env)
+        if from_env:
+            return Secret(from_env, f"environment variable {source.env}")
+    if interactive is None:
+        interactive = sys.stdin.isatty()
+    if source.prompt and interactive:
+        ask = prompt or _prompt_no_echo
+        value = ask(prompt_text or f"{what}: ")
+        if not value:
+            raise SecretError(f"no {what} entered")
+        return Secret(value, "prompt")
+    tried = [f"{setting}file (not set)", f"systemd credential {source.credential!r} (not present)"]
+    tried.append(f"environment variable {source.env!r} (not set)" if source.env else f"{setting}env (not set)")
+    tried.append("prompt (no terminal)" if source.prompt else "prompt (disabled)")
+    raise SecretError(f"no {what} available; tried " + ", ".join(tried))
+
+
+def read_pin(token: TokenConfig, **kwargs: Any) -> Secret:
+    """The user PIN for ``token`` from its configured sources."""
+    name = repr(token.label) if token.label else f"serial {token.serial}"
+    return read_secret(token.pin, what="PIN", setting="pin.", prompt_text=f"PIN for token {name}: ", **kwargs)
+
+
+def _prompt_no_echo(message: str) -> str:
+    import getpass
+
+    return getpass.getpass(message)
