@@ -10,6 +10,8 @@
 #   ./softhsm_setup.sh          set up only
 #   ./softhsm_setup.sh serve    set up, then run the agent on the dev token (Ctrl-C stops it)
 #   ./softhsm_setup.sh test     set up, then run the checks and the test suite (extra args go to pytest)
+#   ./softhsm_setup.sh dev-dfns set up, then run a local Dfns-compatible API on 127.0.0.1:8400 that knows
+#                               the dev key, so `dfns-agent request …` works without a Dfns account
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -69,7 +71,9 @@ setup_dev_token() {
   umask 077
   [ -s "$DEV/pin" ] || "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(8))' >"$DEV/pin"
   [ -s "$DEV/so-pin" ] || "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(8))' >"$DEV/so-pin"
-  chmod 600 "$DEV/pin" "$DEV/so-pin"
+  mkdir -p "$DEV/dfns"
+  [ -s "$DEV/dfns/dev.token" ] || "$VENV/bin/python" -c 'import secrets; print("dev-" + secrets.token_urlsafe(24))' >"$DEV/dfns/dev.token"
+  chmod 600 "$DEV/pin" "$DEV/so-pin" "$DEV/dfns/dev.token"
   if ! softhsm2-util --show-slots 2>/dev/null | grep -Eq "Label: +$TOKEN_LABEL *\$"; then
     say "initializing SoftHSM token '$TOKEN_LABEL' in $DEV/tokens"
     softhsm2-util --init-token --free --label "$TOKEN_LABEL" \
@@ -90,6 +94,12 @@ file = "$DEV/pin"
 [[credential]]
 name = "dev"
 key = "$KEY_LABEL"
+
+# The local Dfns-compatible API of ./softhsm_setup.sh dev-dfns; point base_url at https://api.dfns.io
+# and token_file at a service-account token for the real thing.
+[credential.dfns]
+base_url = "http://127.0.0.1:8400"
+token_file = "$DEV/dfns/dev.token"
 EOF
   if ! "$VENV/bin/dfns-agent" --config "$DEV/agent.toml" keys public --label "$KEY_LABEL" >/dev/null 2>&1; then
     say "generating Ed25519 key '$KEY_LABEL' on the dev token"
@@ -108,6 +118,10 @@ case "${1:-setup}" in
   serve)
     shift
     exec "$VENV/bin/dfns-agent" --config "$DEV/agent.toml" serve "$@" ;;
+  dev-dfns)
+    shift
+    "$VENV/bin/dfns-agent" --config "$DEV/agent.toml" keys public --label "$KEY_LABEL" >"$DEV/dfns/dev.pem"
+    exec "$VENV/bin/dfns-agent" dev-dfns --service-account "dev=$DEV/dfns/dev.pem" --tokens-dir "$DEV/dfns" "$@" ;;
   test)
     shift
     say "ruff"
@@ -117,5 +131,5 @@ case "${1:-setup}" in
     say "pytest"
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *)
-    say "usage: $0 [setup|serve|test [pytest args]]"; exit 2 ;;
+    say "usage: $0 [setup|serve|dev-dfns|test [pytest args]]"; exit 2 ;;
 esac

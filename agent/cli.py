@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import sys
 from pathlib import Path
 from typing import Any
 
 import click
 
-from agent import __version__
+from agent import __version__, logs
 from agent.config import Config, load_config
 from agent.errors import AgentError, ConfigError
 from agent.token import KeyKind, Token
@@ -63,11 +62,7 @@ class _Group(click.Group):
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """Sign Dfns user-action challenges with keys that never leave a PKCS#11 token."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(verbose)
     ctx.obj = _Context(config_path)
 
 
@@ -159,6 +154,114 @@ def sign(obj: _Context, credential: str | None, socket_path: str | None) -> None
             click.echo(f"dfns-agent: {e.code}: {e.message}", err=True)
             sys.exit(1)
     click.echo(json.dumps(result))
+
+
+def _read_data(data: str | None) -> Any:
+    """``--data``: inline JSON, ``@file`` or ``@-`` for stdin."""
+    if data is None:
+        return None
+    if data.startswith("@"):
+        source = data[1:]
+        text = sys.stdin.read() if source == "-" else Path(source).read_text("utf-8")
+    else:
+        text = data
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint="--data") from None
+
+
+@main.command()
+@click.argument("method")
+@click.argument("path")
+@click.option("--data", help="JSON body: inline, @file, or @- for stdin. Default for mutations: {}.")
+@click.option("--credential", help="Credential (and so Dfns identity) to use; default: the first with Dfns settings.")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), help="Agent socket path.")
+@click.pass_obj
+def request(
+    obj: _Context, method: str, path: str, data: str | None, credential: str | None, socket_path: str | None
+) -> None:
+    """Make a Dfns API call through the agent (user action signed on the token when it mutates).
+
+    Prints Dfns's answer on stdout. Exit status 0 for 2xx (a 202 "pending approval" is noted on stderr),
+    1 when Dfns or the agent refused.
+    """
+    from agent.client import AgentClient, AgentClientError
+
+    body = _read_data(data)
+    with AgentClient(_client_socket(obj, socket_path)) as client:
+        try:
+            answer = client.request(method.upper(), path, body, credential=credential)
+        except AgentClientError as e:
+            click.echo(f"dfns-agent: {e.code}: {e.message}", err=True)
+            sys.exit(1)
+    click.echo(answer.content.decode("utf-8", "replace"))
+    if answer.status == 202:
+        click.echo("dfns-agent: Dfns answered 202: the request awaits policy approval", err=True)
+    if answer.status >= 300:
+        click.echo(f"dfns-agent: Dfns answered {answer.status}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--credential", required=True, help="Credential whose (new) key to register with Dfns.")
+@click.option("--via", help="Existing credential that signs the user action; default: the first with Dfns settings.")
+@click.option("--name", "credential_name", help="Name of the credential at Dfns; default: the credential's name.")
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), help="Agent socket path.")
+@click.pass_obj
+def register(
+    obj: _Context, credential: str, via: str | None, credential_name: str | None, socket_path: str | None
+) -> None:
+    """Register a key on the token as a new Dfns Key credential (key rotation).
+
+    Drives /auth/credentials/init → key.create signed by the new key → POST /auth/credentials, the last
+    step user-action signed by the existing credential VIA. Prints Dfns's answer.
+    """
+    from agent.client import AgentClient, AgentClientError
+
+    with AgentClient(_client_socket(obj, socket_path)) as client:
+        try:
+            result = client.register_credential(credential, via=via, credential_name=credential_name)
+        except AgentClientError as e:
+            click.echo(f"dfns-agent: {e.code}: {e.message}", err=True)
+            sys.exit(1)
+    click.echo(json.dumps(result, indent=2))
+
+
+@main.command("dev-dfns")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8400, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--service-account",
+    "accounts",
+    multiple=True,
+    metavar="NAME=PEMFILE",
+    help="Create a service account for this public key (repeatable). Its credId is the agent's default for "
+    "that key, so a credential without cred_id matches it.",
+)
+@click.option("--tokens-dir", required=True, type=click.Path(file_okay=False), help="Where NAME.token files go (0600).")
+def dev_dfns(host: str, port: int, accounts: tuple[str, ...], tokens_dir: str) -> None:
+    """Run a local Dfns-compatible API for trying the agent without a Dfns account (state in memory).
+
+    It verifies signatures the way Dfns does, makes challenges and user actions single-use, and binds user
+    actions to method, path and payload. Not for production.
+    """
+    from cryptography.hazmat.primitives import serialization
+
+    from agent.dev_dfns import run
+    from agent.dfns import cred_id_for_key
+
+    parsed: list[tuple[str, Path, str | None]] = []
+    for spec in accounts:
+        name, sep, pem_file = spec.partition("=")
+        if not sep or not name or not pem_file:
+            raise click.BadParameter(f"{spec!r} is not NAME=PEMFILE", param_hint="--service-account")
+        pem = Path(pem_file).read_bytes()
+        spki = serialization.load_pem_public_key(pem).public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        parsed.append((name, Path(pem_file), cred_id_for_key(spki)))
+    run(host, port, parsed, Path(tokens_dir), sys.stdout)
 
 
 def _client_socket(obj: _Context, explicit: str | None) -> Path:

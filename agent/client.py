@@ -9,6 +9,8 @@ Errors are raised as :class:`AgentClientError` with the agent's stable ``code``.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,18 @@ class AgentClientError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
         self.status, self.code, self.message = status, code, message
+
+
+@dataclass(frozen=True)
+class DfnsResponse:
+    """Dfns's answer to a request the agent made (status, selected headers, body as Dfns sent it)."""
+
+    status: int
+    headers: dict[str, str]
+    content: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.content) if self.content else None
 
 
 class AgentClient:
@@ -43,13 +57,19 @@ class AgentClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (200,)) -> dict[str, Any]:
+    def _send(self, method: str, path: str, body: Any = None) -> httpx.Response:
         try:
-            r = self._http.request(method, path, json=body)
+            return self._http.request(method, path, json=body)
         except httpx.TransportError as e:
             raise AgentClientError(
                 0, "agent_unreachable", f"cannot reach the agent at {self.socket_path}: {e}"
             ) from None
+
+    def _call(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (200,)) -> dict[str, Any]:
+        return self._check(self._send(method, path, body), ok)
+
+    @staticmethod
+    def _check(r: httpx.Response, ok: tuple[int, ...] = (200,)) -> dict[str, Any]:
         try:
             data = r.json()
         except ValueError:
@@ -86,6 +106,30 @@ class AgentClient:
             body["credentialName"] = credential_name
         return self._call("POST", "/v1/register", body)
 
+    def user_action(self, method: str, path: str, body: Any = None, *, credential: str | None = None) -> dict[str, str]:
+        """A single-use user-action token for ``method path body``, and the exact payload to send with it."""
+        result = self._call("POST", "/v1/user-action", _flow_body(method, path, body, credential))
+        return {"userAction": str(result["userAction"]), "payload": str(result["payload"])}
+
+    def request(self, method: str, path: str, body: Any = None, *, credential: str | None = None) -> DfnsResponse:
+        """Have the agent make the Dfns call (user action included when it mutates); Dfns's answer as is."""
+        r = self._send("POST", "/v1/request", _flow_body(method, path, body, credential))
+        if r.headers.get("x-dfns-agent-upstream") != "dfns":
+            self._check(r)  # an error of the agent's own (or of the user-action steps): raises
+        headers = {k: v for k, v in r.headers.items() if k not in ("content-length", "date", "server")}
+        return DfnsResponse(r.status_code, headers, r.content)
+
+    def register_credential(
+        self, credential: str, *, via: str | None = None, credential_name: str | None = None
+    ) -> dict[str, Any]:
+        """Register ``credential``'s key with Dfns, user-action signed by the ``via`` credential."""
+        body: dict[str, Any] = {"credential": credential}
+        if via is not None:
+            body["via"] = via
+        if credential_name is not None:
+            body["credentialName"] = credential_name
+        return self._call("POST", "/v1/credentials", body)
+
     def credentials(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/credentials")["credentials"])
 
@@ -96,3 +140,12 @@ class AgentClient:
             err = data["error"]
             raise AgentClientError(503, err.get("code", "unknown"), err.get("message", ""))
         return data
+
+
+def _flow_body(method: str, path: str, body: Any, credential: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {"method": method, "path": path}
+    if body is not None:
+        out["body"] = body
+    if credential is not None:
+        out["credential"] = credential
+    return out

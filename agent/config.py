@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
 
@@ -55,6 +56,21 @@ class ServerConfig:
     sign_threads: int = 4
 
 
+DEFAULT_DFNS_URL = "https://api.dfns.io"
+_LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1", "[::1]"}
+
+
+@dataclass(frozen=True)
+class DfnsConfig:
+    """How the agent reaches Dfns for one credential (only needed for /v1/user-action and /v1/request)."""
+
+    base_url: str = DEFAULT_DFNS_URL
+    token: SecretSource = field(default_factory=lambda: SecretSource(credential="dfns-token", prompt=False))
+    timeout: float = 30.0
+    connect_timeout: float = 5.0
+    retries: int = 3
+
+
 @dataclass(frozen=True)
 class CredentialConfig:
     """A Dfns Key credential backed by a key on the token."""
@@ -64,6 +80,7 @@ class CredentialConfig:
     key_id: bytes | None = None
     cred_id: str | None = None
     origin: str | None = None
+    dfns: DfnsConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -119,7 +136,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = Non
     creds_raw = data.get("credential", [])
     if not isinstance(creds_raw, list):
         raise ConfigError(f"{where}: credentials are written as [[credential]] tables")
-    creds = tuple(_credential(c, f"{where}: [[credential]] #{i + 1}") for i, c in enumerate(creds_raw))
+    creds = tuple(_credential(c, base, f"{where}: [[credential]] #{i + 1}") for i, c in enumerate(creds_raw))
     names = [c.name for c in creds]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
@@ -160,10 +177,10 @@ def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
     return ServerConfig(socket=_path(sock, base) if sock else None, max_body_bytes=max_body, sign_threads=threads)
 
 
-def _credential(c: Any, where: str) -> CredentialConfig:
+def _credential(c: Any, base: Path, where: str) -> CredentialConfig:
     if not isinstance(c, dict):
         raise ConfigError(f"{where}: must be a table")
-    _only(c, {"name", "key", "key_id", "cred_id", "origin"}, where)
+    _only(c, {"name", "key", "key_id", "cred_id", "origin", "dfns"}, where)
     name = _str(c, "name", where, required=True)
     if not _NAME_RE.fullmatch(name):
         raise ConfigError(f"{where}: name {name!r} must be 1-64 characters of letters, digits, '.', '_', '-'")
@@ -176,8 +193,37 @@ def _credential(c: Any, where: str) -> CredentialConfig:
     if cred_id is not None and not _CRED_ID_RE.fullmatch(cred_id):
         raise ConfigError(f"{where}: cred_id must be the base64url credential id Dfns lists in allowCredentials")
     origin = _str(c, "origin", where)
+    dfns = _dfns(c["dfns"], base, f"{where}.dfns") if "dfns" in c else None
     return CredentialConfig(
-        name=name, key=_str(c, "key", where, required=True), key_id=key_id, cred_id=cred_id, origin=origin
+        name=name, key=_str(c, "key", where, required=True), key_id=key_id, cred_id=cred_id, origin=origin, dfns=dfns
+    )
+
+
+def _dfns(d: Any, base: Path, where: str) -> DfnsConfig:
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _only(
+        d, {"base_url", "token_file", "token_credential", "token_env", "timeout", "connect_timeout", "retries"}, where
+    )
+    url = _str(d, "base_url", where) or DEFAULT_DFNS_URL
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("https", "http") or not parsed.hostname or parsed.query or parsed.fragment:
+        raise ConfigError(f"{where}: base_url {url!r} must be an http(s) URL like {DEFAULT_DFNS_URL}")
+    if parsed.scheme == "http" and parsed.hostname not in _LOOPBACK_HOSTS:
+        raise ConfigError(f"{where}: base_url {url!r} would send the bearer token in clear text; use https")
+    token_file = _str(d, "token_file", where)
+    token = SecretSource(
+        file=_path(token_file, base) if token_file else None,
+        credential=_str(d, "token_credential", where) or "dfns-token",
+        env=_str(d, "token_env", where),
+        prompt=False,
+    )
+    return DfnsConfig(
+        base_url=url.rstrip("/"),
+        token=token,
+        timeout=_number(d, "timeout", where, 30.0, lo=0.1, hi=600.0),
+        connect_timeout=_number(d, "connect_timeout", where, 5.0, lo=0.1, hi=120.0),
+        retries=_int(d, "retries", where, 3, lo=0, hi=10),
     )
 
 
@@ -214,6 +260,13 @@ def _int(t: Mapping[str, Any], key: str, where: str, default: int, *, lo: int, h
     if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
         raise ConfigError(f"{where}: '{key}' must be an integer from {lo} to {hi}")
     return v
+
+
+def _number(t: Mapping[str, Any], key: str, where: str, default: float, *, lo: float, hi: float) -> float:
+    v = t.get(key, default)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not lo <= v <= hi:
+        raise ConfigError(f"{where}: '{key}' must be a number from {lo} to {hi}")
+    return float(v)
 
 
 def _path(value: str, base: Path) -> Path:

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TextIO
 
 from agent import __version__
-from agent.config import Config
+from agent.config import Config, DfnsConfig
 from agent.errors import ConfigError
 from agent.listener import bind_unix_socket, default_socket_path, remove_socket, socket_inode
-from agent.secret import read_pin
+from agent.secret import Secret, read_pin, read_secret
 from agent.server import create_app, serve
 from agent.service import SigningService
 from agent.token import Token
@@ -48,9 +48,10 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
         token = Token.open(config.token, pin)
         del pin
         service = SigningService.from_config(token, config.credentials)
+        dfns = read_dfns_tokens(config)
         _announce(out, path, token, service)
         with ThreadPoolExecutor(config.server.sign_threads, thread_name_prefix="sign") as pool:
-            app = create_app(service, pool, max_body=config.server.max_body_bytes)
+            app = create_app(service, pool, max_body=config.server.max_body_bytes, dfns=dfns)
             asyncio.run(_serve_until_signalled(app, sock))
         log.info("stopped")
     finally:
@@ -58,6 +59,18 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
         sock.close()
         if token is not None:
             token.close()
+
+
+def read_dfns_tokens(config: Config) -> dict[str, tuple[DfnsConfig, Secret]]:
+    """Each credential's Dfns settings with its bearer token, read once at start-up (never logged)."""
+    return {
+        c.name: (
+            c.dfns,
+            read_secret(c.dfns.token, what=f"Dfns token for credential {c.name!r}", setting="dfns.token_"),
+        )
+        for c in config.credentials
+        if c.dfns is not None
+    }
 
 
 async def _serve_until_signalled(app, sock) -> None:  # type: ignore[no-untyped-def]

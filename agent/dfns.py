@@ -41,6 +41,14 @@ def b64url_decode(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+def cred_id_for_key(spki_der: bytes) -> str:
+    """The credId the agent uses for a key when none is configured: base64url(SHA-256(SPKI DER)).
+
+    Stable for a key and unique across keys; it is what a key registered through the agent is called.
+    """
+    return b64url(hashlib.sha256(spki_der).digest())
+
+
 def client_data(challenge: str, kind: str, origin: str | None = None) -> bytes:
     """The exact clientData bytes to sign.
 

@@ -7,6 +7,8 @@ lookup table, and the CLI can print the same words. Messages never contain a PIN
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class AgentError(Exception):
     """Base class: a failure with a stable code and the HTTP status that describes it."""
@@ -14,14 +16,17 @@ class AgentError(Exception):
     code = "internal_error"
     status = 500
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str, *, code: str | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.message = message
         if code is not None:
             self.code = code
+        if status is not None:
+            self.status = status
+        self.details: dict[str, Any] = {}
 
-    def to_json(self) -> dict[str, dict[str, str]]:
-        return {"error": {"code": self.code, "message": self.message}}
+    def to_json(self) -> dict[str, dict[str, Any]]:
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
 
 
 class ConfigError(AgentError):
@@ -99,4 +104,31 @@ class KeyExists(TokenError):
 
 class UnsupportedKey(TokenError):
     code = "unsupported_key"
+    status = 422
+
+
+class DfnsError(AgentError):
+    """Dfns answered a step of the flow with an error; status and message are Dfns's own.
+
+    ``details["dfns"]`` carries Dfns's error object unchanged, so clients see exactly what Dfns said.
+    """
+
+    code = "dfns_error"
+    status = 502
+
+
+class DfnsUnreachable(AgentError):
+    code = "dfns_unreachable"
+    status = 502
+
+
+class DfnsTimeout(AgentError):
+    code = "dfns_timeout"
+    status = 504
+
+
+class DfnsNotConfigured(AgentError):
+    """The credential has no [credential.dfns] settings, so the agent cannot talk to Dfns for it."""
+
+    code = "dfns_not_configured"
     status = 422

@@ -38,6 +38,7 @@ SCHEMAS: dict[str, Any] = {
                 "properties": {
                     "code": {"type": "string", "description": "stable, machine-readable"},
                     "message": {"type": "string", "description": "for humans"},
+                    "dfns": {"type": "object", "description": "Dfns's own error object, when Dfns refused a step"},
                 },
             }
         },
@@ -128,6 +129,46 @@ SCHEMAS: dict[str, Any] = {
                 "additionalProperties": False,
                 "properties": {"credId": {"type": "string"}, "clientData": _B64URL, "attestationData": _B64URL},
             },
+        },
+    },
+    "DfnsCall": {
+        "type": "object",
+        "description": "A Dfns API call for the agent to authorize (and, for /v1/request, make).",
+        "required": ["method", "path"],
+        "additionalProperties": False,
+        "properties": {
+            "method": {
+                "type": "string",
+                "pattern": "^[A-Za-z]+$",
+                "description": "POST, PUT, DELETE, PATCH (GET: /v1/request only)",
+            },
+            "path": {
+                "type": "string",
+                "pattern": "^/",
+                "maxLength": 2048,
+                "description": "e.g. /wallets; query allowed",
+            },
+            "body": {"description": "JSON body; serialized once, compactly; omitted or null means {}"},
+            "credential": {"type": "string", "minLength": 1, "description": "default: the first with Dfns settings"},
+        },
+    },
+    "UserAction": {
+        "type": "object",
+        "required": ["userAction", "payload"],
+        "additionalProperties": False,
+        "properties": {
+            "userAction": {"type": "string", "description": "send as X-DFNS-USERACTION; single use"},
+            "payload": {"type": "string", "description": "send exactly these bytes as the request body"},
+        },
+    },
+    "RegisterCredentialRequest": {
+        "type": "object",
+        "required": ["credential"],
+        "additionalProperties": False,
+        "properties": {
+            "credential": {"type": "string", "minLength": 1, "description": "credential whose key to register"},
+            "via": {"type": "string", "minLength": 1, "description": "existing credential that signs the user action"},
+            "credentialName": {"type": "string", "minLength": 1},
         },
     },
     "Credential": {
@@ -226,6 +267,53 @@ def document() -> dict[str, Any]:
                     "operationId": "credentials",
                     "summary": "The configured credentials and their public keys.",
                     "responses": {"200": _json(_ref("Credentials"), "configured credentials")},
+                },
+                "post": {
+                    "operationId": "registerCredential",
+                    "summary": "Register a credential's key with Dfns (rotation), signed by an existing credential.",
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("RegisterCredentialRequest")}},
+                    },
+                    "responses": {
+                        "200": {
+                            "description": "Dfns's POST /auth/credentials answer",
+                            "content": {"application/json": {}},
+                        },
+                        **common,
+                        "404": _error("no credential with that name (unknown_credential)"),
+                        "422": _error("dfns_not_configured"),
+                        "default": _error("Dfns refused a step (dfns_error, with Dfns's status and error object)"),
+                    },
+                },
+            },
+            "/v1/user-action": {
+                "post": {
+                    "operationId": "userAction",
+                    "summary": "Run /auth/action/init, sign on the token, /auth/action; return the user action.",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("DfnsCall")}}},
+                    "responses": {
+                        "200": _json(_ref("UserAction"), "user action and the exact payload to send"),
+                        **common,
+                        "404": _error("no credential with that name (unknown_credential)"),
+                        "422": _error("credential_not_allowed, dfns_not_configured"),
+                        "502": _error("Dfns unreachable (dfns_unreachable) or a Dfns 5xx (dfns_error)"),
+                        "504": _error("Dfns did not answer in time (dfns_timeout)"),
+                        "default": _error("Dfns refused a step (dfns_error, with Dfns's status and error object)"),
+                    },
+                }
+            },
+            "/v1/request": {
+                "post": {
+                    "operationId": "request",
+                    "summary": "Make the Dfns call (with a user action when it mutates) and return Dfns's answer.",
+                    "description": "Dfns's status and body come back unchanged (a 202 policy-pending answer "
+                    "included), marked by the header X-Dfns-Agent-Upstream: dfns. Answers without that header "
+                    "are the agent's own errors.",
+                    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("DfnsCall")}}},
+                    "responses": {
+                        "default": {"description": "Dfns's answer (X-Dfns-Agent-Upstream: dfns) or an agent Error"},
+                    },
                 }
             },
             "/v1/health": {

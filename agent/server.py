@@ -18,7 +18,11 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from agent import openapi
+from agent.config import DfnsConfig
+from agent.dfns_client import DfnsApi, make_http_client
 from agent.errors import AgentError, BadRequest, PayloadTooLarge
+from agent.flow import DfnsFlow
+from agent.secret import Secret
 from agent.service import SigningService
 
 log = logging.getLogger(__name__)
@@ -27,6 +31,8 @@ T = TypeVar("T")
 SERVICE: web.AppKey[SigningService] = web.AppKey("service", SigningService)
 EXECUTOR: web.AppKey[Executor] = web.AppKey("executor", Executor)
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
+FLOW: web.AppKey[DfnsFlow] = web.AppKey("flow", DfnsFlow)
+UPSTREAM_HEADER = "X-Dfns-Agent-Upstream"
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request"}
 
@@ -44,7 +50,7 @@ async def _errors(
     except AgentError as e:
         if e.status >= 500:
             log.warning("%s %s failed: %s", request.method, request.path, e.message)
-        return error_response(e.status, e.code, e.message)
+        return web.json_response(e.to_json(), status=e.status)
     except web.HTTPRequestEntityTooLarge:
         limit = request.app[MAX_BODY]
         e2 = PayloadTooLarge(f"request body is larger than {limit} bytes")
@@ -121,6 +127,38 @@ async def register(request: web.Request) -> web.Response:
     return web.json_response(result)
 
 
+def _flow_input(body: Mapping[str, Any]) -> tuple[str, str, Any, str | None]:
+    _check_fields(body, {"method", "path"}, {"body", "credential"})
+    method, path = body["method"], body["path"]
+    if not isinstance(method, str) or not method.isalpha():
+        raise BadRequest("method must be an HTTP method name such as POST")
+    if not isinstance(path, str):
+        raise BadRequest("path must be a string")
+    return method, path, body.get("body"), _optional_str(body, "credential")
+
+
+async def user_action(request: web.Request) -> web.Response:
+    method, path, payload, credential = _flow_input(await _json_object(request))
+    return web.json_response(await request.app[FLOW].user_action(method, path, payload, credential))
+
+
+async def dfns_request(request: web.Request) -> web.Response:
+    method, path, payload, credential = _flow_input(await _json_object(request))
+    up = await request.app[FLOW].request(method, path, payload, credential)
+    return web.Response(status=up.status, body=up.content, headers={**up.headers, UPSTREAM_HEADER: "dfns"})
+
+
+async def register_credential(request: web.Request) -> web.Response:
+    body = await _json_object(request)
+    _check_fields(body, {"credential"}, {"via", "credentialName"})
+    credential = _optional_str(body, "credential")
+    assert credential is not None
+    result = await request.app[FLOW].register_credential(
+        credential, _optional_str(body, "via"), _optional_str(body, "credentialName")
+    )
+    return web.json_response(result)
+
+
 async def credentials(request: web.Request) -> web.Response:
     return web.json_response({"credentials": [c.describe() for c in request.app[SERVICE].credentials]})
 
@@ -138,18 +176,38 @@ ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.Response]]]] 
     ("POST", "/v1/sign", sign),
     ("POST", "/v1/register", register),
     ("GET", "/v1/credentials", credentials),
+    ("POST", "/v1/credentials", register_credential),
+    ("POST", "/v1/user-action", user_action),
+    ("POST", "/v1/request", dfns_request),
     ("GET", "/v1/health", health),
     ("GET", "/v1/openapi.json", openapi_document),
 ]
 
 
-def create_app(service: SigningService, executor: Executor, *, max_body: int) -> web.Application:
+def create_app(
+    service: SigningService,
+    executor: Executor,
+    *,
+    max_body: int,
+    dfns: Mapping[str, tuple[DfnsConfig, Secret]] | None = None,
+) -> web.Application:
+    """The agent's app. ``dfns`` maps credential names to their Dfns settings and bearer token."""
     app = web.Application(client_max_size=max_body, middlewares=[_errors])
     app[SERVICE] = service
     app[EXECUTOR] = executor
     app[MAX_BODY] = max_body
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
+
+    async def dfns_client(app: web.Application) -> Any:
+        # The pooled HTTP client belongs to the server's event loop: made here, closed on shutdown.
+        http = make_http_client()
+        apis = {name: DfnsApi(http, cfg, token) for name, (cfg, token) in (dfns or {}).items()}
+        app[FLOW] = DfnsFlow(service, executor, apis)
+        yield
+        await http.aclose()
+
+    app.cleanup_ctx.append(dfns_client)
     return app
 
 

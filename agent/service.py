@@ -7,7 +7,6 @@ a pool of threads, each of which signs on its own token session.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -17,15 +16,6 @@ from agent import dfns
 from agent.config import CredentialConfig
 from agent.errors import AgentError, CredentialNotAllowed, UnknownCredential
 from agent.token import KeyInfo, Token
-
-
-def derived_cred_id(key: KeyInfo) -> str:
-    """The credId used when none is configured: base64url of the SHA-256 of the key's SPKI.
-
-    Stable for a key, unique across keys, and what ``/v1/register`` sends when registering a new key, so a
-    key registered through the agent needs no ``cred_id`` in the config.
-    """
-    return dfns.b64url(hashlib.sha256(key.spki_der).digest())
 
 
 @dataclass(frozen=True)
@@ -74,7 +64,7 @@ class SigningService:
         creds = []
         for c in configs:
             key = token.find_key(c.key, c.key_id)
-            creds.append(Credential(c.name, c.cred_id or derived_cred_id(key), key, c.origin))
+            creds.append(Credential(c.name, c.cred_id or dfns.cred_id_for_key(key.spki_der), key, c.origin))
         return cls(token, creds)
 
     @property

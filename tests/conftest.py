@@ -32,6 +32,7 @@ PIN = "461-test:pin"  # has a colon on purpose: CloudHSM-style PINs must pass th
 SO_PIN = "so-pin-12345678"
 TOKEN_LABEL = "agent-test"
 KINDS = ["ed25519", "p256", "secp256k1", "rsa2048", "rsa3072"]
+SPARE_KEY = "key-spare-p256"  # on the token but in no credential: for registration (rotation) tests
 _MODULE_CANDIDATES = [
     "/usr/lib/softhsm/libsofthsm2.so",
     "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
@@ -118,12 +119,23 @@ def template_token(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "from agent.secret import Secret\n"
         "from agent.token import Token, KeyKind\n"
         f"cfg = TokenConfig(module={MODULE!r}, label={TOKEN_LABEL!r})\n"
+        "import json\n"
         f"with Token.open(cfg, Secret({PIN!r}, 'test'), rw=True) as t:\n"
         f"    for kind in {KINDS!r}:\n"
         "        t.generate(KeyKind(kind), 'key-' + kind)\n"
+        f"    t.generate(KeyKind.P256, {SPARE_KEY!r})\n"
+        "    print(json.dumps({k.label: k.public_pem for k in t.keys()}))\n"
     )
-    subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", script], check=True, env=env, cwd=ROOT, capture_output=True, text=True)
+    (d / "public_keys.json").write_text(out.stdout)
     return d
+
+
+@pytest.fixture(scope="session")
+def template_keys(template_token: Path) -> dict[str, str]:
+    """Public key PEM of every key on the template token (and so on every copy), by label."""
+    keys: dict[str, str] = json.loads((template_token / "public_keys.json").read_text())
+    return keys
 
 
 def make_token_env(template: Path, directory: Path) -> TokenEnv:
@@ -160,14 +172,15 @@ def short_dir() -> Iterator[Path]:
 class AgentProcess:
     """``dfns-agent serve`` in a child process, as a user would run it."""
 
-    def __init__(self, token_env: TokenEnv, socket_path: Path, extra_args: list[str] | None = None) -> None:
+    def __init__(self, token_env: TokenEnv, socket_path: Path, *, verbose: bool = False) -> None:
         self.token_env = token_env
         self.socket_path = socket_path
         self.log_path = token_env.dir / f"agent-{secrets.token_hex(3)}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "--config", str(token_env.config), "serve", "--socket", str(socket_path)]
-            + (extra_args or []),
+            [sys.executable, "-m", "agent", "--config", str(token_env.config)]
+            + (["--verbose"] if verbose else [])
+            + ["serve", "--socket", str(socket_path)],
             env=token_env.env(),
             stdin=subprocess.DEVNULL,
             stdout=self._log,

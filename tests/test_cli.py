@@ -9,7 +9,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import KINDS, PIN, ROOT, AgentProcess, TokenEnv, check_assertion, cred_id_for, key_label, make_challenge
+from conftest import (
+    KINDS,
+    PIN,
+    ROOT,
+    SPARE_KEY,
+    AgentProcess,
+    TokenEnv,
+    check_assertion,
+    cred_id_for,
+    key_label,
+    make_challenge,
+)
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -41,7 +52,7 @@ def test_keys_generate_list_public(token_env: TokenEnv) -> None:
     assert row[2] == "p256" and row[4:] == ["yes", "no"]
 
     listed = {k["label"]: k for k in json.loads(cli(token_env, "keys", "list", "--json").stdout)}
-    assert set(listed) == {key_label(k) for k in KINDS} | {"cli-new"}
+    assert set(listed) == {key_label(k) for k in KINDS} | {SPARE_KEY, "cli-new"}
     assert listed["cli-new"]["sensitive"] is True and listed["cli-new"]["extractable"] is False
 
     pem = cli(token_env, "keys", "public", "--label", "cli-new")

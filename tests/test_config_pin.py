@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -587,3 +588,19 @@ def test_pin_object_has_no_dict_leaking_value() -> None:
     assert not hasattr(pin, "__dict__")
     assert "1234" not in repr(pin) and "1234" not in str(pin)
     assert pin.source == "prompt"
+
+
+def test_example_config_is_valid_and_documents_every_setting() -> None:
+    """pkcs11_config/agent.example.toml must load, and mention every setting the parser knows."""
+    import inspect
+
+    from agent import config as config_module
+
+    example = Path(__file__).resolve().parent.parent / "pkcs11_config" / "agent.example.toml"
+    cfg = load_config(example)
+    assert cfg.credentials[0].dfns is not None
+    text = example.read_text()
+    source = inspect.getsource(config_module)
+    for allowed in re.findall(r"_only\(\s*\w+,\s*(\{[^}]*\})", source):
+        for key in re.findall(r'"(\w+)"', allowed):
+            assert re.search(rf"^#? ?{key}\b|^\[{key}\]|^\[\[{key}\]\]|\[\w+\.{key}\]", text, re.M), key

@@ -1,0 +1,113 @@
+"""The whole Dfns user-action flow, so clients don't have to write the three-step dance themselves.
+
+``POST /auth/action/init`` → sign the challenge on the token → ``POST /auth/action`` → (optionally) the
+real request with ``X-DFNS-USERACTION``. The body is serialized once and those exact bytes are both the
+``userActionPayload`` and the body sent; bodyless mutations use ``{}`` (``dfns-protocol.md`` §1.1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from typing import Any
+
+from agent.dfns_client import DfnsApi, Upstream, dfns_error
+from agent.errors import BadRequest, DfnsError, DfnsNotConfigured
+from agent.service import SigningService
+
+MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+_PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
+MAX_PATH = 2048
+
+
+def serialize_payload(body: Any) -> str:
+    """The one serialization of a request body: compact JSON, ``{}`` when there is no body."""
+    return json.dumps({} if body is None else body, separators=(",", ":"), ensure_ascii=False)
+
+
+def check_path(path: str) -> str:
+    """A Dfns API path: absolute, no scheme or host, no fragment, no whitespace."""
+    if len(path) > MAX_PATH or not _PATH_RE.fullmatch(path) or "/../" in path or path.endswith("/.."):
+        raise BadRequest(f"path must be an absolute Dfns API path like /wallets (got {path[:100]!r})")
+    return path
+
+
+class DfnsFlow:
+    def __init__(self, service: SigningService, executor: Executor, apis: Mapping[str, DfnsApi]) -> None:
+        self._service = service
+        self._executor = executor
+        self._apis = dict(apis)
+
+    def _api(self, credential: str | None) -> tuple[str, DfnsApi]:
+        if credential is None:
+            if not self._apis:
+                raise DfnsNotConfigured("no credential has [credential.dfns] settings; the agent cannot call Dfns")
+            credential = next(iter(self._apis))
+        self._service.credential(credential)  # 404 for a name that does not exist at all
+        api = self._apis.get(credential)
+        if api is None:
+            raise DfnsNotConfigured(f"credential {credential!r} has no [credential.dfns] settings")
+        return credential, api
+
+    async def _in_pool(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+
+    async def _user_action(self, method: str, path: str, payload: str, credential: str, api: DfnsApi) -> str:
+        challenge = await api.init_user_action(method, path.split("?", 1)[0], payload)
+        first_factor = await self._in_pool(self._service.sign, challenge, credential)
+        identifier = challenge.get("challengeIdentifier")
+        if not isinstance(identifier, str):
+            raise DfnsError("Dfns's /auth/action/init answer has no challengeIdentifier", status=502)
+        return await api.complete_user_action(identifier, first_factor)
+
+    async def user_action(self, method: str, path: str, body: Any, credential: str | None) -> dict[str, str]:
+        """Get a user-action token for ``method path body``; returns it with the exact payload to send."""
+        method = method.upper()
+        if method not in MUTATING:
+            raise BadRequest(f"{method} requests need no user action; only {', '.join(sorted(MUTATING))} do")
+        check_path(path)
+        name, api = self._api(credential)
+        payload = serialize_payload(body)
+        token = await self._user_action(method, path, payload, name, api)
+        return {"userAction": token, "payload": payload}
+
+    async def request(self, method: str, path: str, body: Any, credential: str | None) -> Upstream:
+        """Make the real Dfns call, with a user action when it mutates. Dfns's answer comes back as is."""
+        method = method.upper()
+        check_path(path)
+        name, api = self._api(credential)
+        if method == "GET":
+            if body is not None:
+                raise BadRequest("a GET request has no body")
+            return await api.send("GET", path, None, None)
+        if method not in MUTATING:
+            raise BadRequest(f"method must be GET or one of {', '.join(sorted(MUTATING))}")
+        payload = serialize_payload(body)
+        token = await self._user_action(method, path, payload, name, api)
+        return await api.send(method, path, payload.encode("utf-8"), token)
+
+    async def register_credential(self, credential: str, via: str | None, credential_name: str | None) -> Any:
+        """Register ``credential``'s key as a new Dfns Key credential, user-action signed by ``via``.
+
+        ``/auth/credentials/init`` → sign ``key.create`` + attestation with the new key →
+        ``POST /auth/credentials`` with a user action from the existing credential (rotation).
+        """
+        self._service.credential(credential)
+        via_name, api = self._api(via)
+        if via_name == credential:
+            raise BadRequest("a credential cannot register itself; name an existing credential in 'via'")
+        challenge = await api.init_registration()
+        body = await self._in_pool(self._service.register, challenge, credential, credential_name=credential_name)
+        payload = serialize_payload(body)
+        token = await self._user_action("POST", "/auth/credentials", payload, via_name, api)
+        answer = await api.send("POST", "/auth/credentials", payload.encode("utf-8"), token)
+        if answer.status >= 400:
+            raise dfns_error(answer.status, answer.content, "POST /auth/credentials")
+        try:
+            return json.loads(answer.content)
+        except ValueError:
+            raise DfnsError("Dfns answered POST /auth/credentials without JSON", status=502) from None
