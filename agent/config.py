@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from agent.errors import ConfigError
+from agent.policy import Rule
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -47,6 +48,7 @@ class TokenConfig:
     serial: str | None = None
     module_env: Mapping[str, str] = field(default_factory=dict)
     pin: SecretSource = field(default_factory=SecretSource)
+    probe_interval: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,18 @@ class ServerConfig:
     socket: Path | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY
     sign_threads: int = 4
+    max_connections: int = 256
+    idle_timeout: float = 15.0
+    body_timeout: float = 10.0
+    shutdown_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class AuditConfig:
+    """The tamper-evident audit log; ``file`` None means the default path (see :func:`default_audit_path`)."""
+
+    enabled: bool = True
+    file: Path | None = None
 
 
 DEFAULT_DFNS_URL = "https://api.dfns.io"
@@ -88,6 +102,8 @@ class Config:
     token: TokenConfig
     server: ServerConfig = field(default_factory=ServerConfig)
     credentials: tuple[CredentialConfig, ...] = ()
+    rules: tuple[Rule, ...] = ()
+    audit: AuditConfig = field(default_factory=AuditConfig)
     path: Path | None = None
 
     def credential(self, name: str) -> CredentialConfig | None:
@@ -130,9 +146,11 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = None) -> Config:
     """Validate a parsed TOML document; relative paths are taken relative to ``base`` (the file's folder)."""
     where = str(path) if path else "config"
-    _only(data, {"token", "server", "credential"}, where)
+    _only(data, {"token", "server", "credential", "policy", "audit"}, where)
     token = _token(_table(data, "token", where, required=True), base, f"{where}: [token]")
     server = _server(_table(data, "server", where), base, f"{where}: [server]")
+    rules = _policy(_table(data, "policy", where), f"{where}: [policy]")
+    audit = _audit(_table(data, "audit", where), base, f"{where}: [audit]")
     creds_raw = data.get("credential", [])
     if not isinstance(creds_raw, list):
         raise ConfigError(f"{where}: credentials are written as [[credential]] tables")
@@ -141,11 +159,16 @@ def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = Non
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"{where}: credential names must be unique; repeated: {', '.join(dupes)}")
-    return Config(token=token, server=server, credentials=creds, path=path)
+    known = {c.name for c in creds}
+    for rule in rules:
+        unknown = sorted((rule.credentials or frozenset()) - known)
+        if unknown:
+            raise ConfigError(f"{where}: policy rule {rule.name!r} names unknown credential(s) {', '.join(unknown)}")
+    return Config(token=token, server=server, credentials=creds, rules=rules, audit=audit, path=path)
 
 
 def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
-    _only(t, {"module", "label", "serial", "module_env", "pin"}, where)
+    _only(t, {"module", "label", "serial", "module_env", "pin", "probe_interval"}, where)
     module = _str(t, "module", where, required=True)
     label = _str(t, "label", where)
     serial = _str(t, "serial", where)
@@ -166,15 +189,123 @@ def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
         env=_str(pin_t, "env", f"{where}.pin"),
         prompt=prompt,
     )
-    return TokenConfig(module=module, label=label, serial=serial, module_env=env, pin=pin)
+    probe = _number(t, "probe_interval", where, 10.0, lo=0.5, hi=3600.0)
+    return TokenConfig(module=module, label=label, serial=serial, module_env=env, pin=pin, probe_interval=probe)
 
 
 def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
-    _only(s, {"socket", "max_body_bytes", "sign_threads"}, where)
+    _only(
+        s,
+        {
+            "socket",
+            "max_body_bytes",
+            "sign_threads",
+            "max_connections",
+            "idle_timeout",
+            "body_timeout",
+            "shutdown_timeout",
+        },
+        where,
+    )
     sock = _str(s, "socket", where)
-    max_body = _int(s, "max_body_bytes", where, DEFAULT_MAX_BODY, lo=1024, hi=16 * 1024 * 1024)
-    threads = _int(s, "sign_threads", where, 4, lo=1, hi=256)
-    return ServerConfig(socket=_path(sock, base) if sock else None, max_body_bytes=max_body, sign_threads=threads)
+    return ServerConfig(
+        socket=_path(sock, base) if sock else None,
+        max_body_bytes=_int(s, "max_body_bytes", where, DEFAULT_MAX_BODY, lo=1024, hi=16 * 1024 * 1024),
+        sign_threads=_int(s, "sign_threads", where, 4, lo=1, hi=256),
+        max_connections=_int(s, "max_connections", where, 256, lo=1, hi=65536),
+        idle_timeout=_number(s, "idle_timeout", where, 15.0, lo=0.1, hi=3600.0),
+        body_timeout=_number(s, "body_timeout", where, 10.0, lo=0.1, hi=600.0),
+        shutdown_timeout=_number(s, "shutdown_timeout", where, 10.0, lo=0.0, hi=600.0),
+    )
+
+
+def _audit(a: Mapping[str, Any], base: Path, where: str) -> AuditConfig:
+    _only(a, {"enabled", "file"}, where)
+    enabled = a.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"{where}: 'enabled' must be true or false")
+    file = _str(a, "file", where)
+    return AuditConfig(enabled=enabled, file=_path(file, base) if file else None)
+
+
+def _policy(p: Mapping[str, Any], where: str) -> tuple[Rule, ...]:
+    _only(p, {"rule"}, where)
+    raw = p.get("rule", [])
+    if not isinstance(raw, list):
+        raise ConfigError(f"{where}: rules are written as [[policy.rule]] tables")
+    rules = tuple(_rule(r, f"{where} rule #{i + 1}") for i, r in enumerate(raw))
+    names = [r.name for r in rules]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{where}: policy rule names must be unique")
+    return rules
+
+
+def _rule(r: Any, where: str) -> Rule:
+    if not isinstance(r, dict):
+        raise ConfigError(f"{where}: must be a table")
+    _only(
+        r,
+        {
+            "name",
+            "uids",
+            "gids",
+            "exes",
+            "credentials",
+            "methods",
+            "paths",
+            "allow_sign",
+            "allow_register",
+            "rate",
+            "burst",
+        },
+        where,
+    )
+    name = _str(r, "name", where, required=True)
+    uids, gids = _int_list(r, "uids", where), _int_list(r, "gids", where)
+    exes = _str_list(r, "exes", where)
+    if not (uids or gids or exes):
+        raise ConfigError(f"{where}: rule {name!r} must select callers with uids, gids and/or exes")
+    creds, methods, paths = (
+        _str_list(r, "credentials", where),
+        _str_list(r, "methods", where),
+        _str_list(r, "paths", where),
+    )
+    for flag in ("allow_sign", "allow_register"):
+        if flag in r and not isinstance(r[flag], bool):
+            raise ConfigError(f"{where}: '{flag}' must be true or false")
+    rate = _number(r, "rate", where, 0.0, lo=0.001, hi=1e6) if "rate" in r else None
+    burst = _int(r, "burst", where, 1, lo=1, hi=1_000_000) if "burst" in r else None
+    return Rule(
+        name=name,
+        uids=frozenset(uids or ()),
+        gids=frozenset(gids or ()),
+        exes=tuple(exes or ()),
+        credentials=frozenset(creds) if creds is not None else None,
+        methods=frozenset(m.upper() for m in methods) if methods is not None else None,
+        paths=tuple(paths) if paths is not None else None,
+        allow_sign=r.get("allow_sign"),
+        allow_register=bool(r.get("allow_register", False)),
+        rate=rate,
+        burst=burst,
+    )
+
+
+def _int_list(t: Mapping[str, Any], key: str, where: str) -> list[int] | None:
+    v = t.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v):
+        raise ConfigError(f"{where}: '{key}' must be a list of non-negative integers")
+    return v
+
+
+def _str_list(t: Mapping[str, Any], key: str, where: str) -> list[str] | None:
+    v = t.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"{where}: '{key}' must be a list of non-empty strings")
+    return v
 
 
 def _credential(c: Any, base: Path, where: str) -> CredentialConfig:

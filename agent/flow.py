@@ -16,7 +16,8 @@ from typing import Any
 
 from agent.dfns_client import DfnsApi, Upstream, dfns_error
 from agent.errors import BadRequest, DfnsError, DfnsNotConfigured
-from agent.service import SigningService
+from agent.policy import Caller, Grant
+from agent.service import SigningService, sha256_hex
 
 MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 _PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
@@ -41,12 +42,14 @@ class DfnsFlow:
         self._executor = executor
         self._apis = dict(apis)
 
-    def _api(self, credential: str | None) -> tuple[str, DfnsApi]:
+    def _api(self, credential: str | None, grant: Grant) -> tuple[str, DfnsApi]:
         if credential is None:
-            if not self._apis:
-                raise DfnsNotConfigured("no credential has [credential.dfns] settings; the agent cannot call Dfns")
-            credential = next(iter(self._apis))
+            usable = [n for n in self._apis if grant.credentials is None or n in grant.credentials]
+            if not usable:
+                raise DfnsNotConfigured("no credential you may use has [credential.dfns] settings")
+            credential = usable[0]
         self._service.credential(credential)  # 404 for a name that does not exist at all
+        grant.require_credential(credential)
         api = self._apis.get(credential)
         if api is None:
             raise DfnsNotConfigured(f"credential {credential!r} has no [credential.dfns] settings")
@@ -56,30 +59,56 @@ class DfnsFlow:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
-    async def _user_action(self, method: str, path: str, payload: str, credential: str, api: DfnsApi) -> str:
-        challenge = await api.init_user_action(method, path.split("?", 1)[0], payload)
-        first_factor = await self._in_pool(self._service.sign, challenge, credential)
+    async def _user_action(
+        self, method: str, path: str, payload: str, credential: str, api: DfnsApi, caller: Caller | None, grant: Grant
+    ) -> str:
+        bare = path.split("?", 1)[0]
+        challenge = await api.init_user_action(method, bare, payload)
+        action = {"method": method, "path": path, "payloadSha256": sha256_hex(payload.encode("utf-8"))}
+        first_factor = await self._in_pool(
+            self._service.sign, challenge, credential, caller=caller, grant=grant, action=action
+        )
         identifier = challenge.get("challengeIdentifier")
         if not isinstance(identifier, str):
             raise DfnsError("Dfns's /auth/action/init answer has no challengeIdentifier", status=502)
         return await api.complete_user_action(identifier, first_factor)
 
-    async def user_action(self, method: str, path: str, body: Any, credential: str | None) -> dict[str, str]:
+    async def user_action(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        credential: str | None,
+        *,
+        caller: Caller | None = None,
+        grant: Grant | None = None,
+    ) -> dict[str, str]:
         """Get a user-action token for ``method path body``; returns it with the exact payload to send."""
         method = method.upper()
         if method not in MUTATING:
             raise BadRequest(f"{method} requests need no user action; only {', '.join(sorted(MUTATING))} do")
         check_path(path)
-        name, api = self._api(credential)
+        grant = grant or Grant(rule=None)
+        name, api = self._api(credential, grant)
         payload = serialize_payload(body)
-        token = await self._user_action(method, path, payload, name, api)
+        token = await self._user_action(method, path, payload, name, api, caller, grant)
         return {"userAction": token, "payload": payload}
 
-    async def request(self, method: str, path: str, body: Any, credential: str | None) -> Upstream:
+    async def request(
+        self,
+        method: str,
+        path: str,
+        body: Any,
+        credential: str | None,
+        *,
+        caller: Caller | None = None,
+        grant: Grant | None = None,
+    ) -> Upstream:
         """Make the real Dfns call, with a user action when it mutates. Dfns's answer comes back as is."""
         method = method.upper()
         check_path(path)
-        name, api = self._api(credential)
+        grant = grant or Grant(rule=None)
+        name, api = self._api(credential, grant)
         if method == "GET":
             if body is not None:
                 raise BadRequest("a GET request has no body")
@@ -87,23 +116,34 @@ class DfnsFlow:
         if method not in MUTATING:
             raise BadRequest(f"method must be GET or one of {', '.join(sorted(MUTATING))}")
         payload = serialize_payload(body)
-        token = await self._user_action(method, path, payload, name, api)
+        token = await self._user_action(method, path, payload, name, api, caller, grant)
         return await api.send(method, path, payload.encode("utf-8"), token)
 
-    async def register_credential(self, credential: str, via: str | None, credential_name: str | None) -> Any:
+    async def register_credential(
+        self,
+        credential: str,
+        via: str | None,
+        credential_name: str | None,
+        *,
+        caller: Caller | None = None,
+        grant: Grant | None = None,
+    ) -> Any:
         """Register ``credential``'s key as a new Dfns Key credential, user-action signed by ``via``.
 
         ``/auth/credentials/init`` → sign ``key.create`` + attestation with the new key →
         ``POST /auth/credentials`` with a user action from the existing credential (rotation).
         """
         self._service.credential(credential)
-        via_name, api = self._api(via)
+        grant = grant or Grant(rule=None)
+        via_name, api = self._api(via, grant)
         if via_name == credential:
             raise BadRequest("a credential cannot register itself; name an existing credential in 'via'")
         challenge = await api.init_registration()
-        body = await self._in_pool(self._service.register, challenge, credential, credential_name=credential_name)
+        body = await self._in_pool(
+            self._service.register, challenge, credential, credential_name=credential_name, caller=caller
+        )
         payload = serialize_payload(body)
-        token = await self._user_action("POST", "/auth/credentials", payload, via_name, api)
+        token = await self._user_action("POST", "/auth/credentials", payload, via_name, api, caller, grant)
         answer = await api.send("POST", "/auth/credentials", payload.encode("utf-8"), token)
         if answer.status >= 400:
             raise dfns_error(answer.status, answer.content, "POST /auth/credentials")

@@ -197,12 +197,16 @@ SCHEMAS: dict[str, Any] = {
         "required": ["status", "token", "keys", "uptimeSeconds"],
         "additionalProperties": False,
         "properties": {
-            "status": {"enum": ["ok", "down"]},
+            "status": {
+                "enum": ["ok", "degraded", "down"],
+                "description": "degraded: the token failed and the agent is reconnecting by itself; down: it needs "
+                "an operator (PIN rejected or locked, a different token, the audit log unwritable)",
+            },
             "reason": {"type": "string"},
             "uptimeSeconds": {"type": "number"},
             "token": {
                 "type": "object",
-                "required": ["label", "serial", "manufacturer", "model", "present", "loggedIn"],
+                "required": ["label", "serial", "manufacturer", "model", "present", "loggedIn", "reconnects"],
                 "additionalProperties": False,
                 "properties": {
                     "label": {"type": "string"},
@@ -211,6 +215,7 @@ SCHEMAS: dict[str, Any] = {
                     "model": {"type": "string"},
                     "present": {"type": "boolean"},
                     "loggedIn": {"type": "boolean"},
+                    "reconnects": {"type": "integer", "minimum": 0},
                 },
             },
             "keys": {"type": "object", "additionalProperties": {"type": "boolean"}},
@@ -223,7 +228,10 @@ def document() -> dict[str, Any]:
     common = {
         "400": _error("malformed request (codes invalid_json, invalid_request, invalid_challenge)"),
         "413": _error("request body too large (payload_too_large)"),
-        "503": _error("token unavailable (token_unavailable)"),
+        "403": _error("the policy refuses this caller or request (forbidden; the message names the rule)"),
+        "408": _error("request body not received in time (request_timeout)"),
+        "429": _error("a policy rule's rate limit (rate_limited)"),
+        "503": _error("token_unavailable, audit_unavailable"),
     }
     return {
         "openapi": "3.1.0",

@@ -1,8 +1,12 @@
 """HTTP/1.1 + JSON over the Unix socket, served by aiohttp.
 
-Handlers only parse and validate requests; the work happens in :class:`agent.service.SigningService` on a
-thread pool, because PKCS#11 calls block (python-pkcs11 releases the GIL during them). Every failure
-leaves as ``{"error": {"code", "message"}}`` with the status its :class:`agent.errors.AgentError` names.
+Handlers only parse, validate and apply the policy; the work happens in
+:class:`agent.service.SigningService` (on a thread pool, because PKCS#11 calls block and python-pkcs11
+releases the GIL during them) and :class:`agent.flow.DfnsFlow`. Every failure leaves as
+``{"error": {"code", "message"}}`` with the status its :class:`agent.errors.AgentError` names.
+
+Every request is tied to the kernel-reported identity of the process on the other end (``SO_PEERCRED``);
+a caller the policy does not admit gets 403 on anything, and refusals are audited.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -22,19 +27,66 @@ from agent.config import DfnsConfig
 from agent.dfns_client import DfnsApi, make_http_client
 from agent.errors import AgentError, BadRequest, PayloadTooLarge
 from agent.flow import DfnsFlow
+from agent.policy import Caller, Forbidden, Policy, RateLimited, peer_of
 from agent.secret import Secret
 from agent.service import SigningService
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-SERVICE: web.AppKey[SigningService] = web.AppKey("service", SigningService)
-EXECUTOR: web.AppKey[Executor] = web.AppKey("executor", Executor)
-MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
-FLOW: web.AppKey[DfnsFlow] = web.AppKey("flow", DfnsFlow)
 UPSTREAM_HEADER = "X-Dfns-Agent-Upstream"
-
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed", 400: "invalid_request"}
+
+
+class RequestTimeout(AgentError):
+    code = "request_timeout"
+    status = 408
+
+
+@dataclass
+class Limits:
+    max_body: int = 64 * 1024
+    body_timeout: float = 10.0
+    idle_timeout: float = 15.0
+    max_connections: int = 256
+
+
+class AgentState:
+    """What a SIGHUP may replace as a whole: credentials (service), Dfns settings (flow) and the policy.
+
+    Requests read the three attributes once, so each runs against one consistent generation.
+    """
+
+    def __init__(
+        self,
+        service: SigningService,
+        policy: Policy,
+        dfns: Mapping[str, tuple[DfnsConfig, Secret]],
+        executor: Executor,
+    ) -> None:
+        self.service = service
+        self.policy = policy
+        self.dfns = dict(dfns)
+        self.executor = executor
+        self.flow: DfnsFlow | None = None
+        self._http: Any = None
+
+    def bind_http(self, http: Any) -> None:
+        self._http = http
+        self.flow = self._make_flow(self.service, self.dfns)
+
+    def _make_flow(self, service: SigningService, dfns: Mapping[str, tuple[DfnsConfig, Secret]]) -> DfnsFlow:
+        apis = {name: DfnsApi(self._http, cfg, token) for name, (cfg, token) in dfns.items()}
+        return DfnsFlow(service, self.executor, apis)
+
+    def replace(self, service: SigningService, policy: Policy, dfns: Mapping[str, tuple[DfnsConfig, Secret]]) -> None:
+        flow = self._make_flow(service, dfns) if self._http is not None else None
+        self.service, self.policy, self.dfns, self.flow = service, policy, dict(dfns), flow
+
+
+STATE: web.AppKey[AgentState] = web.AppKey("state", AgentState)
+LIMITS: web.AppKey[Limits] = web.AppKey("limits", Limits)
+CALLER = "dfns_agent_caller"
 
 
 def error_response(status: int, code: str, message: str) -> web.Response:
@@ -48,12 +100,15 @@ async def _errors(
     try:
         return await handler(request)
     except AgentError as e:
-        if e.status >= 500:
+        if isinstance(e, (Forbidden, RateLimited)):
+            caller = request.get(CALLER)
+            log.warning("refused %s %s for %s: %s", request.method, request.path, caller, e.message)
+            request.app[STATE].service.audit_refusal(caller, request.path, e, **request.get("audit", {}))
+        elif e.status >= 500:
             log.warning("%s %s failed: %s", request.method, request.path, e.message)
         return web.json_response(e.to_json(), status=e.status)
     except web.HTTPRequestEntityTooLarge:
-        limit = request.app[MAX_BODY]
-        e2 = PayloadTooLarge(f"request body is larger than {limit} bytes")
+        e2 = PayloadTooLarge(f"request body is larger than {request.app[LIMITS].max_body} bytes")
         return error_response(e2.status, e2.code, e2.message)
     except web.HTTPException as e:
         if e.status < 400:
@@ -71,8 +126,25 @@ async def _errors(
         return error_response(500, "internal_error", "internal error; see the agent's log")
 
 
+@web.middleware
+async def _identify(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Who is calling (SO_PEERCRED), and may they talk to the agent at all?"""
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        raise Forbidden("the agent only serves local callers over its Unix socket")
+    caller = peer_of(sock)
+    request[CALLER] = caller
+    request.app[STATE].policy.admit(caller)
+    return await handler(request)
+
+
 async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    try:
+        raw = await asyncio.wait_for(request.read(), request.app[LIMITS].body_timeout)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(f"request body not received within {request.app[LIMITS].body_timeout:g}s") from None
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -98,31 +170,49 @@ def _optional_str(body: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _required_str(body: Mapping[str, Any], key: str) -> str:
+    value = _optional_str(body, key)
+    if value is None:
+        raise BadRequest(f"{key} must be a non-empty string")
+    return value
+
+
+def _caller(request: web.Request) -> Caller:
+    caller: Caller = request[CALLER]
+    return caller
+
+
 async def _in_pool(request: web.Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app[EXECUTOR], lambda: fn(*args, **kwargs))
+    return await loop.run_in_executor(request.app[STATE].executor, lambda: fn(*args, **kwargs))
 
 
 async def sign(request: web.Request) -> web.Response:
     body = await _json_object(request)
     _check_fields(body, {"challenge"}, {"credential"})
     credential = _optional_str(body, "credential")
-    result = await _in_pool(request, request.app[SERVICE].sign, body["challenge"], credential)
+    state, caller = request.app[STATE], _caller(request)
+    request["audit"] = {"credential": credential}
+    grant = state.policy.check(caller, "sign", credential=credential)
+    result = await _in_pool(request, state.service.sign, body["challenge"], credential, caller=caller, grant=grant)
     return web.json_response(result)
 
 
 async def register(request: web.Request) -> web.Response:
     body = await _json_object(request)
     _check_fields(body, {"challenge", "credential"}, {"credId", "credentialName"})
-    credential = _optional_str(body, "credential")
-    assert credential is not None  # required above; _optional_str rejected null and ""
+    credential = _required_str(body, "credential")
+    state, caller = request.app[STATE], _caller(request)
+    request["audit"] = {"credential": credential}
+    state.policy.check(caller, "register", credential=credential)
     result = await _in_pool(
         request,
-        request.app[SERVICE].register,
+        state.service.register,
         body["challenge"],
         credential,
         cred_id=_optional_str(body, "credId"),
         credential_name=_optional_str(body, "credentialName"),
+        caller=caller,
     )
     return web.json_response(result)
 
@@ -134,37 +224,55 @@ def _flow_input(body: Mapping[str, Any]) -> tuple[str, str, Any, str | None]:
         raise BadRequest("method must be an HTTP method name such as POST")
     if not isinstance(path, str):
         raise BadRequest("path must be a string")
-    return method, path, body.get("body"), _optional_str(body, "credential")
+    return method.upper(), path, body.get("body"), _optional_str(body, "credential")
+
+
+def _flow(request: web.Request) -> DfnsFlow:
+    flow = request.app[STATE].flow
+    assert flow is not None, "the Dfns flow is created at start-up"
+    return flow
+
+
+async def _flow_call(request: web.Request) -> tuple[str, str, Any, str | None, Any]:
+    method, path, payload, credential = _flow_input(await _json_object(request))
+    request["audit"] = {"credential": credential, "action": {"method": method, "path": path}}
+    grant = request.app[STATE].policy.check(_caller(request), "dfns", credential=credential, method=method, path=path)
+    return method, path, payload, credential, grant
 
 
 async def user_action(request: web.Request) -> web.Response:
-    method, path, payload, credential = _flow_input(await _json_object(request))
-    return web.json_response(await request.app[FLOW].user_action(method, path, payload, credential))
+    method, path, payload, credential, grant = await _flow_call(request)
+    result = await _flow(request).user_action(method, path, payload, credential, caller=_caller(request), grant=grant)
+    return web.json_response(result)
 
 
 async def dfns_request(request: web.Request) -> web.Response:
-    method, path, payload, credential = _flow_input(await _json_object(request))
-    up = await request.app[FLOW].request(method, path, payload, credential)
+    method, path, payload, credential, grant = await _flow_call(request)
+    up = await _flow(request).request(method, path, payload, credential, caller=_caller(request), grant=grant)
     return web.Response(status=up.status, body=up.content, headers={**up.headers, UPSTREAM_HEADER: "dfns"})
 
 
 async def register_credential(request: web.Request) -> web.Response:
     body = await _json_object(request)
     _check_fields(body, {"credential"}, {"via", "credentialName"})
-    credential = _optional_str(body, "credential")
-    assert credential is not None
-    result = await request.app[FLOW].register_credential(
-        credential, _optional_str(body, "via"), _optional_str(body, "credentialName")
+    credential = _required_str(body, "credential")
+    via = _optional_str(body, "via")
+    request["audit"] = {"credential": credential}
+    grant = request.app[STATE].policy.check(_caller(request), "register", credential=credential)
+    if via is not None:
+        grant.require_credential(via)
+    result = await _flow(request).register_credential(
+        credential, via, _optional_str(body, "credentialName"), caller=_caller(request), grant=grant
     )
     return web.json_response(result)
 
 
 async def credentials(request: web.Request) -> web.Response:
-    return web.json_response({"credentials": [c.describe() for c in request.app[SERVICE].credentials]})
+    return web.json_response({"credentials": [c.describe() for c in request.app[STATE].service.credentials]})
 
 
 async def health(request: web.Request) -> web.Response:
-    result = await _in_pool(request, request.app[SERVICE].health)
+    result = await _in_pool(request, request.app[STATE].service.health)
     return web.json_response(result, status=200 if result["status"] == "ok" else 503)
 
 
@@ -184,26 +292,18 @@ ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.Response]]]] 
 ]
 
 
-def create_app(
-    service: SigningService,
-    executor: Executor,
-    *,
-    max_body: int,
-    dfns: Mapping[str, tuple[DfnsConfig, Secret]] | None = None,
-) -> web.Application:
-    """The agent's app. ``dfns`` maps credential names to their Dfns settings and bearer token."""
-    app = web.Application(client_max_size=max_body, middlewares=[_errors])
-    app[SERVICE] = service
-    app[EXECUTOR] = executor
-    app[MAX_BODY] = max_body
+def create_app(state: AgentState, limits: Limits | None = None) -> web.Application:
+    limits = limits or Limits()
+    app = web.Application(client_max_size=limits.max_body, middlewares=[_errors, _identify])
+    app[STATE] = state
+    app[LIMITS] = limits
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
 
     async def dfns_client(app: web.Application) -> Any:
         # The pooled HTTP client belongs to the server's event loop: made here, closed on shutdown.
         http = make_http_client()
-        apis = {name: DfnsApi(http, cfg, token) for name, (cfg, token) in (dfns or {}).items()}
-        app[FLOW] = DfnsFlow(service, executor, apis)
+        app[STATE].bind_http(http)
         yield
         await http.aclose()
 
@@ -211,14 +311,58 @@ def create_app(
     return app
 
 
+_BUSY = json.dumps({"error": {"code": "too_many_connections", "message": "the agent is at its connection limit"}})
+_BUSY_RESPONSE = (
+    "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    f"Content-Length: {len(_BUSY)}\r\n\r\n{_BUSY}"
+).encode()
+
+
+class _Busy(asyncio.Protocol):
+    """Answers a connection over the limit with a fixed 503 and closes it, without reading the request."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.write(_BUSY_RESPONSE)
+        transport.close()
+
+
+class _BoundedSite(web.SockSite):
+    """A SockSite that stops taking new connections into aiohttp beyond ``max_connections``."""
+
+    def __init__(self, runner: web.AppRunner, sock: socket.socket, *, max_connections: int, **kw: Any) -> None:
+        super().__init__(runner, sock, **kw)
+        self._max_connections = max_connections
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        limit = self._max_connections
+
+        def factory() -> asyncio.Protocol:
+            if len(server.connections) >= limit:
+                return _Busy()
+            return server()
+
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(factory, sock=self._sock)
+
+
 async def serve(
     app: web.Application, sock: socket.socket, stop: asyncio.Event, *, shutdown_timeout: float = 10.0
 ) -> None:
-    """Serve ``app`` on an already bound, listening socket until ``stop`` is set, then drain."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    """Serve ``app`` on an already bound, listening socket until ``stop`` is set, then drain in-flight requests.
+
+    ``idle_timeout`` doubles as the header timeout: aiohttp closes a connection that has not delivered a
+    complete request within it (a slow or silent client), as well as one idle between requests.
+    """
+    limits = app[LIMITS]
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=limits.idle_timeout)
     await runner.setup()
     try:
-        await web.SockSite(runner, sock, shutdown_timeout=shutdown_timeout).start()
+        site = _BoundedSite(runner, sock, max_connections=limits.max_connections, shutdown_timeout=shutdown_timeout)
+        await site.start()
         await stop.wait()
     finally:
         await runner.cleanup()

@@ -2,20 +2,28 @@
 
 This is what the server (and, later, other front ends) call; it turns a challenge and an optional
 credential name into Dfns's ``firstFactor`` or ``credentialInfo``. It is thread-safe: the server runs it on
-a pool of threads, each of which signs on its own token session.
+a pool of threads, each of which signs on its own token session. Every signing attempt that gets as far
+as choosing a credential is written to the audit log before its result is returned.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from agent import dfns
+from agent.audit import AuditLog, elapsed_ms
 from agent.config import CredentialConfig
 from agent.errors import AgentError, CredentialNotAllowed, UnknownCredential
+from agent.policy import Caller, Grant
 from agent.token import KeyInfo, Token
+
+
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -53,19 +61,22 @@ class _KeySigner:
 
 
 class SigningService:
-    def __init__(self, token: Token, credentials: Sequence[Credential]) -> None:
+    def __init__(self, token: Token, credentials: Sequence[Credential], audit: AuditLog | None = None) -> None:
         self.token = token
+        self.audit = audit
         self._credentials = {c.name: c for c in credentials}
         self.started = time.time()
 
     @classmethod
-    def from_config(cls, token: Token, configs: Sequence[CredentialConfig]) -> SigningService:
+    def from_config(
+        cls, token: Token, configs: Sequence[CredentialConfig], audit: AuditLog | None = None
+    ) -> SigningService:
         """Find each credential's key on the token; a missing or ambiguous key is a start-up error."""
         creds = []
         for c in configs:
             key = token.find_key(c.key, c.key_id)
             creds.append(Credential(c.name, c.cred_id or dfns.cred_id_for_key(key.spki_der), key, c.origin))
-        return cls(token, creds)
+        return cls(token, creds, audit)
 
     @property
     def credentials(self) -> list[Credential]:
@@ -78,25 +89,90 @@ class SigningService:
             known = ", ".join(self._credentials) or "none"
             raise UnknownCredential(f"no credential named {name!r}; configured: {known}") from None
 
-    def _choose(self, challenge: dfns.UserActionChallenge, name: str | None) -> Credential:
+    def _choose(self, challenge: dfns.UserActionChallenge, name: str | None, grant: Grant) -> Credential:
         if name is not None:
             cred = self.credential(name)
+            grant.require_credential(cred.name)
             challenge.require_allowed(cred.cred_id, cred.name)
             return cred
         for cred in self._credentials.values():
-            if cred.cred_id in challenge.allowed_key_ids:
+            if cred.cred_id in challenge.allowed_key_ids and (
+                grant.credentials is None or cred.name in grant.credentials
+            ):
                 return cred
         allowed = ", ".join(challenge.allowed_key_ids) or "no Key credentials"
-        mine = ", ".join(f"{c.name} ({c.cred_id})" for c in self._credentials.values())
+        usable = [c for c in self._credentials.values() if grant.credentials is None or c.name in grant.credentials]
+        mine = ", ".join(f"{c.name} ({c.cred_id})" for c in usable) or "none you may use"
         raise CredentialNotAllowed(
             f"none of the agent's credentials is allowed by the challenge: it allows {allowed}; the agent has {mine}"
         )
 
-    def sign(self, challenge: Mapping[str, Any], credential: str | None = None) -> dict[str, Any]:
+    def _audited(
+        self,
+        event: str,
+        caller: Caller | None,
+        action: Mapping[str, Any] | None,
+        work: Callable[[dict[str, Any]], dict[str, Any]],
+    ) -> dict[str, Any]:
+        """Run ``work`` (which fills in the record as it learns things) and audit the outcome.
+
+        A successful signature is returned only once its record is durable; when the audit log fails the
+        signature is dropped and the caller gets ``audit_unavailable``.
+        """
+        started = time.perf_counter()
+        record: dict[str, Any] = {"event": event, "caller": caller.describe() if caller else None}
+        if action is not None:
+            record["action"] = dict(action)
+        try:
+            result = work(record)
+        except AgentError as e:
+            if "credential" in record or e.status >= 500:
+                self._write(
+                    record,
+                    outcome="refused" if e.status < 500 else "error",
+                    code=e.code,
+                    reason=e.message,
+                    latency_ms=elapsed_ms(started),
+                    strict=False,
+                )
+            raise
+        self._write(record, outcome="ok", latency_ms=elapsed_ms(started), strict=True)
+        return result
+
+    def _write(self, record: dict[str, Any], *, strict: bool, **fields: Any) -> None:
+        if self.audit is None:
+            return
+        try:
+            self.audit.record(**record, **fields)
+        except AgentError:
+            if strict:
+                raise
+
+    def sign(
+        self,
+        challenge: Mapping[str, Any],
+        credential: str | None = None,
+        *,
+        caller: Caller | None = None,
+        grant: Grant | None = None,
+        action: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """Sign an ``/auth/action/init`` challenge; returns ``firstFactor`` for ``POST /auth/action``."""
-        parsed = dfns.UserActionChallenge.parse(challenge)
-        cred = self._choose(parsed, credential)
-        return dfns.sign_user_action(parsed, cred.cred_id, _KeySigner(self.token, cred.key), origin=cred.origin)
+
+        def work(record: dict[str, Any]) -> dict[str, Any]:
+            parsed = dfns.UserActionChallenge.parse(challenge)
+            record["challenge"] = parsed.challenge
+            if parsed.challenge_identifier is not None:
+                record["challengeIdentifierSha256"] = sha256_hex(parsed.challenge_identifier.encode())
+            if credential is not None:
+                record["credential"] = credential
+            cred = self._choose(parsed, credential, grant or Grant(rule=None))
+            record.update(credential=cred.name, credId=cred.cred_id, keyFingerprint=cred.key.fingerprint)
+            data = dfns.client_data(parsed.challenge, dfns.KEY_GET, cred.origin)
+            record["clientDataSha256"] = sha256_hex(data)
+            return dfns.key_assertion(cred.cred_id, data, self.token.sign(cred.key, data))
+
+        return self._audited("sign", caller, action, work)
 
     def register(
         self,
@@ -105,46 +181,76 @@ class SigningService:
         *,
         cred_id: str | None = None,
         credential_name: str | None = None,
+        caller: Caller | None = None,
     ) -> dict[str, Any]:
         """Sign an ``/auth/credentials/init`` challenge with the credential's key.
 
         Returns the body for ``POST /auth/credentials`` (which needs a user action from an existing credential).
         """
-        parsed = dfns.RegistrationChallenge.parse(challenge)
-        cred = self.credential(credential)
-        info = dfns.sign_registration(
-            parsed, cred_id or cred.cred_id, _KeySigner(self.token, cred.key), origin=cred.origin
+
+        def work(record: dict[str, Any]) -> dict[str, Any]:
+            parsed = dfns.RegistrationChallenge.parse(challenge)
+            record["challenge"] = parsed.challenge
+            cred = self.credential(credential)
+            record.update(credential=cred.name, credId=cred_id or cred.cred_id, keyFingerprint=cred.key.fingerprint)
+            info = dfns.sign_registration(
+                parsed, cred_id or cred.cred_id, _KeySigner(self.token, cred.key), origin=cred.origin
+            )
+            record["clientDataSha256"] = sha256_hex(dfns.b64url_decode(info["clientData"]))
+            body: dict[str, Any] = {
+                "credentialKind": "Key",
+                "credentialInfo": info,
+                "credentialName": credential_name or cred.name,
+            }
+            if parsed.challenge_identifier is not None:
+                body["challengeIdentifier"] = parsed.challenge_identifier
+            return body
+
+        return self._audited("register", caller, None, work)
+
+    def audit_refusal(self, caller: Caller | None, endpoint: str, error: AgentError, **fields: Any) -> None:
+        """Record a request the policy refused (best effort: the refusal stands either way)."""
+        self._write(
+            {"event": "refused", "caller": caller.describe() if caller else None, "endpoint": endpoint, **fields},
+            outcome="refused",
+            code=error.code,
+            reason=error.message,
+            strict=False,
         )
-        body: dict[str, Any] = {
-            "credentialKind": "Key",
-            "credentialInfo": info,
-            "credentialName": credential_name or cred.name,
-        }
-        if parsed.challenge_identifier is not None:
-            body["challengeIdentifier"] = parsed.challenge_identifier
-        return body
 
     def health(self) -> dict[str, Any]:
-        """Token reachable, anchor session logged in, and every credential's key still the same key."""
-        status = self.token.status()
+        """Token state, anchor session logged in, every credential's key still the same key, audit writable."""
+        status = self.token.health()
         keys: dict[str, bool] = {}
-        for cred in self._credentials.values():
-            try:
-                found = self.token.find_key(cred.key.label, cred.key.id or None)
-                keys[cred.name] = found.fingerprint == cred.key.fingerprint
-            except AgentError:
-                keys[cred.name] = False
-        ok = status["present"] and status["logged_in"] and all(keys.values())
+        if status["state"] == "ok":
+            for cred in self._credentials.values():
+                try:
+                    found = self.token.find_key(cred.key.label, cred.key.id or None)
+                    keys[cred.name] = found.fingerprint == cred.key.fingerprint
+                except AgentError:
+                    keys[cred.name] = False
+        else:
+            keys = {name: False for name in self._credentials}
+        reasons = [status["reason"]] if status.get("reason") else []
+        reasons += [f"key for credential {n!r} not found or changed" for n, good in keys.items() if not good]
+        if status["state"] == "ok" and not all(keys.values()):
+            state = "degraded"
+        else:
+            state = status["state"]
+        if self.audit is not None and not self.audit.healthy:
+            reasons.append(self.audit.last_error or "audit log unavailable")
+            state = "down"
         result: dict[str, Any] = {
-            "status": "ok" if ok else "down",
-            "token": {**self.token.identity.describe(), "present": status["present"], "loggedIn": status["logged_in"]},
+            "status": state,
+            "token": {
+                **self.token.identity.describe(),
+                "present": status["present"],
+                "loggedIn": status["logged_in"],
+                "reconnects": status["reconnects"],
+            },
             "keys": keys,
             "uptimeSeconds": round(time.time() - self.started, 3),
         }
-        if not ok:
-            reasons = [status.get("reason")] if status.get("reason") else []
-            if status["present"] and not status["logged_in"]:
-                reasons.append("the token session is no longer logged in")
-            reasons += [f"key for credential {n!r} not found or changed" for n, good in keys.items() if not good]
-            result["reason"] = "; ".join(r for r in reasons if r)
+        if reasons:
+            result["reason"] = "; ".join(dict.fromkeys(reasons))
         return result

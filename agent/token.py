@@ -29,8 +29,9 @@ from enum import Enum
 from typing import Any
 
 import pkcs11
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass, TokenFlag
 from pkcs11 import exceptions as p11
@@ -91,25 +92,6 @@ PUBLIC_TEMPLATE: Mapping[Attribute, Any] = {
     Attribute.WRAP: False,
     Attribute.DERIVE: False,
 }
-
-# Errors that mean "this session, handle or device is gone": the request fails with 503 and the
-# thread's worker session is dropped so the next request opens a fresh one.
-_UNAVAILABLE = (
-    p11.SessionHandleInvalid,
-    p11.SessionClosed,
-    p11.ObjectHandleInvalid,
-    p11.KeyHandleInvalid,
-    p11.DeviceRemoved,
-    p11.DeviceError,
-    p11.DeviceMemory,
-    p11.TokenNotPresent,
-    p11.TokenNotRecognised,
-    p11.GeneralError,
-    p11.FunctionFailed,
-    p11.UserNotLoggedIn,
-    p11.NoSuchKey,
-    p11.NoSuchToken,
-)
 
 
 def describe(exc: BaseException) -> str:
@@ -367,8 +349,9 @@ def _sign_with(priv: Any, kind: KeyKind, message: bytes) -> bytes:
 class _Worker:
     """One thread's session and the private-key handles found through it."""
 
-    def __init__(self, session: Any) -> None:
+    def __init__(self, session: Any, generation: int) -> None:
         self.session = session
+        self.generation = generation
         self.keys: dict[tuple[str, bytes], Any] = {}
 
     def key(self, info: KeyInfo) -> Any:
@@ -379,6 +362,50 @@ class _Worker:
                 query["id"] = info.id
             found = self.keys[(info.label, info.id)] = self.session.get_key(**query)
         return found
+
+
+class _Gate:
+    """Many signers or one recovery: recovery must never finalize the module under a running call."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cv:
+            while self._writer:
+                self._cv.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._readers -= 1
+                if not self._readers:
+                    self._cv.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cv:
+            while self._writer:
+                self._cv.wait()
+            self._writer = True
+            while self._readers:
+                self._cv.wait()
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._writer = False
+                self._cv.notify_all()
+
+
+class IdentityMismatch(TokenError):
+    """After a reconnect, the token (or a key on it) is not the one the agent started with."""
+
+    code = "token_identity_changed"
 
 
 @dataclass(frozen=True)
@@ -392,11 +419,26 @@ class TokenIdentity:
         return {"label": self.label, "serial": self.serial, "manufacturer": self.manufacturer, "model": self.model}
 
 
-class Token:
-    """A logged-in token. Thread-safe: each calling thread signs on its own session."""
+# Errors on one session or handle: retried once on a fresh session before the token is suspected.
+_STALE = (p11.SessionHandleInvalid, p11.SessionClosed, p11.ObjectHandleInvalid, p11.KeyHandleInvalid)
+_MAX_BACKOFF = 10.0
 
-    def __init__(self, module: str, lib: Any, raw: _RawModule, token: Any, anchor: Any) -> None:
-        self.module = module
+
+class Token:
+    """A logged-in token. Thread-safe: each calling thread signs on its own session.
+
+    Faults (``anchors-agents.md`` §7): a stale session or handle is retried once on a fresh session; any
+    other device error opens the circuit (``degraded``: requests fail fast with 503) and a background
+    thread recovers: re-open sessions and log in again, then unload and reload the module, with backoff.
+    Before signing again it checks that the token has the same serial and that every expected key still
+    signs and verifies against the public key known at start-up. A rejected, locked or expired PIN stops
+    recovery (``down``): it is never retried by itself.
+    """
+
+    def __init__(self, cfg: TokenConfig, pin: Secret, lib: Any, raw: _RawModule, token: Any, anchor: Any) -> None:
+        self.module = cfg.module
+        self._cfg = cfg
+        self._pin = pin  # kept only to log in again after the device dropped the session
         self._lib = lib
         self._raw = raw
         self._token = token
@@ -405,6 +447,8 @@ class Token:
         self._local = threading.local()
         self._workers: list[_Worker] = []
         self._workers_lock = threading.Lock()
+        self._generation = 0
+        self._gate = _Gate()
         self.identity = TokenIdentity(
             label=token.label,
             serial=token.serial.decode("ascii", "replace"),
@@ -412,6 +456,13 @@ class Token:
             model=token.model,
         )
         self._closed = False
+        self._expected: list[KeyInfo] = []
+        self.state = "ok"
+        self.reason: str | None = None
+        self.reconnects = 0
+        self._recovering = threading.Lock()
+        self._stop = threading.Event()
+        self._probe: threading.Thread | None = None
 
     # -- opening and closing -----------------------------------------------------------------------
 
@@ -422,39 +473,31 @@ class Token:
             os.environ[name] = value
         lib, raw = load_module(cfg.module)
         token = find_token(lib, cfg)
-        flags = token.flags
-        name = f"token {token.label!r}"
-        if flags & TokenFlag.USER_PIN_LOCKED:
-            raise PinLocked(f"{name} reports its user PIN is locked; unlock it with the token's SO tools")
-        if flags & TokenFlag.USER_PIN_FINAL_TRY:
-            raise PinLocked(
-                f"{name} reports one PIN attempt left; not trying, because a wrong PIN would lock it. "
-                "Log in once with the vendor's tool to confirm the PIN, then start the agent again"
-            )
-        try:
-            anchor = token.open(user_pin=pin.reveal(), rw=rw)
-        except p11.PinIncorrect:
-            raise PinRejected(
-                f"{name} rejected the PIN from {pin.source}; not retrying (retries can lock the token)"
-            ) from None
-        except (p11.PinLocked, p11.PinExpired) as e:
-            raise PinLocked(f"{name} refused login: {describe(e)}") from None
-        except (p11.PinInvalid, p11.PinLenRange) as e:
-            raise PinRejected(f"{name} refused the PIN from {pin.source}: {describe(e)}") from None
-        except p11.UserAlreadyLoggedIn:
-            # Login state is per application: another Token in this process already logged in.
-            anchor = token.open(rw=rw)
-        except p11.PKCS11Error as e:
-            raise TokenUnavailable(f"cannot log in to {name}: {describe(e)}") from None
-        return cls(cfg.module, lib, raw, token, anchor)
+        anchor = _login(token, pin, rw=rw)
+        return cls(cfg, pin, lib, raw, token, anchor)
+
+    def start_probe(self, interval: float | None = None) -> None:
+        """Check the token every ``interval`` seconds: keeps idle sessions alive, notices faults early."""
+        period = interval if interval is not None else self._cfg.probe_interval
+        self._probe = threading.Thread(target=self._probe_loop, args=(period,), name="token-probe", daemon=True)
+        self._probe.start()
 
     def close(self) -> None:
-        """Close worker sessions, then log out. Errors are ignored: this runs on the way out."""
+        """Stop background work, close worker sessions, then log out. Errors are ignored on the way out."""
         if self._closed:
             return
         self._closed = True
+        self._stop.set()
+        if self._probe is not None:
+            self._probe.join(timeout=5)
+        with self._gate.exclusive():
+            self._close_sessions()
+        self._pin = Secret("", "cleared")
+
+    def _close_sessions(self) -> None:
         with self._workers_lock:
             workers, self._workers = self._workers, []
+            self._generation += 1
         for w in workers:
             try:
                 w.session.close()
@@ -478,28 +521,18 @@ class Token:
 
     # -- keys ----------------------------------------------------------------------------------------
 
+    def expect_keys(self, keys: list[KeyInfo]) -> None:
+        """The keys that must still be there, unchanged, before signing resumes after a reconnect."""
+        self._expected = list(keys)
+
     def keys(self) -> list[KeyInfo]:
         with self._anchor_lock, self._errors("list keys"):
             privs = list(self._anchor.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
             return [_key_info(self._anchor, p) for p in privs]
 
     def find_key(self, label: str, key_id: bytes | None = None) -> KeyInfo:
-        query: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label}
-        if key_id:
-            query[Attribute.ID] = key_id
         with self._anchor_lock, self._errors(f"find key {label!r}"):
-            found = list(self._anchor.get_objects(query))
-            if not found:
-                raise KeyNotFound(f"no private key labelled {label!r} on {self.name}")
-            if len(found) > 1:
-                ids = ", ".join(_attr(p, Attribute.ID, b"").hex() or "(none)" for p in found)
-                raise KeyNotFound(f"{len(found)} private keys are labelled {label!r} (ids {ids}); set key_id")
-            info = _key_info(self._anchor, found[0])
-        if info.kind is None:
-            raise UnsupportedKey(f"key {label!r} is {info.type_name}; supported: {_kinds()}")
-        if info.public_key is None:
-            raise UnsupportedKey(f"key {label!r} has no public key object on {self.name}")
-        return info
+            return _find_key(self._anchor, label, key_id, self.name)
 
     def generate(self, kind: KeyKind, label: str) -> KeyInfo:
         """Generate a key pair on the device: private half SENSITIVE, non-EXTRACTABLE, PRIVATE, SIGN only."""
@@ -556,29 +589,38 @@ class Token:
         """Sign ``message`` on the device with ``key``, in the encoding Dfns expects for its type."""
         if key.kind is None:
             raise UnsupportedKey(f"key {key.label!r} is {key.type_name}; cannot sign with it")
-        worker = self._worker()
-        try:
-            return _sign_with(worker.key(key), key.kind, message)
-        except _UNAVAILABLE as e:
-            self._drop_worker(worker)
-            raise TokenUnavailable(f"{self.name} could not sign with {key.label!r}: {describe(e)}") from None
-        except p11.PKCS11Error as e:
-            # Covers python-pkcs11's bare "not initialized" error and anything unexpected.
-            self._drop_worker(worker)
-            raise TokenUnavailable(f"{self.name} could not sign with {key.label!r}: {describe(e)}") from None
+        if self.state != "ok":
+            raise TokenUnavailable(f"{self.name} is unavailable: {self.reason}")
+        with self._gate.shared():
+            for attempt in (1, 2):
+                worker = self._worker()
+                try:
+                    return _sign_with(worker.key(key), key.kind, message)
+                except _STALE as e:
+                    self._drop_worker(worker)
+                    if attempt == 1:
+                        continue  # an idle session the device expired, or a stale handle: once more, fresh
+                    error: BaseException = e
+                except p11.PKCS11Error as e:
+                    self._drop_worker(worker)
+                    error = e
+                break
+        self._fault(f"signing with {key.label!r} failed: {describe(error)}")
+        raise TokenUnavailable(f"{self.name} could not sign with {key.label!r}: {describe(error)}")
 
     def _worker(self) -> _Worker:
         worker: _Worker | None = getattr(self._local, "worker", None)
-        if worker is not None:
+        if worker is not None and worker.generation == self._generation:
             return worker
         if self._closed:
             raise TokenUnavailable(f"{self.name} is closed")
         try:
             session = self._token.open()
         except p11.PKCS11Error as e:
+            self._fault(f"cannot open a session: {describe(e)}")
             raise TokenUnavailable(f"cannot open a session on {self.name}: {describe(e)}") from None
-        worker = _Worker(session)
         with self._workers_lock:
+            worker = _Worker(session, self._generation)
             self._workers.append(worker)
         self._local.worker = worker
         return worker
@@ -593,17 +635,120 @@ class Token:
         except p11.PKCS11Error:
             pass
 
-    # -- health --------------------------------------------------------------------------------------
+    # -- faults and recovery ---------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """Is the token still there, and is the anchor session still logged in?"""
+    def _fault(self, reason: str) -> None:
+        """Open the circuit and start recovering in the background (once)."""
+        if self._closed or self.state == "down":
+            return
+        if self.state == "ok":
+            log.warning("%s: %s; recovering", self.name, reason)
+        self.state, self.reason = "degraded", reason
+        if self._recovering.acquire(blocking=False):
+            threading.Thread(target=self._recover, name="token-recovery", daemon=True).start()
+
+    def _recover(self) -> None:
         try:
-            with self._anchor_lock:
-                state = self._raw.session_state(self._anchor.handle)
-            present = True
-        except TokenError as e:
-            return {"present": False, "logged_in": False, "reason": e.message}
-        return {"present": present, "logged_in": state in _USER_STATES}
+            delay, attempt = 0.2, 0
+            while not self._stop.is_set():
+                attempt += 1
+                try:
+                    with self._gate.exclusive():
+                        self._reconnect(reload_module=attempt > 1)
+                except (PinRejected, PinLocked) as e:
+                    self.state, self.reason = "down", e.message
+                    log.error("%s: %s; not retrying the PIN", self.name, e.message)
+                    return
+                except IdentityMismatch as e:
+                    self.state, self.reason = "down", e.message
+                    log.error("%s: %s", self.name, e.message)
+                    # keep checking: the right token may come back
+                except (TokenError, p11.PKCS11Error) as e:
+                    reason = e.message if isinstance(e, TokenError) else describe(e)
+                    self.reason = f"reconnecting (attempt {attempt}): {reason}"
+                    log.info("%s: %s", self.name, self.reason)
+                else:
+                    self.reconnects += 1
+                    self.state, self.reason = "ok", None
+                    log.warning("%s: reconnected and verified (attempt %d)", self.name, attempt)
+                    return
+                self._stop.wait(delay)
+                delay = min(delay * 2, _MAX_BACKOFF)
+        finally:
+            self._recovering.release()
+
+    def _reconnect(self, *, reload_module: bool) -> None:
+        """Sessions again (and the module again, on later attempts); then prove it is the same token."""
+        self._close_sessions()
+        if reload_module:
+            unload_module(self.module)
+            self._lib, self._raw = load_module(self.module)
+        try:
+            token = find_token(self._lib, self._cfg)
+        except TokenUnavailable:
+            raise
+        serial = token.serial.decode("ascii", "replace")
+        if serial != self.identity.serial:
+            raise IdentityMismatch(
+                f"the token now answering has serial {serial}, not {self.identity.serial}; refusing to use it"
+            )
+        anchor = _login(token, self._pin, rw=False)
+        try:
+            for expected in self._expected:
+                found = _find_key(anchor, expected.label, expected.id or None, self.name)
+                if found.fingerprint != expected.fingerprint:
+                    raise IdentityMismatch(
+                        f"key {expected.label!r} on {self.name} is not the key the agent started with"
+                    )
+                _self_test(anchor, found, expected)
+        except BaseException:
+            try:
+                anchor.close()
+            except p11.PKCS11Error:
+                pass
+            raise
+        with self._anchor_lock:
+            self._token, self._anchor = token, anchor
+
+    def _probe_loop(self, period: float) -> None:
+        while not self._stop.wait(period):
+            if self.state != "ok":
+                continue
+            try:
+                with self._gate.shared(), self._anchor_lock:
+                    logged_in = self._raw.session_state(self._anchor.handle) in _USER_STATES
+                    flags = self._token.slot.get_token().flags
+                    for expected in self._expected[:1]:  # a call that reaches the device, not just the library
+                        _find_key(self._anchor, expected.label, expected.id or None, self.name)
+            except (TokenError, p11.PKCS11Error) as e:
+                self._fault(f"probe failed: {e.message if isinstance(e, TokenError) else describe(e)}")
+                continue
+            if flags & TokenFlag.USER_PIN_LOCKED:
+                self.state, self.reason = "down", f"{self.name} reports its user PIN is locked"
+            elif not logged_in:
+                self._fault("the token session is no longer logged in")
+
+    def health(self) -> dict[str, Any]:
+        """State (ok / degraded / down), reason, and whether the anchor session is there and logged in."""
+        present = logged_in = False
+        if self.state == "ok":
+            try:
+                with self._anchor_lock:
+                    logged_in = self._raw.session_state(self._anchor.handle) in _USER_STATES
+                present = True
+            except TokenError as e:
+                self._fault(f"health check failed: {e.message}")
+            if present and not logged_in:
+                self._fault("the token session is no longer logged in")
+        out: dict[str, Any] = {
+            "state": self.state,
+            "present": present,
+            "logged_in": logged_in,
+            "reconnects": self.reconnects,
+        }
+        if self.reason:
+            out["reason"] = self.reason
+        return out
 
     # -- helpers -------------------------------------------------------------------------------------
 
@@ -613,6 +758,70 @@ class Token:
             yield
         except p11.PKCS11Error as e:
             raise TokenUnavailable(f"cannot {what} on {self.name}: {describe(e)}") from None
+
+
+def _login(token: Any, pin: Secret, *, rw: bool) -> Any:
+    """Open the anchor session and log in. Checks the PIN flags first; never retries."""
+    flags = token.flags
+    name = f"token {token.label!r}"
+    if flags & TokenFlag.USER_PIN_LOCKED:
+        raise PinLocked(f"{name} reports its user PIN is locked; unlock it with the token's SO tools")
+    if flags & TokenFlag.USER_PIN_FINAL_TRY:
+        raise PinLocked(
+            f"{name} reports one PIN attempt left; not trying, because a wrong PIN would lock it. "
+            "Log in once with the vendor's tool to confirm the PIN, then start the agent again"
+        )
+    try:
+        return token.open(user_pin=pin.reveal(), rw=rw)
+    except p11.PinIncorrect:
+        raise PinRejected(
+            f"{name} rejected the PIN from {pin.source}; not retrying (retries can lock the token)"
+        ) from None
+    except (p11.PinLocked, p11.PinExpired) as e:
+        raise PinLocked(f"{name} refused login: {describe(e)}") from None
+    except (p11.PinInvalid, p11.PinLenRange) as e:
+        raise PinRejected(f"{name} refused the PIN from {pin.source}: {describe(e)}") from None
+    except p11.UserAlreadyLoggedIn:
+        # Login state is per application: another Token in this process already logged in.
+        return token.open(rw=rw)
+    except p11.PKCS11Error as e:
+        raise TokenUnavailable(f"cannot log in to {name}: {describe(e)}") from None
+
+
+def _find_key(session: Any, label: str, key_id: bytes | None, where: str) -> KeyInfo:
+    query: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label}
+    if key_id:
+        query[Attribute.ID] = key_id
+    found = list(session.get_objects(query))
+    if not found:
+        raise KeyNotFound(f"no private key labelled {label!r} on {where}")
+    if len(found) > 1:
+        ids = ", ".join(_attr(p, Attribute.ID, b"").hex() or "(none)" for p in found)
+        raise KeyNotFound(f"{len(found)} private keys are labelled {label!r} (ids {ids}); set key_id")
+    info = _key_info(session, found[0])
+    if info.kind is None:
+        raise UnsupportedKey(f"key {label!r} is {info.type_name}; supported: {_kinds()}")
+    if info.public_key is None:
+        raise UnsupportedKey(f"key {label!r} has no public key object on {where}")
+    return info
+
+
+def _self_test(session: Any, found: KeyInfo, expected: KeyInfo) -> None:
+    """Sign a fresh nonce with the key on the device and verify it with the public key known at start-up."""
+    assert found.kind is not None and expected.public_key is not None
+    nonce = b"dfns-agent self-test " + secrets.token_bytes(16)
+    priv = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=found.label, id=found.id or None)
+    signature = _sign_with(priv, found.kind, nonce)
+    try:
+        pub = expected.public_key
+        if isinstance(pub, ed25519.Ed25519PublicKey):
+            pub.verify(signature, nonce)
+        elif isinstance(pub, ec.EllipticCurvePublicKey):
+            pub.verify(signature, nonce, ec.ECDSA(hashes.SHA256()))
+        else:
+            pub.verify(signature, nonce, padding.PKCS1v15(), hashes.SHA256())
+    except InvalidSignature:
+        raise IdentityMismatch(f"key {found.label!r} failed the sign/verify self-test") from None
 
 
 def find_token(lib: Any, cfg: TokenConfig) -> Any:

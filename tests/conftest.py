@@ -84,7 +84,13 @@ class TokenEnv:
         e.pop("DFNS_AGENT_CONFIG", None)
         return e
 
-    def write_config(self, extra_credentials: str = "", server: str = "", pin: str | None = None) -> None:
+    @property
+    def audit_file(self) -> Path:
+        return self.dir / "audit.jsonl"
+
+    def write_config(
+        self, extra_credentials: str = "", server: str = "", pin: str | None = None, extra_top: str = ""
+    ) -> None:
         pin_section = pin if pin is not None else f'file = "{self.pin_file}"'
         creds = "".join(
             f'\n[[credential]]\nname = "{kind}"\nkey = "{key_label(kind)}"\ncred_id = "{cred_id_for(kind)}"\n'
@@ -95,6 +101,8 @@ class TokenEnv:
             f'[token.module_env]\nSOFTHSM2_CONF = "{self.softhsm_conf}"\n'
             f"[token.pin]\n{pin_section}\n"
             f"[server]\n{server}\n"
+            f'[audit]\nfile = "{self.audit_file}"\n'
+            f"{extra_top}"
             f"{creds}{extra_credentials}"
         )
         self.credentials = {kind: cred_id_for(kind) for kind in KINDS}

@@ -251,7 +251,7 @@ def test_token_gone_is_503_token_unavailable(token_env: TokenEnv, start_agent: A
     assert "could not sign" in msg
     h = a.http.get("/v1/health")
     assert h.status_code == 503
-    assert h.json()["status"] == "down" and h.json()["reason"]
+    assert h.json()["status"] == "degraded" and h.json()["reason"]
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ def token(template_token: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def test_token_is_present_and_logged_in(token: Token) -> None:
-    assert token.status() == {"present": True, "logged_in": True}
+    assert token.health() == {"state": "ok", "present": True, "logged_in": True, "reconnects": 0}
     assert token.identity.label == TOKEN_LABEL
     assert token.identity.manufacturer == "SoftHSM project"
 

@@ -1,0 +1,214 @@
+"""A tamper-evident audit log: one JSON line per signing or refusal.
+
+Each record carries ``prev``, the SHA-256 of the previous line's bytes (64 zeros for the first), so
+changing, inserting or deleting a line breaks the chain at the next one; ``dfns-agent audit verify``
+finds the first broken record. Records hold what was signed and for whom (caller, credential, key
+fingerprint, SHA-256 of clientData, the challenge, method/path/payload digest) and never a PIN or a token.
+
+A record is on disk (``fsync``) before the signature it describes is returned; if it cannot be written
+the agent refuses to sign (fail closed). Concurrent records share one ``fsync`` (group commit): a writer
+thread takes everything queued, appends it, syncs once, then releases every waiting caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from agent.errors import AgentError
+
+log = logging.getLogger(__name__)
+
+GENESIS = "0" * 64
+_WAIT = 30.0
+
+
+class AuditUnavailable(AgentError):
+    """The audit record could not be made durable, so the signature is withheld."""
+
+    code = "audit_unavailable"
+    status = 503
+
+
+def default_audit_path() -> Path:
+    """``$XDG_STATE_HOME/dfns-agent/audit.jsonl`` for users; ``/var/lib/dfns-agent/audit.jsonl`` for root."""
+    if os.geteuid() == 0 and "XDG_STATE_HOME" not in os.environ:
+        return Path("/var/lib/dfns-agent/audit.jsonl")
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "dfns-agent" / "audit.jsonl"
+
+
+def line_hash(line: bytes) -> str:
+    return hashlib.sha256(line.rstrip(b"\n")).hexdigest()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _tail(path: Path) -> tuple[str, int]:
+    """The hash and seq of the last complete record, to continue the chain of an existing file."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            if size == 0:
+                return GENESIS, 0
+            f.seek(max(0, size - 65536))
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return GENESIS, 0
+    last = next((ln for ln in reversed(lines) if ln.strip()), b"")
+    if not last:
+        return GENESIS, 0
+    try:
+        seq = int(json.loads(last).get("seq", 0))
+    except (ValueError, AttributeError):
+        seq = 0
+    return line_hash(last), seq
+
+
+class _Pending:
+    __slots__ = ("fields", "done", "error")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self.fields = fields
+        self.done = threading.Event()
+        self.error: AuditUnavailable | None = None
+
+
+class AuditLog:
+    """Appends chained records; :meth:`record` returns once the record is fsynced, or raises."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._cv = threading.Condition()
+        self._queue: list[_Pending] = []
+        self._closed = False
+        self.last_error: str | None = None
+        self.records = 0
+        self._fd = -1
+        self._open()
+        self._thread = threading.Thread(target=self._writer, name="audit", daemon=True)
+        self._thread.start()
+
+    def _open(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._prev, self._seq = _tail(self.path)
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self.last_error = None
+        except OSError as e:
+            self._fd = -1
+            self.last_error = f"cannot open audit log {self.path}: {e.strerror}"
+            raise AuditUnavailable(self.last_error) from None
+
+    @property
+    def healthy(self) -> bool:
+        return self.last_error is None
+
+    def record(self, **fields: Any) -> None:
+        """Append one record and wait until it is durable. Raises AuditUnavailable when it is not."""
+        item = _Pending(fields)
+        with self._cv:
+            if self._closed:
+                raise AuditUnavailable("the audit log is closed")
+            self._queue.append(item)
+            self._cv.notify()
+        if not item.done.wait(_WAIT):
+            raise AuditUnavailable(f"audit log {self.path} did not confirm a write within {_WAIT:g}s")
+        if item.error is not None:
+            raise item.error
+
+    def _writer(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closed:
+                    self._cv.wait()
+                batch, self._queue = self._queue, []
+                if not batch and self._closed:
+                    return
+            self._write(batch)
+
+    def _write(self, batch: list[_Pending]) -> None:
+        try:
+            if self._fd < 0:
+                self._open()  # the log failed before; try again (it may be writable now)
+            prev, seq, chunks = self._prev, self._seq, []
+            for item in batch:
+                seq += 1
+                record = {"seq": seq, "time": _now(), **item.fields, "prev": prev}
+                line = json.dumps(record, separators=(",", ":"), ensure_ascii=False, default=str).encode("utf-8")
+                prev = line_hash(line)
+                chunks.append(line + b"\n")
+            data = b"".join(chunks)
+            written = os.write(self._fd, data)
+            if written != len(data):
+                raise OSError(28, f"short write ({written} of {len(data)} bytes)")
+            os.fsync(self._fd)
+            self._prev, self._seq = prev, seq
+            self.records += len(batch)
+            self.last_error = None
+        except (OSError, AuditUnavailable) as e:
+            reason = e.message if isinstance(e, AuditUnavailable) else f"{e.strerror or e}"
+            self.last_error = f"cannot write audit log {self.path}: {reason}"
+            log.error("%s; refusing to sign until it works", self.last_error)
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1  # reopen next time, re-reading the tail so the chain continues correctly
+            for item in batch:
+                item.error = AuditUnavailable(f"{self.last_error}; signature withheld")
+        finally:
+            for item in batch:
+                item.done.set()
+
+    def close(self) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        self._thread.join(timeout=_WAIT)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    records: int
+    first_bad_line: int | None = None
+    reason: str | None = None
+
+
+def verify(path: Path) -> Verification:
+    """Check the chain of an audit file; report the first record whose ``prev`` does not match."""
+    prev = GENESIS
+    count = 0
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw)
+            except ValueError:
+                return Verification(False, count, number, "not a JSON record")
+            if not isinstance(record, dict) or record.get("prev") != prev:
+                return Verification(False, count, number, "prev does not match the hash of the record before it")
+            expected_seq = count + 1
+            if record.get("seq") != expected_seq:
+                return Verification(False, count, number, f"seq is {record.get('seq')!r}, expected {expected_seq}")
+            prev = line_hash(raw)
+            count += 1
+    return Verification(True, count)
+
+
+def elapsed_ms(started: float) -> float:
+    return round((time.perf_counter() - started) * 1000, 3)

@@ -1,0 +1,175 @@
+"""Who may use the agent, and for what.
+
+Identity comes from the kernel (``SO_PEERCRED`` on the Unix socket), never from the request. By default
+only the agent's own uid and root may connect, as with ssh-agent. ``[[policy.rule]]`` tables admit more
+callers (by uid, gid or executable) and restrict what they may do: which credentials, which Dfns methods
+and paths (for ``/v1/user-action`` and ``/v1/request``), and how often. The first rule that matches a
+caller applies; the agent's own uid and root are unrestricted unless a rule names them.
+
+``/v1/sign`` signs a challenge for *any* action (the action is inside the challenge), so a rule that
+restricts methods or paths also forbids ``/v1/sign`` unless it says ``allow_sign = true``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from agent.errors import AgentError
+
+
+class Forbidden(AgentError):
+    code = "forbidden"
+    status = 403
+
+
+class RateLimited(AgentError):
+    code = "rate_limited"
+    status = 429
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The process at the other end of a connection, as the kernel reports it."""
+
+    uid: int
+    gid: int
+    pid: int
+    exe: str | None
+
+    def describe(self) -> dict[str, object]:
+        return {"uid": self.uid, "gid": self.gid, "pid": self.pid, "exe": self.exe}
+
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_of(sock: socket.socket) -> Caller:
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    try:
+        exe: str | None = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = None  # another user's process when we are not root, or already gone
+    return Caller(uid=uid, gid=gid, pid=pid, exe=exe)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    exes: tuple[str, ...] = ()
+    credentials: frozenset[str] | None = None
+    methods: frozenset[str] | None = None
+    paths: tuple[str, ...] | None = None
+    allow_sign: bool | None = None
+    allow_register: bool = False
+    rate: float | None = None
+    burst: int | None = None
+
+    def matches(self, caller: Caller) -> bool:
+        selectors = []
+        if self.uids:
+            selectors.append(caller.uid in self.uids)
+        if self.gids:
+            selectors.append(caller.gid in self.gids)
+        if self.exes:
+            selectors.append(caller.exe is not None and caller.exe in self.exes)
+        return bool(selectors) and all(selectors)
+
+    @property
+    def sign_allowed(self) -> bool:
+        if self.allow_sign is not None:
+            return self.allow_sign
+        return self.methods is None and self.paths is None
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    stamp: float
+
+
+@dataclass(frozen=True)
+class Grant:
+    """What a request may do: ``credentials`` None means any configured credential."""
+
+    rule: str | None
+    credentials: frozenset[str] | None = None
+
+    def require_credential(self, name: str) -> None:
+        if self.credentials is not None and name not in self.credentials:
+            raise Forbidden(f"rule {self.rule!r} does not allow credential {name!r}")
+
+
+@dataclass
+class Policy:
+    rules: Sequence[Rule] = ()
+    own_uid: int = field(default_factory=os.geteuid)
+    clock: object = time.monotonic
+    _buckets: dict[tuple[str, int], _Bucket] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def rule_for(self, caller: Caller) -> Rule | None:
+        return next((r for r in self.rules if r.matches(caller)), None)
+
+    def admit(self, caller: Caller) -> Rule | None:
+        """May this caller talk to the agent at all? Returns the rule that governs it (None: unrestricted)."""
+        rule = self.rule_for(caller)
+        if rule is None and caller.uid not in (self.own_uid, 0):
+            raise Forbidden(
+                f"uid {caller.uid} may not use this agent: only uid {self.own_uid}, root and callers matched by a "
+                "[[policy.rule]] may"
+            )
+        return rule
+
+    def check(
+        self,
+        caller: Caller,
+        endpoint: str,
+        *,
+        credential: str | None = None,
+        method: str | None = None,
+        path: str | None = None,
+    ) -> Grant:
+        """Raise Forbidden / RateLimited, naming the rule, or return what the request may use."""
+        rule = self.admit(caller)
+        if rule is None:
+            return Grant(rule=None)
+        if endpoint == "sign" and not rule.sign_allowed:
+            raise Forbidden(
+                f"rule {rule.name!r} restricts Dfns actions, so it does not allow /v1/sign "
+                "(allow_sign = true permits it)"
+            )
+        if endpoint == "register" and not rule.allow_register:
+            raise Forbidden(f"rule {rule.name!r} does not allow registering credentials (allow_register)")
+        grant = Grant(rule=rule.name, credentials=rule.credentials)
+        if credential is not None:
+            grant.require_credential(credential)
+        if method is not None and rule.methods is not None and method.upper() not in rule.methods:
+            raise Forbidden(f"rule {rule.name!r} does not allow method {method.upper()}")
+        if path is not None and rule.paths is not None:
+            bare = path.split("?", 1)[0]
+            if not any(fnmatch.fnmatchcase(bare, pattern) for pattern in rule.paths):
+                raise Forbidden(f"rule {rule.name!r} does not allow path {bare}")
+        self._take(rule, caller)
+        return grant
+
+    def _take(self, rule: Rule, caller: Caller) -> None:
+        if rule.rate is None:
+            return
+        burst = float(rule.burst if rule.burst is not None else max(1, int(rule.rate)))
+        now = self.clock()  # type: ignore[operator]
+        with self._lock:
+            bucket = self._buckets.setdefault((rule.name, caller.uid), _Bucket(burst, now))
+            bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rule.rate)
+            bucket.stamp = now
+            if bucket.tokens < 1.0:
+                raise RateLimited(f"rule {rule.name!r} allows {rule.rate:g} requests/s (burst {burst:g}); slow down")
+            bucket.tokens -= 1.0
