@@ -228,6 +228,25 @@ def register(
     click.echo(json.dumps(result, indent=2))
 
 
+@main.group()
+def audit() -> None:
+    """Work with the agent's tamper-evident audit log."""
+
+
+@audit.command("verify")
+@click.argument("file", type=click.Path(exists=True, dir_okay=False))
+def audit_verify(file: str) -> None:
+    """Check the hash chain of an audit log; report the first broken record. Exit 1 if broken."""
+    from agent.audit import verify
+
+    result = verify(Path(file))
+    if result.ok:
+        click.echo(f"ok: {result.records} record(s), chain intact")
+        return
+    click.echo(f"BROKEN at line {result.first_bad_line}: {result.reason} ({result.records} record(s) before it)")
+    sys.exit(1)
+
+
 @main.command("dev-dfns")
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8400, show_default=True, type=click.IntRange(0, 65535))

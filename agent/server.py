@@ -358,10 +358,16 @@ async def serve(
     complete request within it (a slow or silent client), as well as one idle between requests.
     """
     limits = app[LIMITS]
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, keepalive_timeout=limits.idle_timeout)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        keepalive_timeout=limits.idle_timeout,
+        shutdown_timeout=shutdown_timeout,
+    )
     await runner.setup()
     try:
-        site = _BoundedSite(runner, sock, max_connections=limits.max_connections, shutdown_timeout=shutdown_timeout)
+        site = _BoundedSite(runner, sock, max_connections=limits.max_connections)
         await site.start()
         await stop.wait()
     finally:

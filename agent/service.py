@@ -170,7 +170,11 @@ class SigningService:
             record.update(credential=cred.name, credId=cred.cred_id, keyFingerprint=cred.key.fingerprint)
             data = dfns.client_data(parsed.challenge, dfns.KEY_GET, cred.origin)
             record["clientDataSha256"] = sha256_hex(data)
-            return dfns.key_assertion(cred.cred_id, data, self.token.sign(cred.key, data))
+            assertion = dfns.key_assertion(cred.cred_id, data, self.token.sign(cred.key, data))
+            # Not secret, and it makes every record checkable later: rebuild clientData from the
+            # challenge, compare its hash, verify this signature with the key of that fingerprint.
+            record["signature"] = assertion["credentialAssertion"]["signature"]
+            return assertion
 
         return self._audited("sign", caller, action, work)
 
