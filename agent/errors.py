@@ -82,6 +82,11 @@ class TokenUnavailable(TokenError):
     code = "token_unavailable"
 
 
+class CircuitOpen(TokenUnavailable):
+    """Failing fast while the token recovers. Same code for clients; not logged or audited per request
+    (the fault and the recovery are logged once each), so an outage does not flood the logs."""
+
+
 class PinRejected(TokenError):
     """The token refused the PIN. Never retried automatically: a retry loop locks tokens."""
 

@@ -25,7 +25,7 @@ from aiohttp import web
 from agent import openapi
 from agent.config import DfnsConfig
 from agent.dfns_client import DfnsApi, make_http_client
-from agent.errors import AgentError, BadRequest, PayloadTooLarge
+from agent.errors import AgentError, BadRequest, CircuitOpen, PayloadTooLarge
 from agent.flow import DfnsFlow
 from agent.policy import Caller, Forbidden, Policy, RateLimited, peer_of
 from agent.secret import Secret
@@ -104,7 +104,7 @@ async def _errors(
             caller = request.get(CALLER)
             log.warning("refused %s %s for %s: %s", request.method, request.path, caller, e.message)
             request.app[STATE].service.audit_refusal(caller, request.path, e, **request.get("audit", {}))
-        elif e.status >= 500:
+        elif e.status >= 500 and not isinstance(e, CircuitOpen):
             log.warning("%s %s failed: %s", request.method, request.path, e.message)
         return web.json_response(e.to_json(), status=e.status)
     except web.HTTPRequestEntityTooLarge:
@@ -140,13 +140,21 @@ async def _identify(
     return await handler(request)
 
 
+def _not_json(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; JSON does not, and they must never reach a Dfns payload.
+    raise ValueError(f"{name} is not JSON")
+
+
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
         raw = await asyncio.wait_for(request.read(), request.app[LIMITS].body_timeout)
     except asyncio.TimeoutError:
         raise RequestTimeout(f"request body not received within {request.app[LIMITS].body_timeout:g}s") from None
+    except ConnectionError:
+        # The client went away mid-body: nobody is left to answer, but it is their fault, not ours.
+        raise BadRequest("the request body ended early (connection closed)", code="incomplete_request") from None
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):

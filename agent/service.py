@@ -17,7 +17,7 @@ from typing import Any
 from agent import dfns
 from agent.audit import AuditLog, elapsed_ms
 from agent.config import CredentialConfig
-from agent.errors import AgentError, CredentialNotAllowed, UnknownCredential
+from agent.errors import AgentError, CircuitOpen, CredentialNotAllowed, UnknownCredential
 from agent.policy import Caller, Grant
 from agent.token import KeyInfo, Token
 
@@ -126,7 +126,7 @@ class SigningService:
         try:
             result = work(record)
         except AgentError as e:
-            if "credential" in record or e.status >= 500:
+            if ("credential" in record or e.status >= 500) and not isinstance(e, CircuitOpen):
                 self._write(
                     record,
                     outcome="refused" if e.status < 500 else "error",

@@ -38,6 +38,7 @@ from pkcs11 import exceptions as p11
 
 from agent.config import TokenConfig
 from agent.errors import (
+    CircuitOpen,
     KeyExists,
     KeyNotFound,
     PinLocked,
@@ -96,6 +97,8 @@ PUBLIC_TEMPLATE: Mapping[Attribute, Any] = {
 
 def describe(exc: BaseException) -> str:
     """A short name for a PKCS#11 error (python-pkcs11's messages are usually empty)."""
+    if isinstance(exc, p11.NoSuchKey):
+        return "NoSuchKey: the key is no longer on the token"
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
@@ -590,7 +593,7 @@ class Token:
         if key.kind is None:
             raise UnsupportedKey(f"key {key.label!r} is {key.type_name}; cannot sign with it")
         if self.state != "ok":
-            raise TokenUnavailable(f"{self.name} is unavailable: {self.reason}")
+            raise CircuitOpen(f"{self.name} is unavailable: {self.reason}")
         with self._gate.shared():
             for attempt in (1, 2):
                 worker = self._worker()

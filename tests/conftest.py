@@ -81,6 +81,7 @@ class TokenEnv:
     def env(self) -> dict[str, str]:
         e = dict(os.environ)
         e["SOFTHSM2_CONF"] = str(self.softhsm_conf)
+        e["XDG_STATE_HOME"] = str(self.dir / "state")  # any default-path state stays in the test's dir
         e.pop("DFNS_AGENT_CONFIG", None)
         return e
 

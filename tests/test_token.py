@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import KINDS, MODULE, PIN, TOKEN_LABEL, key_label, make_token_env, verify_signature
@@ -13,8 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
 
+import agent.token as agent_token
 from agent.config import TokenConfig
-from agent.errors import KeyExists, KeyNotFound
+from agent.errors import KeyExists, KeyNotFound, TokenUnavailable
 from agent.secret import Secret
 from agent.token import KeyKind, Token, unload_module
 
@@ -127,3 +130,120 @@ def test_threads_sign_concurrently_without_crashing(token: Token) -> None:
     assert len(results) == 8 * 150
     for pem, sig, message in results:
         verify_signature(pem, sig, message)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Faults SoftHSM cannot produce: MOCK PKCS#11 LAYER.
+# SoftHSM 2.6.1 never returns CKR_DEVICE_REMOVED or CKR_PIN_LOCKED and never expires a session by itself,
+# so these tests make the python-pkcs11 boundary raise those errors (what a real HSM's module would
+# answer). Everything else (sessions, login, recovery, self-test) runs on the real SoftHSM token.
+
+
+def _wait(condition: Any, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError("timed out")
+
+
+def _fail_first(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> dict[str, int]:
+    real = agent_token._sign_with
+    calls = {"n": 0}
+
+    def flaky(priv: Any, kind: KeyKind, message: bytes) -> bytes:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise error
+        return real(priv, kind, message)
+
+    monkeypatch.setattr(agent_token, "_sign_with", flaky)
+    return calls
+
+
+def _restore(token: Token, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.undo()
+    if token.state != "ok":
+        token.state = "degraded"
+        token._fault("test cleanup")
+        _wait(lambda: token.state == "ok")
+
+
+def test_a_stale_session_is_retried_once_on_a_fresh_one(token: Token, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = token.find_key(key_label("ed25519"))
+    calls = _fail_first(monkeypatch, p11.SessionHandleInvalid())  # e.g. YubiHSM expired an idle session
+    before = token.reconnects
+    verify_signature(key.public_pem, token.sign(key, b"after idle"), b"after idle")
+    assert calls["n"] == 2 and token.state == "ok" and token.reconnects == before
+
+
+def test_device_removed_opens_the_circuit_then_recovery_verifies_and_resumes(
+    token: Token, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = token.find_key(key_label("p256"))
+    token.expect_keys([key])
+    _fail_first(monkeypatch, p11.DeviceRemoved())
+    before = token.reconnects
+    with pytest.raises(TokenUnavailable, match="DeviceRemoved"):
+        token.sign(key, b"m")
+    _wait(lambda: token.state == "ok")
+    assert token.reconnects == before + 1
+    verify_signature(key.public_pem, token.sign(key, b"back"), b"back")
+    _restore(token, monkeypatch)
+
+
+class _LockedPin:
+    """A token whose module answers C_Login with CKR_PIN_LOCKED (mock); the rest is the real token."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.logins = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def open(self, **kwargs: Any) -> Any:
+        if kwargs.get("user_pin") is not None:
+            self.logins += 1
+            raise p11.PinLocked()
+        return self._real.open(**kwargs)
+
+
+def test_pin_locked_on_relogin_is_down_and_never_retried(token: Token, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = token.find_key(key_label("ed25519"))
+    token.expect_keys([key])
+    real_find = agent_token.find_token
+    seen: list[_LockedPin] = []
+
+    def find(lib: Any, cfg: Any) -> Any:
+        seen.append(_LockedPin(real_find(lib, cfg)))
+        return seen[-1]
+
+    monkeypatch.setattr(agent_token, "find_token", find)
+    token._fault("test: the device dropped the session")
+    _wait(lambda: token.state == "down")
+    assert token.reason is not None and "PinLocked" in token.reason
+    time.sleep(0.5)
+    assert sum(t.logins for t in seen) == 1, "a locked PIN must not be tried again"
+    with pytest.raises(TokenUnavailable, match="PinLocked"):
+        token.sign(key, b"m")
+    assert token.health()["state"] == "down"
+    _restore(token, monkeypatch)
+
+
+def test_a_different_token_is_refused_after_reconnect(token: Token, monkeypatch: pytest.MonkeyPatch) -> None:
+    key = token.find_key(key_label("ed25519"))
+    token.expect_keys([key])
+    real_find = agent_token.find_token
+
+    class OtherSerial(_LockedPin):
+        serial = b"ffffffffffffffff"
+
+    monkeypatch.setattr(agent_token, "find_token", lambda lib, cfg: OtherSerial(real_find(lib, cfg)))
+    token._fault("test: reconnect")
+    _wait(lambda: token.state == "down")
+    assert token.reason is not None and "serial ffffffffffffffff" in token.reason
+    with pytest.raises(TokenUnavailable):
+        token.sign(key, b"m")
+    _restore(token, monkeypatch)
