@@ -7,11 +7,15 @@ fingerprint, SHA-256 of clientData, the challenge, method/path/payload digest) a
 
 A record is on disk (``fsync``) before the signature it describes is returned; if it cannot be written
 the agent refuses to sign (fail closed). Concurrent records share one ``fsync`` (group commit): a writer
-thread takes everything queued, appends it, syncs once, then releases every waiting caller.
+thread takes everything queued, appends it, syncs once, then releases every waiting caller (threads
+through an event, the server's event loop through a future). Several worker processes may append to the
+same file: each batch is written under an exclusive ``flock`` after re-reading the chain's tail.
 """
 
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import hashlib
 import json
 import logging
@@ -54,18 +58,20 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _tail(path: Path) -> tuple[str, int]:
-    """The hash and seq of the last complete record, to continue the chain of an existing file."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            if size == 0:
-                return GENESIS, 0
-            f.seek(max(0, size - 65536))
-            lines = f.read().splitlines()
-    except FileNotFoundError:
+def _tail(fd: int) -> tuple[str, int]:
+    """The hash and seq of the last complete record, to continue the chain (another process may have
+    appended since we last wrote)."""
+    size = os.fstat(fd).st_size
+    if size == 0:
         return GENESIS, 0
+    window = 8192
+    while True:
+        start = max(0, size - window)
+        data = os.pread(fd, size - start, start)
+        lines = data.splitlines()
+        if start == 0 or len(lines) > 1:
+            break
+        window *= 8  # one very long line: read further back
     last = next((ln for ln in reversed(lines) if ln.strip()), b"")
     if not last:
         return GENESIS, 0
@@ -77,12 +83,33 @@ def _tail(path: Path) -> tuple[str, int]:
 
 
 class _Pending:
-    __slots__ = ("fields", "done", "error")
+    __slots__ = ("fields", "done", "error", "future", "loop")
 
-    def __init__(self, fields: dict[str, Any]) -> None:
+    def __init__(
+        self,
+        fields: dict[str, Any],
+        future: asyncio.Future[None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.fields = fields
         self.done = threading.Event()
         self.error: AuditUnavailable | None = None
+        self.future = future
+        self.loop = loop
+
+    def finish(self) -> None:
+        self.done.set()
+        if self.future is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(_resolve, self.future, self.error)
+
+
+def _resolve(future: asyncio.Future[None], error: AuditUnavailable | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
 
 
 class AuditLog:
@@ -103,8 +130,7 @@ class AuditLog:
     def _open(self) -> None:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._prev, self._seq = _tail(self.path)
-            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
             self.last_error = None
         except OSError as e:
             self._fd = -1
@@ -115,18 +141,31 @@ class AuditLog:
     def healthy(self) -> bool:
         return self.last_error is None
 
-    def record(self, **fields: Any) -> None:
-        """Append one record and wait until it is durable. Raises AuditUnavailable when it is not."""
-        item = _Pending(fields)
+    def _enqueue(self, item: _Pending) -> None:
         with self._cv:
             if self._closed:
                 raise AuditUnavailable("the audit log is closed")
             self._queue.append(item)
             self._cv.notify()
+
+    def record(self, **fields: Any) -> None:
+        """Append one record and wait until it is durable. Raises AuditUnavailable when it is not."""
+        item = _Pending(fields)
+        self._enqueue(item)
         if not item.done.wait(_WAIT):
             raise AuditUnavailable(f"audit log {self.path} did not confirm a write within {_WAIT:g}s")
         if item.error is not None:
             raise item.error
+
+    async def record_async(self, **fields: Any) -> None:
+        """The same, for the event loop: awaits the group commit without blocking other requests."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._enqueue(_Pending(fields, future, loop))
+        try:
+            await asyncio.wait_for(asyncio.shield(future), _WAIT)
+        except asyncio.TimeoutError:
+            raise AuditUnavailable(f"audit log {self.path} did not confirm a write within {_WAIT:g}s") from None
 
     def _writer(self) -> None:
         while True:
@@ -139,10 +178,14 @@ class AuditLog:
             self._write(batch)
 
     def _write(self, batch: list[_Pending]) -> None:
+        locked = False
         try:
             if self._fd < 0:
                 self._open()  # the log failed before; try again (it may be writable now)
-            prev, seq, chunks = self._prev, self._seq, []
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
+            locked = True
+            prev, seq = _tail(self._fd)
+            chunks = []
             for item in batch:
                 seq += 1
                 record = {"seq": seq, "time": _now(), **item.fields, "prev": prev}
@@ -154,7 +197,6 @@ class AuditLog:
             if written != len(data):
                 raise OSError(28, f"short write ({written} of {len(data)} bytes)")
             os.fsync(self._fd)
-            self._prev, self._seq = prev, seq
             self.records += len(batch)
             self.last_error = None
         except (OSError, AuditUnavailable) as e:
@@ -162,13 +204,15 @@ class AuditLog:
             self.last_error = f"cannot write audit log {self.path}: {reason}"
             log.error("%s; refusing to sign until it works", self.last_error)
             if self._fd >= 0:
-                os.close(self._fd)
-                self._fd = -1  # reopen next time, re-reading the tail so the chain continues correctly
+                os.close(self._fd)  # also releases the lock
+                self._fd, locked = -1, False  # reopen next time
             for item in batch:
                 item.error = AuditUnavailable(f"{self.last_error}; signature withheld")
         finally:
+            if locked:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             for item in batch:
-                item.done.set()
+                item.finish()
 
     def close(self) -> None:
         with self._cv:

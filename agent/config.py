@@ -211,7 +211,7 @@ def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
     return ServerConfig(
         socket=_path(sock, base) if sock else None,
         max_body_bytes=_int(s, "max_body_bytes", where, DEFAULT_MAX_BODY, lo=1024, hi=16 * 1024 * 1024),
-        sign_threads=_int(s, "sign_threads", where, 4, lo=1, hi=256),
+        sign_threads=_int(s, "sign_threads", where, 4, lo=0, hi=256),
         max_connections=_int(s, "max_connections", where, 256, lo=1, hi=65536),
         idle_timeout=_number(s, "idle_timeout", where, 15.0, lo=0.1, hi=3600.0),
         body_timeout=_number(s, "body_timeout", where, 10.0, lo=0.1, hi=600.0),

@@ -93,8 +93,9 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
         dfns = read_dfns_tokens(config)
         token.start_probe()
         _announce(out, path, token, service, audit)
-        with ThreadPoolExecutor(config.server.sign_threads, thread_name_prefix="sign") as pool:
-            state = AgentState(service, Policy(config.rules), dfns, pool)
+        threads = config.server.sign_threads
+        with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sign") as pool:
+            state = AgentState(service, Policy(config.rules), dfns, pool if threads else None)
             app = create_app(state, limits_for(config))
             asyncio.run(_serve_until_signalled(app, sock, config, token, audit))
         log.info("stopped")

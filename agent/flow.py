@@ -37,7 +37,7 @@ def check_path(path: str) -> str:
 
 
 class DfnsFlow:
-    def __init__(self, service: SigningService, executor: Executor, apis: Mapping[str, DfnsApi]) -> None:
+    def __init__(self, service: SigningService, executor: Executor | None, apis: Mapping[str, DfnsApi]) -> None:
         self._service = service
         self._executor = executor
         self._apis = dict(apis)
@@ -56,6 +56,8 @@ class DfnsFlow:
         return credential, api
 
     async def _in_pool(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._executor is None:
+            return fn(*args, **kwargs)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
@@ -65,9 +67,10 @@ class DfnsFlow:
         bare = path.split("?", 1)[0]
         challenge = await api.init_user_action(method, bare, payload)
         action = {"method": method, "path": path, "payloadSha256": sha256_hex(payload.encode("utf-8"))}
-        first_factor = await self._in_pool(
-            self._service.sign, challenge, credential, caller=caller, grant=grant, action=action
+        attempt = await self._in_pool(
+            self._service.sign_attempt, challenge, credential, caller=caller, grant=grant, action=action
         )
+        first_factor = await self._service.finish_async(attempt)
         identifier = challenge.get("challengeIdentifier")
         if not isinstance(identifier, str):
             raise DfnsError("Dfns's /auth/action/init answer has no challengeIdentifier", status=502)
@@ -139,9 +142,10 @@ class DfnsFlow:
         if via_name == credential:
             raise BadRequest("a credential cannot register itself; name an existing credential in 'via'")
         challenge = await api.init_registration()
-        body = await self._in_pool(
-            self._service.register, challenge, credential, credential_name=credential_name, caller=caller
+        attempt = await self._in_pool(
+            self._service.register_attempt, challenge, credential, credential_name=credential_name, caller=caller
         )
+        body = await self._service.finish_async(attempt)
         payload = serialize_payload(body)
         token = await self._user_action("POST", "/auth/credentials", payload, via_name, api, caller, grant)
         answer = await api.send("POST", "/auth/credentials", payload.encode("utf-8"), token)

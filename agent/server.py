@@ -15,6 +15,8 @@ import asyncio
 import json
 import logging
 import socket
+import sys
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
@@ -30,6 +32,11 @@ from agent.flow import DfnsFlow
 from agent.policy import Caller, Forbidden, Policy, RateLimited, peer_of
 from agent.secret import Secret
 from agent.service import SigningService
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout
+else:  # pragma: no cover - Python 3.10
+    from async_timeout import timeout
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +69,7 @@ class AgentState:
         service: SigningService,
         policy: Policy,
         dfns: Mapping[str, tuple[DfnsConfig, Secret]],
-        executor: Executor,
+        executor: Executor | None,
     ) -> None:
         self.service = service
         self.policy = policy
@@ -126,15 +133,22 @@ async def _errors(
         return error_response(500, "internal_error", "internal error; see the agent's log")
 
 
+# The peer of a connection does not change while it is open: look it up once per connection.
+_callers: weakref.WeakKeyDictionary[asyncio.BaseTransport, Caller] = weakref.WeakKeyDictionary()
+
+
 @web.middleware
 async def _identify(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """Who is calling (SO_PEERCRED), and may they talk to the agent at all?"""
-    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
-    if sock is None or sock.family != socket.AF_UNIX:
-        raise Forbidden("the agent only serves local callers over its Unix socket")
-    caller = peer_of(sock)
+    transport = request.transport
+    caller = _callers.get(transport) if transport is not None else None
+    if caller is None:
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if transport is None or sock is None or sock.family != socket.AF_UNIX:
+            raise Forbidden("the agent only serves local callers over its Unix socket")
+        caller = _callers[transport] = peer_of(sock)
     request[CALLER] = caller
     request.app[STATE].policy.admit(caller)
     return await handler(request)
@@ -147,7 +161,8 @@ def _not_json(name: str) -> Any:
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
-        raw = await asyncio.wait_for(request.read(), request.app[LIMITS].body_timeout)
+        async with timeout(request.app[LIMITS].body_timeout):
+            raw = await request.read()
     except asyncio.TimeoutError:
         raise RequestTimeout(f"request body not received within {request.app[LIMITS].body_timeout:g}s") from None
     except ConnectionError:
@@ -190,9 +205,17 @@ def _caller(request: web.Request) -> Caller:
     return caller
 
 
-async def _in_pool(request: web.Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+async def in_pool(executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking token call on the signing threads, or right here when there are none (a fast local
+    token: the hop to a thread costs more than the call)."""
+    if executor is None:
+        return fn(*args, **kwargs)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(request.app[STATE].executor, lambda: fn(*args, **kwargs))
+    return await loop.run_in_executor(executor, lambda: fn(*args, **kwargs))
+
+
+async def _in_pool(request: web.Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    return await in_pool(request.app[STATE].executor, fn, *args, **kwargs)
 
 
 async def sign(request: web.Request) -> web.Response:
@@ -202,8 +225,10 @@ async def sign(request: web.Request) -> web.Response:
     state, caller = request.app[STATE], _caller(request)
     request["audit"] = {"credential": credential}
     grant = state.policy.check(caller, "sign", credential=credential)
-    result = await _in_pool(request, state.service.sign, body["challenge"], credential, caller=caller, grant=grant)
-    return web.json_response(result)
+    attempt = await _in_pool(
+        request, state.service.sign_attempt, body["challenge"], credential, caller=caller, grant=grant
+    )
+    return web.json_response(await state.service.finish_async(attempt))
 
 
 async def register(request: web.Request) -> web.Response:
@@ -213,16 +238,16 @@ async def register(request: web.Request) -> web.Response:
     state, caller = request.app[STATE], _caller(request)
     request["audit"] = {"credential": credential}
     state.policy.check(caller, "register", credential=credential)
-    result = await _in_pool(
+    attempt = await _in_pool(
         request,
-        state.service.register,
+        state.service.register_attempt,
         body["challenge"],
         credential,
         cred_id=_optional_str(body, "credId"),
         credential_name=_optional_str(body, "credentialName"),
         caller=caller,
     )
-    return web.json_response(result)
+    return web.json_response(await state.service.finish_async(attempt))
 
 
 def _flow_input(body: Mapping[str, Any]) -> tuple[str, str, Any, str | None]:

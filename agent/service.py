@@ -46,6 +46,33 @@ class Credential:
         }
 
 
+@dataclass
+class Attempt:
+    """A signing attempt and its audit record, before the record is written."""
+
+    record: dict[str, Any]
+    started: float
+    result: dict[str, Any] | None = None
+    error: AgentError | None = None
+
+    def audit_fields(self) -> dict[str, Any] | None:
+        """The record to write, or None: bad requests and fail-fast answers are not audited."""
+        latency = elapsed_ms(self.started)
+        e = self.error
+        if e is None:
+            return {**self.record, "outcome": "ok", "latency_ms": latency}
+        if isinstance(e, CircuitOpen) or ("credential" not in self.record and e.status < 500):
+            return None
+        outcome = "refused" if e.status < 500 else "error"
+        return {**self.record, "outcome": outcome, "code": e.code, "reason": e.message, "latency_ms": latency}
+
+    def outcome(self) -> dict[str, Any]:
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
 class _KeySigner:
     """A :class:`agent.dfns.Signer` backed by one key on the token."""
 
@@ -107,37 +134,44 @@ class SigningService:
             f"none of the agent's credentials is allowed by the challenge: it allows {allowed}; the agent has {mine}"
         )
 
-    def _audited(
+    def _attempt(
         self,
         event: str,
         caller: Caller | None,
         action: Mapping[str, Any] | None,
         work: Callable[[dict[str, Any]], dict[str, Any]],
-    ) -> dict[str, Any]:
-        """Run ``work`` (which fills in the record as it learns things) and audit the outcome.
-
-        A successful signature is returned only once its record is durable; when the audit log fails the
-        signature is dropped and the caller gets ``audit_unavailable``.
-        """
+    ) -> Attempt:
+        """Run ``work`` (which fills in the audit record as it learns things); audit nothing yet."""
         started = time.perf_counter()
         record: dict[str, Any] = {"event": event, "caller": caller.describe() if caller else None}
         if action is not None:
             record["action"] = dict(action)
         try:
-            result = work(record)
+            return Attempt(record, started, result=work(record))
         except AgentError as e:
-            if ("credential" in record or e.status >= 500) and not isinstance(e, CircuitOpen):
-                self._write(
-                    record,
-                    outcome="refused" if e.status < 500 else "error",
-                    code=e.code,
-                    reason=e.message,
-                    latency_ms=elapsed_ms(started),
-                    strict=False,
-                )
-            raise
-        self._write(record, outcome="ok", latency_ms=elapsed_ms(started), strict=True)
-        return result
+            return Attempt(record, started, error=e)
+
+    def finish(self, attempt: Attempt) -> dict[str, Any]:
+        """Audit the attempt, then return its result (or raise its error). Blocking; for threads."""
+        fields = attempt.audit_fields()
+        if fields is not None and self.audit is not None:
+            try:
+                self.audit.record(**fields)
+            except AgentError:
+                if attempt.error is None:
+                    raise  # fail closed: no durable record, no signature
+        return attempt.outcome()
+
+    async def finish_async(self, attempt: Attempt) -> dict[str, Any]:
+        """The same for the event loop: awaits the audit log's group commit."""
+        fields = attempt.audit_fields()
+        if fields is not None and self.audit is not None:
+            try:
+                await self.audit.record_async(**fields)
+            except AgentError:
+                if attempt.error is None:
+                    raise
+        return attempt.outcome()
 
     def _write(self, record: dict[str, Any], *, strict: bool, **fields: Any) -> None:
         if self.audit is None:
@@ -158,6 +192,18 @@ class SigningService:
         action: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Sign an ``/auth/action/init`` challenge; returns ``firstFactor`` for ``POST /auth/action``."""
+        return self.finish(self.sign_attempt(challenge, credential, caller=caller, grant=grant, action=action))
+
+    def sign_attempt(
+        self,
+        challenge: Mapping[str, Any],
+        credential: str | None = None,
+        *,
+        caller: Caller | None = None,
+        grant: Grant | None = None,
+        action: Mapping[str, Any] | None = None,
+    ) -> Attempt:
+        """The signing half of :meth:`sign`: everything but the audit write (see :meth:`finish`)."""
 
         def work(record: dict[str, Any]) -> dict[str, Any]:
             parsed = dfns.UserActionChallenge.parse(challenge)
@@ -176,7 +222,7 @@ class SigningService:
             record["signature"] = assertion["credentialAssertion"]["signature"]
             return assertion
 
-        return self._audited("sign", caller, action, work)
+        return self._attempt("sign", caller, action, work)
 
     def register(
         self,
@@ -191,6 +237,22 @@ class SigningService:
 
         Returns the body for ``POST /auth/credentials`` (which needs a user action from an existing credential).
         """
+        return self.finish(
+            self.register_attempt(
+                challenge, credential, cred_id=cred_id, credential_name=credential_name, caller=caller
+            )
+        )
+
+    def register_attempt(
+        self,
+        challenge: Mapping[str, Any],
+        credential: str,
+        *,
+        cred_id: str | None = None,
+        credential_name: str | None = None,
+        caller: Caller | None = None,
+    ) -> Attempt:
+        """The signing half of :meth:`register`."""
 
         def work(record: dict[str, Any]) -> dict[str, Any]:
             parsed = dfns.RegistrationChallenge.parse(challenge)
@@ -210,7 +272,7 @@ class SigningService:
                 body["challengeIdentifier"] = parsed.challenge_identifier
             return body
 
-        return self._audited("register", caller, None, work)
+        return self._attempt("register", caller, None, work)
 
     def audit_refusal(self, caller: Caller | None, endpoint: str, error: AgentError, **fields: Any) -> None:
         """Record a request the policy refused (best effort: the refusal stands either way)."""

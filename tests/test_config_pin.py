@@ -248,10 +248,15 @@ def test_duplicate_credential_names() -> None:
     assert "unique" in msg and "repeated: a, b" in msg
 
 
-@pytest.mark.parametrize("threads", [0, -1, 257, 10_000])
+@pytest.mark.parametrize("threads", [-1, 257, 10_000])
 def test_sign_threads_out_of_range(threads: int) -> None:
     msg = config_error(MINIMAL_TOKEN + f"[server]\nsign_threads = {threads}\n")
-    assert "'sign_threads' must be an integer from 1 to 256" in msg
+    assert "'sign_threads' must be an integer from 0 to 256" in msg
+
+
+def test_sign_threads_zero_means_inline() -> None:
+    cfg = parse_config(tomllib.loads(MINIMAL_TOKEN + "[server]\nsign_threads = 0\n"), base=Path("/"))
+    assert cfg.server.sign_threads == 0
 
 
 @pytest.mark.parametrize("value", ['"64k"', "true", "65536.0", "[65536]"])
