@@ -56,6 +56,7 @@ class ServerConfig:
     socket: Path | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY
     sign_threads: int = 4
+    workers: int = 1
     max_connections: int = 256
     idle_timeout: float = 15.0
     body_timeout: float = 10.0
@@ -200,6 +201,7 @@ def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
             "socket",
             "max_body_bytes",
             "sign_threads",
+            "workers",
             "max_connections",
             "idle_timeout",
             "body_timeout",
@@ -212,6 +214,7 @@ def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
         socket=_path(sock, base) if sock else None,
         max_body_bytes=_int(s, "max_body_bytes", where, DEFAULT_MAX_BODY, lo=1024, hi=16 * 1024 * 1024),
         sign_threads=_int(s, "sign_threads", where, 4, lo=0, hi=256),
+        workers=_int(s, "workers", where, 1, lo=1, hi=64),
         max_connections=_int(s, "max_connections", where, 256, lo=1, hi=65536),
         idle_timeout=_number(s, "idle_timeout", where, 15.0, lo=0.1, hi=3600.0),
         body_timeout=_number(s, "body_timeout", where, 10.0, lo=0.1, hi=600.0),

@@ -11,20 +11,24 @@ reload keeps the old one.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
 import socket
 import sys
+import time
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from aiohttp import web
 
 from agent import __version__
 from agent.audit import AuditLog, default_audit_path
 from agent.config import Config, DfnsConfig, load_config
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, TokenError
 from agent.hardening import harden_process
 from agent.listener import bind_unix_socket, default_socket_path, remove_socket, socket_inode
 from agent.policy import Policy
@@ -60,7 +64,7 @@ def open_audit(config: Config) -> AuditLog | None:
     if not config.audit.enabled:
         log.warning("the audit log is disabled ([audit] enabled = false); signatures are not recorded")
         return None
-    return AuditLog(config.audit.file or default_audit_path())
+    return AuditLog(config.audit.file or default_audit_path(), flush_on_loop=config.server.sign_threads == 0)
 
 
 def limits_for(config: Config) -> Limits:
@@ -81,31 +85,175 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
     path = socket_path_for(config, socket_override)
     sock = bind_unix_socket(path)
     inode = socket_inode(path)
-    token: Token | None = None
-    audit: AuditLog | None = None
     try:
         pin = read_pin(config.token)
-        token = Token.open(config.token, pin)
-        del pin
-        audit = open_audit(config)
-        service = SigningService.from_config(token, config.credentials, audit)
-        token.expect_keys([c.key for c in service.credentials])
         dfns = read_dfns_tokens(config)
-        token.start_probe()
-        _announce(out, path, token, service, audit)
-        threads = config.server.sign_threads
-        with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sign") as pool:
-            state = AgentState(service, Policy(config.rules), dfns, pool if threads else None)
-            app = create_app(state, limits_for(config))
-            asyncio.run(_serve_until_signalled(app, sock, config, token, audit))
+        if config.server.workers == 1:
+            serve_worker(config, pin, dfns, sock, out, announce=True)
+        else:
+            Supervisor(config, pin, dfns, sock, out).run()
         log.info("stopped")
     finally:
         remove_socket(path, inode)
         sock.close()
+
+
+def serve_worker(
+    config: Config,
+    pin: Secret,
+    dfns: dict[str, tuple[DfnsConfig, Secret]],
+    sock: socket.socket,
+    out: TextIO,
+    *,
+    announce: bool,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """One serving process: log in, find the keys, open the audit log, serve until told to stop."""
+    token: Token | None = None
+    audit: AuditLog | None = None
+    try:
+        token = Token.open(config.token, pin)
+        audit = open_audit(config)
+        service = SigningService.from_config(token, config.credentials, audit)
+        token.expect_keys([c.key for c in service.credentials])
+        token.start_probe()
+        if announce:
+            _announce(out, sock.getsockname(), token, service, audit, config.server.workers)
+        if ready is not None:
+            ready()
+        threads = config.server.sign_threads
+        with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sign") as pool:
+            state = AgentState(service, Policy(config.rules), dfns, pool if threads else None)
+            app = create_app(state, limits_for(config))
+            _run_loop(_serve_until_signalled(app, sock, config, token, audit))
+    finally:
         if token is not None:
             token.close()
         if audit is not None:
             audit.close()
+
+
+_PR_SET_PDEATHSIG = 1
+_MAX_RESTARTS = 5  # within _RESTART_WINDOW seconds, then give up and let the service manager restart us
+_RESTART_WINDOW = 60.0
+
+
+class Supervisor:
+    """Pre-forked workers sharing the listening socket (SoftHSM and many HSM modules scale with processes,
+    not threads). PKCS#11 is loaded in each worker after the fork, never in this process. The first worker
+    must log in before any other starts, so a wrong PIN is tried once. Crashed workers are restarted."""
+
+    def __init__(
+        self,
+        config: Config,
+        pin: Secret,
+        dfns: dict[str, tuple[DfnsConfig, Secret]],
+        sock: socket.socket,
+        out: TextIO,
+    ) -> None:
+        self.config, self.pin, self.dfns, self.sock, self.out = config, pin, dfns, sock, out
+        self.workers: dict[int, int] = {}  # pid -> index
+        self.restarts: list[float] = []
+
+    def spawn(self, index: int) -> int:
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the worker
+            os.close(read_end)
+            code = 0
+            try:
+                signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+                def ready() -> None:
+                    os.write(write_end, b"ok")
+                    os.close(write_end)
+
+                serve_worker(self.config, self.pin, self.dfns, self.sock, self.out, announce=index == 0, ready=ready)
+            except AgentError as e:
+                os.write(write_end, e.message.encode("utf-8", "replace"))
+                code = 2 if isinstance(e, ConfigError) else 1
+            except BaseException:  # noqa: BLE001 - a worker must never fall back into the supervisor's code
+                log.exception("worker %d failed", index)
+                code = 70
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            answer = pipe.read().decode("utf-8", "replace")
+        if answer != "ok":
+            os.waitpid(pid, 0)
+            raise TokenError(answer or f"worker {index} exited during start-up")
+        self.workers[pid] = index
+        return pid
+
+    def run(self) -> None:
+        wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
+        signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
+        try:
+            for index in range(self.config.server.workers):
+                self.spawn(index)
+            log.info("%d workers serving", len(self.workers))
+            while True:
+                info = signal.sigwaitinfo(wanted)
+                if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                    break
+                if info.si_signo == signal.SIGHUP:
+                    self.signal_all(signal.SIGHUP)
+                    continue
+                self.reap()
+        finally:
+            self.stop()
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
+
+    def reap(self) -> None:
+        while self.workers:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                return
+            index = self.workers.pop(pid, None)
+            if index is None:
+                continue
+            log.warning("worker %d (pid %d) ended with status %d; restarting it", index, pid, status)
+            now = time.monotonic()
+            self.restarts = [t for t in self.restarts if now - t < _RESTART_WINDOW] + [now]
+            if len(self.restarts) > _MAX_RESTARTS:
+                raise TokenError(f"workers keep dying ({len(self.restarts)} in {_RESTART_WINDOW:g}s); giving up")
+            self.spawn(index)
+
+    def signal_all(self, signo: int) -> None:
+        for pid in list(self.workers):
+            try:
+                os.kill(pid, signo)
+            except ProcessLookupError:
+                pass
+
+    def stop(self) -> None:
+        """SIGTERM every worker (they drain), wait, and kill what is left after the drain bound."""
+        self.signal_all(signal.SIGTERM)
+        deadline = time.monotonic() + self.config.server.shutdown_timeout + 5.0
+        while self.workers and time.monotonic() < deadline:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+            if pid:
+                self.workers.pop(pid, None)
+            else:
+                time.sleep(0.05)
+        self.signal_all(signal.SIGKILL)
+        for pid in list(self.workers):
+            os.waitpid(pid, 0)
+        self.workers.clear()
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop when installed (it roughly halves the HTTP layer's cost per request), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
 
 
 def reload(state: AgentState, config: Config, token: Token, audit: AuditLog | None) -> Config:
@@ -142,9 +290,11 @@ async def _serve_until_signalled(
     await serve(app, sock, stop, shutdown_timeout=config.server.shutdown_timeout)
 
 
-def _announce(out: TextIO, path: Path, token: Token, service: SigningService, audit: AuditLog | None) -> None:
+def _announce(
+    out: TextIO, path: str, token: Token, service: SigningService, audit: AuditLog | None, workers: int
+) -> None:
     lines = [
-        f"dfns-agent {__version__} listening on {path}",
+        f"dfns-agent {__version__} listening on {path} ({workers} worker process{'es' if workers > 1 else ''})",
         f"{token.name}, {len(service.credentials)} credential(s):",
     ]
     for c in service.credentials:

@@ -20,7 +20,7 @@ import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 
@@ -355,8 +355,8 @@ class _Busy(asyncio.Protocol):
     """Answers a connection over the limit with a fixed 503 and closes it, without reading the request."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.write(_BUSY_RESPONSE)
+        # No isinstance check: uvloop's transports are not asyncio.Transport subclasses.
+        cast(asyncio.Transport, transport).write(_BUSY_RESPONSE)
         transport.close()
 
 

@@ -9,6 +9,7 @@ as choosing a credential is written to the audit log before its result is return
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -143,7 +144,11 @@ class SigningService:
     ) -> Attempt:
         """Run ``work`` (which fills in the audit record as it learns things); audit nothing yet."""
         started = time.perf_counter()
-        record: dict[str, Any] = {"event": event, "caller": caller.describe() if caller else None}
+        record: dict[str, Any] = {
+            "event": event,
+            "caller": caller.describe() if caller else None,
+            "agentPid": os.getpid(),
+        }
         if action is not None:
             record["action"] = dict(action)
         try:

@@ -26,6 +26,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import cached_property
 from typing import Any
 
 import pkcs11
@@ -219,13 +220,13 @@ class KeyInfo:
     always_sensitive: bool = True
     never_extractable: bool = True
 
-    @property
+    @cached_property
     def spki_der(self) -> bytes:
         if self.public_key is None:
             raise UnsupportedKey(f"no public key found for key {self.label!r}")
         return self.public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
-    @property
+    @cached_property
     def public_pem(self) -> str:
         if self.public_key is None:
             raise UnsupportedKey(f"no public key found for key {self.label!r}")
@@ -233,7 +234,7 @@ class KeyInfo:
             serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
         ).decode("ascii")
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         """``sha256:`` + hex SHA-256 of the SubjectPublicKeyInfo DER."""
         return "sha256:" + hashlib.sha256(self.spki_der).hexdigest()

@@ -7,13 +7,23 @@ import time
 from typing import Any
 
 import httpx
-from conftest import KINDS, AgentProcess, check_assertion, cred_id_for, make_challenge
+import pytest
+from conftest import KINDS, AgentProcess, TokenEnv, check_assertion, cred_id_for, make_challenge
+
+from agent.audit import verify
 
 CLIENTS = 16
 TOTAL = 2000
 
 
-def test_sixteen_clients_two_thousand_signatures(agent: AgentProcess) -> None:
+@pytest.mark.parametrize(
+    "server",
+    ["", "workers = 2\nsign_threads = 0\n"],
+    ids=["one-process-signing-threads", "two-workers-inline"],
+)
+def test_sixteen_clients_two_thousand_signatures(token_env: TokenEnv, start_agent: Any, server: str) -> None:
+    token_env.write_config(server=server)
+    agent: AgentProcess = start_agent(token_env)
     pems = {c["name"]: c["publicKey"] for c in agent.http.get("/v1/credentials").json()["credentials"]}
     kinds = [k for k in KINDS if k != "rsa3072"] * 3 + ["rsa3072"]  # mostly the fast, common types
     results: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
@@ -53,3 +63,5 @@ def test_sixteen_clients_two_thousand_signatures(agent: AgentProcess) -> None:
     for kind, challenge, first_factor in results:
         check_assertion(first_factor, challenge, pems[kind], cred_id_for(kind))
     assert agent.http.get("/v1/health").json()["status"] == "ok"
+    audit = verify(token_env.audit_file)  # one chain, even with several processes appending
+    assert audit.ok and audit.records == TOTAL

@@ -1,0 +1,276 @@
+"""The printed report: one table per algorithm, the sanity lines, and a PASS/FAIL line per issue target.
+
+Targets are printed, never asserted: this is a benchmark, and a miss is a result to read, not a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.limit import LimitResult
+from bench.loadgen import CellResult
+
+NAMES = {"ed25519": "Ed25519", "p256": "ECDSA P-256"}
+MIB = 1024.0
+
+
+@dataclass
+class Row:
+    clients: int
+    agent: CellResult
+    ssh: CellResult | None = None
+
+
+@dataclass
+class AlgoResult:
+    kind: str
+    rows: list[Row] = field(default_factory=list)
+    limit_1: LimitResult | None = None
+    limit_n: LimitResult | None = None
+
+    def row(self, clients: int) -> Row | None:
+        return next((r for r in self.rows if r.clients == clients), None)
+
+
+@dataclass
+class RunResult:
+    workers: int  # what --workers asked the agent for
+    loadgen_procs: int
+    duration: float
+    message_bytes: int
+    algos: list[AlgoResult]
+    ceiling: CellResult
+    rss_kib: dict[int, int]  # the agent's processes: pid -> VmHWM
+    agent_pid: int
+    agent_version: str = ""
+    cores: int = 0
+    busy_before: float = 0.0  # fraction of all cores busy with other work just before / after the run
+    busy_after: float = 0.0
+    fsync_ms: float = 0.0  # median append+fsync on the token's filesystem
+    audit_bytes: int = 0  # what the agent wrote under $XDG_STATE_HOME (an audit log, if it keeps one)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Formatting helpers
+
+
+def _n(x: float | None, fmt: str = ",.0f") -> str:
+    return "-" if x is None else format(x, fmt)
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _table(algo: AlgoResult, n_procs: int) -> Iterator[str]:
+    heads = [
+        ("clients", 7), ("agent sig/s", 11), ("p50 ms", 7), ("p99 ms", 7),
+        ("ssh sig/s", 9), ("p50 ms", 7), ("p99 ms", 7),
+        ("limit 1p/s", 10), (f"limit {n_procs}p/s", 10),
+        ("agent/ssh", 9), ("p50 a/ssh", 9), (f"agent/lim{n_procs}p", 12),
+        ("agent us/sig", 12), ("ssh us/sig", 10),
+    ]  # fmt: skip
+    yield "  ".join(h.rjust(w) for h, w in heads)
+    yield "  ".join("-" * w for _, w in heads)
+    l1 = algo.limit_1.rate if algo.limit_1 else None
+    ln = algo.limit_n.rate if algo.limit_n else None
+    for row in algo.rows:
+        a, s = row.agent, row.ssh
+        cells = [
+            str(row.clients), _n(a.rate), _n(a.p50, ".2f"), _n(a.p99, ".2f"),
+            _n(s.rate) if s else "n/a", _n(s.p50, ".2f") if s else "n/a", _n(s.p99, ".2f") if s else "n/a",
+            _n(l1), _n(ln),
+            _x(_ratio(a.rate, s.rate)) if s else "n/a", _x(_ratio(a.p50, s.p50)) if s else "n/a",
+            _x(_ratio(a.rate, ln)),
+            _n(a.server_cpu_per_request_us), _n(s.server_cpu_per_request_us) if s else "n/a",
+        ]  # fmt: skip
+        yield "  ".join(c.rjust(w) for c, (_, w) in zip(cells, heads, strict=True))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Targets (from the issue)
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool | None  # None: could not be evaluated
+    detail: str
+
+    def line(self) -> str:
+        verdict = {True: "PASS", False: "FAIL", None: "N/A "}[self.ok]
+        return f"{verdict}  {self.name}: {self.detail}"
+
+
+def _limit_for_agent(algo: AlgoResult, procs: int) -> LimitResult | None:
+    for lim in (algo.limit_1, algo.limit_n):
+        if lim is not None and lim.processes == procs:
+            return lim
+    return None
+
+
+def checks(run: RunResult) -> list[Check]:
+    out: list[Check] = []
+    by = {a.kind: a for a in run.algos}
+    p256, ed = by.get("p256"), by.get("ed25519")
+
+    row = p256.row(16) if p256 else None
+    if row and row.ssh:
+        r = _ratio(row.agent.rate, row.ssh.rate)
+        out.append(Check("P-256 @16 clients, agent >= 5x ssh-agent throughput", r is not None and r >= 5,
+                         f"{_x(r)} ({_n(row.agent.rate)}/s vs {_n(row.ssh.rate)}/s)"))  # fmt: skip
+    else:
+        out.append(Check("P-256 @16 clients, agent >= 5x ssh-agent throughput", None, "not measured"))
+
+    row = p256.row(1) if p256 else None
+    if row and row.ssh:
+        r = _ratio(row.agent.p50, row.ssh.p50)
+        out.append(Check("P-256 @1 client, agent p50 <= 0.6x ssh-agent p50", r is not None and r <= 0.6,
+                         f"{_x(r)} ({_n(row.agent.p50, '.3f')} ms vs {_n(row.ssh.p50, '.3f')} ms)"))  # fmt: skip
+    else:
+        out.append(Check("P-256 @1 client, agent p50 <= 0.6x ssh-agent p50", None, "not measured"))
+
+    row = ed.row(16) if ed else None
+    lim = _limit_for_agent(ed, run.workers) if ed else None
+    name = f"Ed25519 @16 clients, agent >= 0.6x in-process limit with {run.workers} process(es) (agent's workers)"
+    if row and lim:
+        r = _ratio(row.agent.rate, lim.rate)
+        out.append(Check(name, r is not None and r >= 0.6, f"{_x(r)} ({_n(row.agent.rate)}/s vs {_n(lim.rate)}/s)"))
+    else:
+        out.append(Check(name, None, "not measured"))
+
+    for algo in run.algos:
+        row = algo.row(64)
+        name = f"{NAMES[algo.kind]} @64 clients, agent p99 <= 4x p50"
+        if row and row.agent.p50 and row.agent.p99 is not None:
+            r = row.agent.p99 / row.agent.p50
+            out.append(Check(name, r <= 4, f"{r:.2f}x (p50 {row.agent.p50:.2f} ms, p99 {row.agent.p99:.2f} ms)"))
+        else:
+            out.append(Check(name, None, "not measured"))
+
+    agent_errors = sum(r.agent.total_errors for a in run.algos for r in a.rows)
+    agent_bad = sum(r.agent.bad_signatures for a in run.algos for r in a.rows)
+    verified = sum(r.agent.verified for a in run.algos for r in a.rows)
+    detail = f"{agent_errors} error(s), {agent_bad} bad of {verified + agent_bad} sampled signatures"
+    out.append(Check("agent: zero errors", agent_errors == 0, detail))
+
+    if run.rss_kib:
+        worst = max(run.rss_kib.values()) / MIB
+        out.append(Check("agent peak RSS < 80 MB per process", worst < 80, f"largest {worst:.1f} MiB"))
+    else:
+        out.append(Check("agent peak RSS < 80 MB per process", None, "could not read /proc"))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------
+# The whole report
+
+
+def render(run: RunResult) -> str:
+    n_procs = next((a.limit_n.processes for a in run.algos if a.limit_n), max(2, run.workers))
+    lines = [
+        f"dfns-agent benchmark{(' ' + run.agent_version) if run.agent_version else ''}: SoftHSM token, "
+        f"clientData {run.message_bytes} B, {run.duration:g} s per cell, agent workers={run.workers}, "
+        f"load generator {run.loadgen_procs} processes",
+        "agent = POST /v1/sign over the Unix socket; ssh = OpenSSH ssh-agent (PKCS#11, same token); "
+        f"limit = python-pkcs11 in-process, 1 and {n_procs} processes; us/sig = server CPU (all its processes) per "
+        "answered request",
+        f"machine: {run.cores} cores; other processes kept {run.busy_before:.0%} of them busy just before the run "
+        f"and {run.busy_after:.0%} just after; append+fsync {run.fsync_ms:.2f} ms (median) on the token's filesystem"
+        + ("  ** WARNING: a busy machine skews every number; compare ratios, or rerun when idle **"
+           if max(run.busy_before, run.busy_after) > 0.1 else ""),
+        "",
+    ]  # fmt: skip
+    for algo in run.algos:
+        extra = "" if algo.kind == "p256" else "  (ssh-agent: n/a, OpenSSH 9.2 cannot use Ed25519 keys from PKCS#11)"
+        lines.append(f"{NAMES[algo.kind]}{extra}")
+        lines.extend(_table(algo, n_procs))
+        lines.append("")
+
+    c = run.ceiling
+    best = max((r.agent.rate for a in run.algos for r in a.rows), default=0.0)
+    cpu = c.cpu_per_request_us
+    capacity = run.loadgen_procs * 1e6 / cpu if cpu else None
+    lines.append(
+        f"loadgen ceiling: GET /v1/credentials (no signing) at {c.clients} clients: {_n(c.rate)} req/s, "
+        f"p50 {_n(c.p50, '.2f')} ms; best signing rate above is {_n(best)}/s = {_n(_ratio(best, c.rate), '.0%')} "
+        "of it"
+    )
+    lines.append(
+        f"loadgen cost: {_n(cpu, '.1f')} us CPU per request -> {_n(capacity)} req/s with {run.loadgen_procs} "
+        "processes at 100% CPU (the ceiling above is the agent's HTTP path, not the load generator)"
+    )
+    rss = ", ".join(
+        f"pid {pid}{' (main)' if pid == run.agent_pid else ''} {kib / MIB:.1f} MiB" for pid, kib in run.rss_kib.items()
+    )
+    lines.append(f"agent peak RSS (VmHWM) per process: {rss or 'n/a'}")
+    if run.audit_bytes:
+        lines.append(
+            f"agent state written during the run ($XDG_STATE_HOME, e.g. its audit log): {run.audit_bytes:,} bytes"
+        )
+    err_parts = []
+    for algo in run.algos:
+        for row in algo.rows:
+            for who, cell in (("agent", row.agent), ("ssh-agent", row.ssh)):
+                if cell is not None and cell.total_errors:
+                    err_parts.append(f"{NAMES[algo.kind]} {who} @{row.clients}: {cell.total_errors}")
+    verified = sum(cell.verified for a in run.algos for r in a.rows for cell in (r.agent, r.ssh) if cell)
+    bad = sum(cell.bad_signatures for a in run.algos for r in a.rows for cell in (r.agent, r.ssh) if cell)
+    lim_bad = sum(lim.bad_signatures for a in run.algos for lim in (a.limit_1, a.limit_n) if lim)
+    lines.append(
+        f"errors: {'; '.join(err_parts) or 'none'} (ceiling run: {c.total_errors}); signatures verified: "
+        f"{verified} sampled, {bad + lim_bad} bad"
+    )
+    examples = [e for a in run.algos for r in a.rows for cell in (r.agent, r.ssh) if cell for e in cell.error_examples]
+    for e in examples[:5]:
+        lines.append(f"  e.g. {e}")
+    reused = sum(cell.reused for a in run.algos for r in a.rows for cell in (r.agent, r.ssh) if cell)
+    if reused:
+        lines.append(f"note: {reused} requests reused a challenge within one cell (raise --pool)")
+    late = [lim for a in run.algos for lim in (a.limit_1, a.limit_n) if lim and lim.late > 0.05]
+    if late:
+        lines.append("note: an in-process signer started late; its rate is scaled to its own window")
+    lines.append("")
+    lines.extend(ch.line() for ch in checks(run))
+    return "\n".join(lines)
+
+
+def to_json(run: RunResult) -> dict[str, Any]:
+    """Machine-readable results (``--json``), for comparing runs."""
+
+    def cell(c: CellResult | None) -> dict[str, Any] | None:
+        if c is None:
+            return None
+        return {"clients": c.clients, "rate": c.rate, "p50_ms": c.p50, "p99_ms": c.p99, "errors": c.total_errors,
+                "verified": c.verified, "loadgen_cpu_us_per_req": c.cpu_per_request_us,
+                "server_cpu_us_per_req": c.server_cpu_per_request_us}  # fmt: skip
+
+    def lim(x: LimitResult | None) -> dict[str, Any] | None:
+        return None if x is None else {"processes": x.processes, "rate": x.rate, "bad": x.bad_signatures}
+
+    return {
+        "cores": run.cores,
+        "fsync_ms": run.fsync_ms,
+        "background_busy": [run.busy_before, run.busy_after],
+        "workers": run.workers,
+        "loadgen_procs": run.loadgen_procs,
+        "duration": run.duration,
+        "message_bytes": run.message_bytes,
+        "algorithms": {
+            a.kind: {
+                "rows": [{"clients": r.clients, "agent": cell(r.agent), "ssh_agent": cell(r.ssh)} for r in a.rows],
+                "limit_1": lim(a.limit_1),
+                "limit_n": lim(a.limit_n),
+            }
+            for a in run.algos
+        },
+        "ceiling": cell(run.ceiling),
+        "agent_peak_rss_kib": {str(k): v for k, v in run.rss_kib.items()},
+        "checks": [{"name": c.name, "ok": c.ok, "detail": c.detail} for c in checks(run)],
+    }

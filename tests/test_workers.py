@@ -1,0 +1,103 @@
+"""Several worker processes on one socket: start-up order, crashes, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from conftest import PIN, ROOT, AgentProcess, TokenEnv, cred_id_for, make_challenge
+
+from agent.audit import verify
+
+WORKERS = "workers = 3\nsign_threads = 0\n"
+
+
+def children(pid: int) -> set[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return {int(p) for p in out.split()}
+
+
+def wait_for(condition: Any, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def test_workers_share_the_socket_and_one_audit_chain(token_env: TokenEnv, start_agent: Any) -> None:
+    token_env.write_config(server=WORKERS)
+    agent: AgentProcess = start_agent(token_env)
+    workers = children(agent.proc.pid)
+    assert len(workers) == 3
+    body = {"challenge": make_challenge(cred_id_for("p256"))}
+    for _ in range(60):  # a new connection each time, so the kernel spreads them over the workers
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(agent.socket_path)), base_url="http://a") as http:
+            assert http.post("/v1/sign", json=body).status_code == 200
+    result = verify(token_env.audit_file)
+    assert result.ok and result.records == 60
+    records = [json.loads(line) for line in token_env.audit_file.read_text().splitlines()]
+    served_by = {r["agentPid"] for r in records}
+    assert served_by <= workers and len(served_by) >= 2, served_by
+    assert "(3 worker processes)" in agent.output()
+
+
+def test_wrong_pin_is_tried_once_even_with_workers(token_env: TokenEnv, short_dir: Path) -> None:
+    token_env.write_config(server=WORKERS)
+    token_env.pin_file.write_text("wrong-pin-123\n")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "--config",
+            str(token_env.config),
+            "serve",
+            "--socket",
+            str(short_dir / "a.sock"),
+        ],
+        env=token_env.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert r.returncode != 0
+    assert (r.stdout + r.stderr).count("rejected the PIN") == 1, r.stderr
+    assert not (short_dir / "a.sock").exists()
+
+
+def test_a_crashed_worker_is_replaced(token_env: TokenEnv, start_agent: Any) -> None:
+    token_env.write_config(server=WORKERS)
+    agent: AgentProcess = start_agent(token_env)
+    before = children(agent.proc.pid)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: len(children(agent.proc.pid) - {victim}) == 3)
+    assert victim not in children(agent.proc.pid)
+    assert "restarting it" in agent.output()
+    for _ in range(10):
+        assert agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("ed25519"))}).status_code == 200
+
+
+def test_sighup_reaches_every_worker_and_sigterm_stops_them_all(token_env: TokenEnv, start_agent: Any) -> None:
+    token_env.write_config(server=WORKERS)
+    agent: AgentProcess = start_agent(token_env)
+    workers = children(agent.proc.pid)
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: agent.output().count("reloaded") == 3)
+    agent.proc.send_signal(signal.SIGTERM)
+    assert agent.proc.wait(20) == 0
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+    assert not agent.socket_path.exists()
+    assert PIN not in agent.output()
