@@ -16,8 +16,9 @@ from agent.token import KeyKind, Token
 
 
 class _Context:
-    def __init__(self, config_path: str | None) -> None:
+    def __init__(self, config_path: str | None, verbose: bool = False) -> None:
         self.config_path = config_path
+        self.verbose = verbose
         self._config: Config | None = None
 
     @property
@@ -63,7 +64,7 @@ class _Group(click.Group):
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
     """Sign Dfns user-action challenges with keys that never leave a PKCS#11 token."""
     logs.configure(verbose)
-    ctx.obj = _Context(config_path)
+    ctx.obj = _Context(config_path, verbose)
 
 
 @main.command()
@@ -73,7 +74,9 @@ def serve(obj: _Context, socket_path: str | None) -> None:
     """Run the agent: log in to the token once and serve signing requests on the Unix socket."""
     from agent import daemon
 
-    daemon.run(obj.config, socket_override=socket_path)
+    config = obj.config
+    logs.configure(obj.verbose, fmt=config.logging.format, level=config.logging.level)
+    daemon.run(config, socket_override=socket_path)
 
 
 @main.group()
@@ -226,6 +229,72 @@ def register(
             click.echo(f"dfns-agent: {e.code}: {e.message}", err=True)
             sys.exit(1)
     click.echo(json.dumps(result, indent=2))
+
+
+@main.command()
+@click.option(
+    "--socket",
+    "socket_path",
+    type=click.Path(dir_okay=False),
+    help="Check this socket path instead of the configured one.",
+)
+@click.pass_obj
+def doctor(obj: _Context, socket_path: str | None) -> None:
+    """Check module, token, PIN, keys, socket, config and Dfns; print a fix for every problem. Exit 0 if all pass."""
+    from agent.doctor import run_doctor
+
+    # config_path, not obj.config: a config that does not load is the doctor's first finding, not an error.
+    sys.exit(0 if run_doctor(obj.config_path, sys.stdout, socket_override=socket_path) else 1)
+
+
+@main.command()
+@click.option("--socket", "socket_path", type=click.Path(dir_okay=False), help="Agent socket path.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.pass_obj
+def status(obj: _Context, socket_path: str | None, as_json: bool) -> None:
+    """Ask a running agent for its health, credentials, uptime and signatures served. Exit 1 unless ok."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from agent.client import AgentClient, AgentClientError
+
+    with AgentClient(_client_socket(obj, socket_path)) as client:
+        try:
+            health = client.health()
+            creds = client.credentials()
+            text = client.metrics()
+        except AgentClientError as e:
+            click.echo(f"dfns-agent: {e.code}: {e.message}", err=True)
+            sys.exit(1)
+    served: dict[str, int] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "dfns_agent_signatures_total":
+                outcome = sample.labels["outcome"]
+                served[outcome] = served.get(outcome, 0) + int(sample.value)
+    report = {"socket": str(client.socket_path), "health": health, "credentials": creds, "signatures": served}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+    else:
+        token = health["token"]
+        click.echo(
+            f"agent at {client.socket_path}: {health['status']}"
+            + (f" ({health['reason']})" if health.get("reason") else "")
+        )
+        click.echo(
+            f"  token {token['label']!r} serial {token['serial']} ({token['manufacturer']} {token['model']}), "
+            f"logged in: {_yes(token['loggedIn'])}, reconnects: {token['reconnects']}"
+        )
+        click.echo(
+            f"  uptime {health['uptimeSeconds']:.0f} s; signatures: {served.get('ok', 0)} ok, "
+            f"{served.get('refused', 0)} refused, {served.get('error', 0)} failed"
+        )
+        for c in creds:
+            ok = health["keys"].get(c["name"])
+            click.echo(
+                f"  {'✓' if ok else '✗'} {c['name']}: {c['keyType']} key {c['keyLabel']!r}, credId {c['credId']}"
+            )
+    if health["status"] != "ok":
+        sys.exit(1)
 
 
 @main.group()

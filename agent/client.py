@@ -133,6 +133,13 @@ class AgentClient:
     def credentials(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/credentials")["credentials"])
 
+    def metrics(self) -> str:
+        """The Prometheus text the agent exposes (all worker processes)."""
+        r = self._send("GET", "/v1/metrics")
+        if r.status_code != 200:
+            self._check(r)
+        return r.text
+
     def health(self) -> dict[str, Any]:
         """The agent's health document; returned (not raised) when it says ``down``."""
         data = self._call("GET", "/v1/health", ok=(200, 503))

@@ -64,6 +64,12 @@ class ServerConfig:
 
 
 @dataclass(frozen=True)
+class LoggingConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
 class AuditConfig:
     """The tamper-evident audit log; ``file`` None means the default path (see :func:`default_audit_path`)."""
 
@@ -105,6 +111,7 @@ class Config:
     credentials: tuple[CredentialConfig, ...] = ()
     rules: tuple[Rule, ...] = ()
     audit: AuditConfig = field(default_factory=AuditConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     path: Path | None = None
 
     def credential(self, name: str) -> CredentialConfig | None:
@@ -147,11 +154,12 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
 def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = None) -> Config:
     """Validate a parsed TOML document; relative paths are taken relative to ``base`` (the file's folder)."""
     where = str(path) if path else "config"
-    _only(data, {"token", "server", "credential", "policy", "audit"}, where)
+    _only(data, {"token", "server", "credential", "policy", "audit", "logging"}, where)
     token = _token(_table(data, "token", where, required=True), base, f"{where}: [token]")
     server = _server(_table(data, "server", where), base, f"{where}: [server]")
     rules = _policy(_table(data, "policy", where), f"{where}: [policy]")
     audit = _audit(_table(data, "audit", where), base, f"{where}: [audit]")
+    logging_cfg = _logging(_table(data, "logging", where), f"{where}: [logging]")
     creds_raw = data.get("credential", [])
     if not isinstance(creds_raw, list):
         raise ConfigError(f"{where}: credentials are written as [[credential]] tables")
@@ -165,7 +173,9 @@ def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = Non
         unknown = sorted((rule.credentials or frozenset()) - known)
         if unknown:
             raise ConfigError(f"{where}: policy rule {rule.name!r} names unknown credential(s) {', '.join(unknown)}")
-    return Config(token=token, server=server, credentials=creds, rules=rules, audit=audit, path=path)
+    return Config(
+        token=token, server=server, credentials=creds, rules=rules, audit=audit, logging=logging_cfg, path=path
+    )
 
 
 def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
@@ -221,6 +231,17 @@ def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
         # aiohttp treats 0 as "no limit", so the smallest bound is 0.1 s.
         shutdown_timeout=_number(s, "shutdown_timeout", where, 10.0, lo=0.1, hi=600.0),
     )
+
+
+def _logging(t: Mapping[str, Any], where: str) -> LoggingConfig:
+    _only(t, {"format", "level"}, where)
+    fmt = t.get("format", "text")
+    level = t.get("level", "info")
+    if fmt not in ("text", "json"):
+        raise ConfigError(f'{where}: \'format\' must be "text" or "json"')
+    if level not in ("debug", "info", "warning", "error"):
+        raise ConfigError(f"{where}: 'level' must be one of debug, info, warning, error")
+    return LoggingConfig(format=fmt, level=level)
 
 
 def _audit(a: Mapping[str, Any], base: Path, where: str) -> AuditConfig:

@@ -1,11 +1,12 @@
 """Start-up, reload and shut-down of ``dfns-agent serve``.
 
-Order matters: the process is hardened first, then the socket is claimed (a second agent on the same path
-fails before touching the token or asking for a PIN), then the PIN is read and the token logged in exactly
-once, the keys found and the audit log opened. Only then does the agent print where it listens and start
-answering. SIGTERM/SIGINT drain in-flight requests (bounded), log out and remove the socket; SIGHUP
-reloads credentials, Dfns settings and policy without touching the token session, and a bad config on
-reload keeps the old one.
+Order matters: the process is hardened first, then the socket is claimed (passed by systemd, or bound
+here: a second agent on the same path fails before touching the token or asking for a PIN), then the PIN
+is read, and each serving process (this one, or pre-forked workers) logs in exactly once, finds the keys
+and opens the audit log. Only then does the agent print where it listens, tell systemd READY=1 and start
+answering. SIGTERM/SIGINT drain in-flight requests (bounded), log out and remove the socket it bound (one
+systemd passed stays); SIGHUP reloads credentials, Dfns settings and policy without touching the token
+session, and a bad config on reload keeps the old one.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from aiohttp import web
 
-from agent import __version__
+from agent import __version__, metrics, systemd
 from agent.audit import AuditLog, default_audit_path
 from agent.config import Config, DfnsConfig, load_config
 from agent.errors import AgentError, ConfigError, TokenError
 from agent.hardening import harden_process
 from agent.listener import bind_unix_socket, default_socket_path, remove_socket, socket_inode
+from agent.metrics import Metrics
 from agent.policy import Policy
 from agent.secret import Secret, read_pin, read_secret
 from agent.server import STATE, AgentState, Limits, create_app, serve
@@ -82,20 +84,28 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
     harden_process()
     if not config.credentials:
         raise ConfigError(f"{config.path or 'config'}: no [[credential]] configured; nothing to sign with")
-    path = socket_path_for(config, socket_override)
-    sock = bind_unix_socket(path)
-    inode = socket_inode(path)
+    owned: tuple[Path, int] | None = None  # the socket file to remove at exit (systemd's is not ours)
+    sock = systemd.listen_socket()
+    if sock is None:
+        path = socket_path_for(config, socket_override)
+        sock = bind_unix_socket(path)
+        owned = (path, socket_inode(path))
+    metrics_dir: Path | None = None
     try:
         pin = read_pin(config.token)
         dfns = read_dfns_tokens(config)
+        metrics_dir = metrics.prepare()  # before any worker imports prometheus_client
         if config.server.workers == 1:
             serve_worker(config, pin, dfns, sock, out, announce=True)
         else:
             Supervisor(config, pin, dfns, sock, out).run()
         log.info("stopped")
     finally:
-        remove_socket(path, inode)
+        if owned is not None:
+            remove_socket(*owned)
         sock.close()
+        if metrics_dir is not None:
+            metrics.cleanup(metrics_dir)
 
 
 def serve_worker(
@@ -114,7 +124,9 @@ def serve_worker(
     try:
         token = Token.open(config.token, pin)
         audit = open_audit(config)
-        service = SigningService.from_config(token, config.credentials, audit)
+        metrics = Metrics()
+        token.on_event = metrics.token_event
+        service = SigningService.from_config(token, config.credentials, audit, metrics)
         token.expect_keys([c.key for c in service.credentials])
         token.start_probe()
         if announce:
@@ -160,6 +172,7 @@ class Supervisor:
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(read_end)
+            systemd.unset_environment()  # only the supervisor (systemd's main pid) notifies
             code = 0
             try:
                 signal.pthread_sigmask(signal.SIG_SETMASK, set())
@@ -196,12 +209,24 @@ class Supervisor:
             for index in range(self.config.server.workers):
                 self.spawn(index)
             log.info("%d workers serving", len(self.workers))
+            serving = f"{len(self.workers)} workers serving on {systemd.socket_name(self.sock)}"
+            systemd.ready(serving)
+            interval = systemd.watchdog_interval()
             while True:
-                info = signal.sigwaitinfo(wanted)
+                if interval is None:
+                    info = signal.sigwaitinfo(wanted)
+                else:  # ping on every wake-up, and at least every interval
+                    systemd.watchdog()
+                    if (timed := signal.sigtimedwait(wanted, interval)) is None:
+                        continue
+                    info = timed
                 if info.si_signo in (signal.SIGTERM, signal.SIGINT):
+                    systemd.stopping()
                     break
                 if info.si_signo == signal.SIGHUP:
+                    systemd.reloading()  # workers reload on their own; READY=1 means they were told
                     self.signal_all(signal.SIGHUP)
+                    systemd.ready(serving)
                     continue
                 self.reap()
         finally:
@@ -216,6 +241,7 @@ class Supervisor:
             index = self.workers.pop(pid, None)
             if index is None:
                 continue
+            metrics.process_dead(pid)
             log.warning("worker %d (pid %d) ended with status %d; restarting it", index, pid, status)
             now = time.monotonic()
             self.restarts = [t for t in self.restarts if now - t < _RESTART_WINDOW] + [now]
@@ -261,7 +287,7 @@ def reload(state: AgentState, config: Config, token: Token, audit: AuditLog | No
     fresh = load_config(config.path)
     if fresh.token != config.token:
         log.warning("token settings changed in %s; restart the agent to apply them", config.path)
-    service = SigningService.from_config(token, fresh.credentials, audit)
+    service = SigningService.from_config(token, fresh.credentials, audit, state.service.metrics)
     if not service.credentials:
         raise ConfigError("no [[credential]] configured")
     dfns = read_dfns_tokens(fresh)
@@ -274,20 +300,60 @@ def reload(state: AgentState, config: Config, token: Token, audit: AuditLog | No
 async def _serve_until_signalled(
     app: web.Application, sock: socket.socket, config: Config, token: Token, audit: AuditLog | None
 ) -> None:
-    stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     current = [config]
 
+    where = systemd.socket_name(sock)  # read it now: serve() closes the socket when it stops
+
+    def serving() -> str:
+        return f"serving {len(app[STATE].service.credentials)} credential(s) on {where}"
+
+    stop = _StopEvent(lambda: systemd.ready(serving()))
+
     async def on_hup() -> None:
+        systemd.reloading()
         try:
             current[0] = await loop.run_in_executor(None, reload, app[STATE], current[0], token, audit)
         except AgentError as e:
             log.error("reload failed; keeping the previous configuration: %s", e.message)
+        systemd.ready(serving())
+
+    def on_stop() -> None:
+        systemd.stopping()
+        stop.set()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_hup()))
-    await serve(app, sock, stop, shutdown_timeout=config.server.shutdown_timeout)
+    interval = systemd.watchdog_interval()
+    pinger = loop.create_task(_keep_watchdog(interval)) if interval else None
+    try:
+        await serve(app, sock, stop, shutdown_timeout=config.server.shutdown_timeout)
+    finally:
+        if pinger is not None:
+            pinger.cancel()
+
+
+class _StopEvent(asyncio.Event):
+    """serve()'s stop event. serve() first waits on it once its site accepts connections: that first wait is
+    when systemd is told READY=1, so a unit ordered after ours finds the agent answering."""
+
+    def __init__(self, on_serving: Callable[[], object]) -> None:
+        super().__init__()
+        self._on_serving: Callable[[], object] | None = on_serving
+
+    async def wait(self) -> Literal[True]:
+        if self._on_serving is not None:
+            hook, self._on_serving = self._on_serving, None
+            hook()
+        return await super().wait()
+
+
+async def _keep_watchdog(interval: float) -> None:
+    """WATCHDOG=1 from the event loop: a wedged loop stops the pings and systemd restarts the agent."""
+    while True:
+        systemd.watchdog()
+        await asyncio.sleep(interval)
 
 
 def _announce(

@@ -205,6 +205,23 @@ class _Call:
 # Helpers
 
 
+def action_challenge(challenge: str, identifier: str, cred_ids: list[str]) -> dict[str, Any]:
+    """An ``/auth/action/init`` answer as Dfns shapes it (also what tests and the benchmark send the agent)."""
+    return {
+        "challenge": challenge,
+        "challengeIdentifier": identifier,
+        "allowCredentials": {
+            "key": [{"type": "public-key", "id": cred_id} for cred_id in cred_ids],
+            "webauthn": [],
+            "passwordProtectedKey": [],
+        },
+        "supportedCredentialKinds": [{"kind": "Key", "factor": "first", "requiresSecondFactor": False}],
+        "userVerification": "required",
+        "externalAuthenticationUrl": "",
+        "attestation": "none",
+    }
+
+
 def _dfns_id(prefix: str) -> str:
     """An id shaped like Dfns's (``ci-3q9cc-mqh3m-87b9mc46jgh1abjl``), so clients never rely on a fake format."""
     parts = ("".join(secrets.choice(_ALPHABET) for _ in range(n)) for n in (5, 5, 16))
@@ -609,21 +626,7 @@ class DevDfns:
         if not creds:
             raise ApiError(401, MSG_NO_CREDENTIAL)
         ch = self._new_challenge(call.user, KEY_GET, method=method, path=path, payload=payload)
-        return web.json_response(
-            {
-                "challenge": ch.challenge,
-                "challengeIdentifier": ch.identifier,
-                "allowCredentials": {
-                    "key": [{"type": "public-key", "id": c.cred_id} for c in creds],
-                    "webauthn": [],
-                    "passwordProtectedKey": [],
-                },
-                "supportedCredentialKinds": [{"kind": "Key", "factor": "first", "requiresSecondFactor": False}],
-                "userVerification": "required",
-                "externalAuthenticationUrl": "",
-                "attestation": "none",
-            }
-        )
+        return web.json_response(action_challenge(ch.challenge, ch.identifier, [c.cred_id for c in creds]))
 
     def _action(self, call: _Call) -> web.Response:
         ch = self._take_challenge(call.user, call.body.get("challengeIdentifier"), KEY_GET)

@@ -334,6 +334,19 @@ def document() -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/metrics": {
+                "get": {
+                    "operationId": "metrics",
+                    "summary": "Prometheus metrics of all worker processes: signatures by credential, key type and "
+                    "outcome; latency histogram; token reconnects and state; refusals by rule; requests.",
+                    "responses": {
+                        "200": {
+                            "description": "Prometheus text exposition format",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
             "/v1/openapi.json": {
                 "get": {
                     "operationId": "openapi",

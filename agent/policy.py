@@ -28,8 +28,12 @@ class Forbidden(AgentError):
     code = "forbidden"
     status = 403
 
+    def __init__(self, message: str, *, rule: str = "default") -> None:
+        super().__init__(message)
+        self.rule = rule  # for metrics: which rule refused (default: the built-in uid check)
 
-class RateLimited(AgentError):
+
+class RateLimited(Forbidden):
     code = "rate_limited"
     status = 429
 
@@ -105,7 +109,7 @@ class Grant:
 
     def require_credential(self, name: str) -> None:
         if self.credentials is not None and name not in self.credentials:
-            raise Forbidden(f"rule {self.rule!r} does not allow credential {name!r}")
+            raise Forbidden(f"rule {self.rule!r} does not allow credential {name!r}", rule=self.rule or "default")
 
 
 @dataclass
@@ -145,19 +149,22 @@ class Policy:
         if endpoint == "sign" and not rule.sign_allowed:
             raise Forbidden(
                 f"rule {rule.name!r} restricts Dfns actions, so it does not allow /v1/sign "
-                "(allow_sign = true permits it)"
+                "(allow_sign = true permits it)",
+                rule=rule.name,
             )
         if endpoint == "register" and not rule.allow_register:
-            raise Forbidden(f"rule {rule.name!r} does not allow registering credentials (allow_register)")
+            raise Forbidden(
+                f"rule {rule.name!r} does not allow registering credentials (allow_register)", rule=rule.name
+            )
         grant = Grant(rule=rule.name, credentials=rule.credentials)
         if credential is not None:
             grant.require_credential(credential)
         if method is not None and rule.methods is not None and method.upper() not in rule.methods:
-            raise Forbidden(f"rule {rule.name!r} does not allow method {method.upper()}")
+            raise Forbidden(f"rule {rule.name!r} does not allow method {method.upper()}", rule=rule.name)
         if path is not None and rule.paths is not None:
             bare = path.split("?", 1)[0]
             if not any(fnmatch.fnmatchcase(bare, pattern) for pattern in rule.paths):
-                raise Forbidden(f"rule {rule.name!r} does not allow path {bare}")
+                raise Forbidden(f"rule {rule.name!r} does not allow path {bare}", rule=rule.name)
         self._take(rule, caller)
         return grant
 
@@ -171,5 +178,7 @@ class Policy:
             bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rule.rate)
             bucket.stamp = now
             if bucket.tokens < 1.0:
-                raise RateLimited(f"rule {rule.name!r} allows {rule.rate:g} requests/s (burst {burst:g}); slow down")
+                raise RateLimited(
+                    f"rule {rule.name!r} allows {rule.rate:g} requests/s (burst {burst:g}); slow down", rule=rule.name
+                )
             bucket.tokens -= 1.0

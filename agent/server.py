@@ -29,7 +29,7 @@ from agent.config import DfnsConfig
 from agent.dfns_client import DfnsApi, make_http_client
 from agent.errors import AgentError, BadRequest, CircuitOpen, PayloadTooLarge
 from agent.flow import DfnsFlow
-from agent.policy import Caller, Forbidden, Policy, RateLimited, peer_of
+from agent.policy import Caller, Forbidden, Policy, peer_of
 from agent.secret import Secret
 from agent.service import SigningService
 
@@ -100,17 +100,44 @@ def error_response(status: int, code: str, message: str) -> web.Response:
     return web.json_response({"error": {"code": code, "message": message}}, status=status)
 
 
+_ENDPOINTS = frozenset(
+    (
+        "/v1/sign",
+        "/v1/register",
+        "/v1/credentials",
+        "/v1/user-action",
+        "/v1/request",
+        "/v1/health",
+        "/v1/openapi.json",
+        "/v1/metrics",
+    )
+)
+
+
+def _count(request: web.Request, status: int) -> None:
+    metrics = request.app[STATE].service.metrics
+    if metrics is not None:
+        endpoint = request.path if request.path in _ENDPOINTS else "other"
+        metrics.requests.labels(endpoint, str(status)).inc()
+
+
 @web.middleware
 async def _errors(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
-        return await handler(request)
+        response = await handler(request)
+        _count(request, response.status)
+        return response
     except AgentError as e:
-        if isinstance(e, (Forbidden, RateLimited)):
+        _count(request, e.status)
+        if isinstance(e, Forbidden):
             caller = request.get(CALLER)
             log.warning("refused %s %s for %s: %s", request.method, request.path, caller, e.message)
             request.app[STATE].service.audit_refusal(caller, request.path, e, **request.get("audit", {}))
+            metrics = request.app[STATE].service.metrics
+            if metrics is not None:
+                metrics.refusals.labels(e.rule, e.code).inc()
         elif e.status >= 500 and not isinstance(e, CircuitOpen):
             log.warning("%s %s failed: %s", request.method, request.path, e.message)
         return web.json_response(e.to_json(), status=e.status)
@@ -309,6 +336,14 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response(result, status=200 if result["status"] == "ok" else 503)
 
 
+async def metrics_endpoint(request: web.Request) -> web.Response:
+    registry = request.app[STATE].service.metrics
+    if registry is None:
+        raise web.HTTPNotFound()
+    body, content_type = registry.render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 async def openapi_document(request: web.Request) -> web.Response:
     return web.json_response(openapi.document())
 
@@ -321,6 +356,7 @@ ROUTES: list[tuple[str, str, Callable[[web.Request], Awaitable[web.Response]]]] 
     ("POST", "/v1/user-action", user_action),
     ("POST", "/v1/request", dfns_request),
     ("GET", "/v1/health", health),
+    ("GET", "/v1/metrics", metrics_endpoint),
     ("GET", "/v1/openapi.json", openapi_document),
 ]
 

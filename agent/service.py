@@ -19,6 +19,7 @@ from agent import dfns
 from agent.audit import AuditLog, elapsed_ms
 from agent.config import CredentialConfig
 from agent.errors import AgentError, CircuitOpen, CredentialNotAllowed, UnknownCredential
+from agent.metrics import Metrics
 from agent.policy import Caller, Grant
 from agent.token import KeyInfo, Token
 
@@ -89,22 +90,33 @@ class _KeySigner:
 
 
 class SigningService:
-    def __init__(self, token: Token, credentials: Sequence[Credential], audit: AuditLog | None = None) -> None:
+    def __init__(
+        self,
+        token: Token,
+        credentials: Sequence[Credential],
+        audit: AuditLog | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.token = token
         self.audit = audit
+        self.metrics = metrics
         self._credentials = {c.name: c for c in credentials}
         self.started = time.time()
 
     @classmethod
     def from_config(
-        cls, token: Token, configs: Sequence[CredentialConfig], audit: AuditLog | None = None
+        cls,
+        token: Token,
+        configs: Sequence[CredentialConfig],
+        audit: AuditLog | None = None,
+        metrics: Metrics | None = None,
     ) -> SigningService:
         """Find each credential's key on the token; a missing or ambiguous key is a start-up error."""
         creds = []
         for c in configs:
             key = token.find_key(c.key, c.key_id)
             creds.append(Credential(c.name, c.cred_id or dfns.cred_id_for_key(key.spki_der), key, c.origin))
-        return cls(token, creds, audit)
+        return cls(token, creds, audit, metrics)
 
     @property
     def credentials(self) -> list[Credential]:
@@ -162,10 +174,23 @@ class SigningService:
         if fields is not None and self.audit is not None:
             try:
                 self.audit.record(**fields)
-            except AgentError:
+            except AgentError as e:
                 if attempt.error is None:
+                    self._count(attempt, e)
                     raise  # fail closed: no durable record, no signature
+        self._count(attempt, attempt.error)
         return attempt.outcome()
+
+    def _count(self, attempt: Attempt, error: AgentError | None) -> None:
+        if self.metrics is None or "credential" not in attempt.record:
+            return
+        name = attempt.record["credential"]
+        cred = self._credentials.get(name)
+        key_type = cred.key.type_name if cred is not None else "unknown"
+        if error is None:
+            self.metrics.sign_outcome(name, key_type, "ok", time.perf_counter() - attempt.started)
+        elif not isinstance(error, CircuitOpen):
+            self.metrics.sign_outcome(name, key_type, "refused" if error.status < 500 else "error", None)
 
     async def finish_async(self, attempt: Attempt) -> dict[str, Any]:
         """The same for the event loop: awaits the audit log's group commit."""
@@ -173,9 +198,11 @@ class SigningService:
         if fields is not None and self.audit is not None:
             try:
                 await self.audit.record_async(**fields)
-            except AgentError:
+            except AgentError as e:
                 if attempt.error is None:
+                    self._count(attempt, e)
                     raise
+        self._count(attempt, attempt.error)
         return attempt.outcome()
 
     def _write(self, record: dict[str, Any], *, strict: bool, **fields: Any) -> None:

@@ -22,7 +22,7 @@ import logging
 import os
 import secrets
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
@@ -467,6 +467,11 @@ class Token:
         self._recovering = threading.Lock()
         self._stop = threading.Event()
         self._probe: threading.Thread | None = None
+        self.on_event: Callable[[str, str], None] | None = None  # (event, state), e.g. for metrics
+
+    def _emit(self, event: str) -> None:
+        if self.on_event is not None:
+            self.on_event(event, self.state)
 
     # -- opening and closing -----------------------------------------------------------------------
 
@@ -648,6 +653,7 @@ class Token:
         if self.state == "ok":
             log.warning("%s: %s; recovering", self.name, reason)
         self.state, self.reason = "degraded", reason
+        self._emit("fault")
         if self._recovering.acquire(blocking=False):
             threading.Thread(target=self._recover, name="token-recovery", daemon=True).start()
 
@@ -661,10 +667,12 @@ class Token:
                         self._reconnect(reload_module=attempt > 1)
                 except (PinRejected, PinLocked) as e:
                     self.state, self.reason = "down", e.message
+                    self._emit("down")
                     log.error("%s: %s; not retrying the PIN", self.name, e.message)
                     return
                 except IdentityMismatch as e:
                     self.state, self.reason = "down", e.message
+                    self._emit("down")
                     log.error("%s: %s", self.name, e.message)
                     # keep checking: the right token may come back
                 except (TokenError, p11.PKCS11Error) as e:
@@ -674,6 +682,7 @@ class Token:
                 else:
                     self.reconnects += 1
                     self.state, self.reason = "ok", None
+                    self._emit("reconnected")
                     log.warning("%s: reconnected and verified (attempt %d)", self.name, attempt)
                     return
                 self._stop.wait(delay)
@@ -729,6 +738,7 @@ class Token:
                 continue
             if flags & TokenFlag.USER_PIN_LOCKED:
                 self.state, self.reason = "down", f"{self.name} reports its user PIN is locked"
+                self._emit("down")
             elif not logged_in:
                 self._fault("the token session is no longer logged in")
 

@@ -46,19 +46,10 @@ def make_challenge(cred_id: str) -> dict[str, Any]:
 
     The challenge string is sized so that the clientData the agent signs is 80 bytes, a typical Dfns size.
     """
-    return {
-        "challenge": b64url(f"ch-{secrets.token_hex(16)}".encode()),
-        "challengeIdentifier": "eyJ0eXAiOiJKV1QifQ." + b64url(secrets.token_bytes(24)),
-        "allowCredentials": {
-            "key": [{"type": "public-key", "id": cred_id}],
-            "webauthn": [],
-            "passwordProtectedKey": [],
-        },
-        "supportedCredentialKinds": [{"kind": "Key", "factor": "first", "requiresSecondFactor": False}],
-        "userVerification": "required",
-        "externalAuthenticationUrl": "",
-        "attestation": "none",
-    }
+    from agent.dev_dfns import action_challenge
+
+    challenge = b64url(f"ch-{secrets.token_hex(16)}".encode())
+    return action_challenge(challenge, "eyJ0eXAiOiJKV1QifQ." + b64url(secrets.token_bytes(24)), [cred_id])
 
 
 def client_data(challenge: str) -> bytes:

@@ -271,19 +271,10 @@ def b64url_decode(text: str) -> bytes:
 
 def make_challenge(*allowed: str) -> dict[str, Any]:
     """An /auth/action/init answer shaped like Dfns's."""
-    return {
-        "challenge": b64url(f"ch-{secrets.token_hex(4)}-{secrets.token_hex(4)}".encode()),
-        "challengeIdentifier": "eyJ0eXAiOiJKV1QifQ." + b64url(secrets.token_bytes(24)),
-        "allowCredentials": {
-            "key": [{"type": "public-key", "id": cid} for cid in allowed],
-            "webauthn": [],
-            "passwordProtectedKey": [],
-        },
-        "supportedCredentialKinds": [{"kind": "Key", "factor": "first", "requiresSecondFactor": False}],
-        "userVerification": "required",
-        "externalAuthenticationUrl": "",
-        "attestation": "none",
-    }
+    from agent.dev_dfns import action_challenge
+
+    challenge = b64url(f"ch-{secrets.token_hex(4)}-{secrets.token_hex(4)}".encode())
+    return action_challenge(challenge, "eyJ0eXAiOiJKV1QifQ." + b64url(secrets.token_bytes(24)), list(allowed))
 
 
 def verify_signature(public_pem: str, signature: bytes, message: bytes) -> None:

@@ -211,3 +211,19 @@ def test_pin_from_a_systemd_credential(token_env: TokenEnv, tmp_path: Path) -> N
     )
     assert r.returncode == 0, r.stderr
     assert key_label("ed25519") in {k["label"] for k in json.loads(r.stdout)}
+
+
+def test_status_reports_health_credentials_and_signatures(agent: AgentProcess) -> None:
+    for _ in range(3):
+        agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("p256"))})
+    r = cli(agent.token_env, "status", "--socket", str(agent.socket_path))
+    assert r.returncode == 0, r.stderr
+    assert ": ok" in r.stdout and "signatures: 3 ok" in r.stdout
+    assert "✓ p256: p256 key 'key-p256'" in r.stdout
+    doc = json.loads(cli(agent.token_env, "status", "--socket", str(agent.socket_path), "--json").stdout)
+    assert doc["signatures"]["ok"] == 3 and doc["health"]["status"] == "ok" and len(doc["credentials"]) == 5
+
+
+def test_status_without_an_agent(token_env: TokenEnv, short_dir: Path) -> None:
+    r = cli(token_env, "status", "--socket", str(short_dir / "none.sock"))
+    assert r.returncode == 1 and "agent_unreachable" in r.stderr

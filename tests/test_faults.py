@@ -183,6 +183,9 @@ def test_module_unreachable_then_back(fast_probe: TokenEnv, start_agent: Any) ->
         wait_until(lambda: load.count(200) > after + 200, 30, "signatures after recovery")
     check_outcome(load, agent, te)
     assert agent.http.get("/v1/health").json()["token"]["reconnects"] >= 1
+    metrics = agent.http.get("/v1/metrics").text
+    reconnects = [line for line in metrics.splitlines() if line.startswith("dfns_agent_token_reconnects_total")]
+    assert reconnects and float(reconnects[0].split()[-1]) >= 1, metrics
 
 
 def test_idle_agent_notices_a_lost_token_through_its_probe(fast_probe: TokenEnv, start_agent: Any) -> None:

@@ -1,0 +1,113 @@
+"""Prometheus metrics (``GET /v1/metrics``), correct when several worker processes serve.
+
+prometheus-client's multiprocess mode keeps each process's values in memory-mapped files under
+``PROMETHEUS_MULTIPROC_DIR`` and sums them at scrape time, so whichever worker answers the scrape reports
+the whole agent. The directory must be set before prometheus_client is first imported, which is why this
+module imports it lazily and :func:`prepare` runs in the supervisor before any worker starts.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+STATES = ("ok", "degraded", "down")
+
+
+def prepare() -> Path:
+    """A private, empty directory for this agent run's metric files; set in the environment for workers."""
+    directory = Path(tempfile.mkdtemp(prefix="dfns-agent-metrics-"))
+    os.environ[ENV] = str(directory)
+    return directory
+
+
+def cleanup(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def process_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges (its counters stay: they are part of the agent's history)."""
+    if os.environ.get(ENV):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+class Metrics:
+    """The agent's metrics; one instance per worker process."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Gauge, Histogram
+
+        self.signatures = Counter(
+            "dfns_agent_signatures",
+            "Signing attempts that reached a credential, by outcome (ok, refused, error).",
+            ["credential", "key_type", "outcome"],
+            registry=None,
+        )
+        self.latency = Histogram(
+            "dfns_agent_sign_duration_seconds",
+            "Time from request to audited signature, successful signatures only.",
+            ["key_type"],
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+            registry=None,
+        )
+        self.refusals = Counter(
+            "dfns_agent_refusals", "Requests the policy refused, by rule and code.", ["rule", "code"], registry=None
+        )
+        self.reconnects = Counter(
+            "dfns_agent_token_reconnects", "Successful reconnects to the token after a fault.", registry=None
+        )
+        self.token_state = Gauge(
+            "dfns_agent_token_state",
+            "Worker processes whose token is in each state (ok, degraded, down).",
+            ["state"],
+            multiprocess_mode="livesum",
+            registry=None,
+        )
+        self.requests = Counter(
+            "dfns_agent_http_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=None
+        )
+        self._state: str | None = None
+        self.set_token_state("ok")
+
+    def set_token_state(self, state: str) -> None:
+        if state == self._state:
+            return
+        for name in STATES:
+            self.token_state.labels(name).set(1 if name == state else 0)
+        self._state = state
+
+    def token_event(self, event: str, state: str) -> None:
+        """Hook for :class:`agent.token.Token`: its state changed, or it reconnected."""
+        if event == "reconnected":
+            self.reconnects.inc()
+        self.set_token_state(state)
+
+    def sign_outcome(self, credential: str, key_type: str, outcome: str, seconds: float | None) -> None:
+        self.signatures.labels(credential, key_type, outcome).inc()
+        if seconds is not None:
+            self.latency.labels(key_type).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition of every worker's values (or this process's, outside multiprocess mode)."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+        registry: Any = CollectorRegistry()
+        if os.environ.get(ENV):
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:
+            for metric in (
+                self.signatures,
+                self.latency,
+                self.refusals,
+                self.reconnects,
+                self.token_state,
+                self.requests,
+            ):
+                registry.register(metric)
+        return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,268 @@
+"""``dfns-agent doctor`` on real SoftHSM token copies, each run in its own process (PKCS#11 modules are
+loaded once per process, and the doctor is a CLI command)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from conftest import MODULE, PIN, ROOT, TOKEN_LABEL, AgentProcess, TokenEnv, key_label
+
+from agent.dev_dfns import DevDfns, DevDfnsServer
+
+
+def doctor_argv(config: Path) -> list[str]:
+    """The doctor's command line, as a user runs it."""
+    return [sys.executable, "-m", "agent", "--config", str(config), "doctor"]
+
+
+def run_doctor(te: TokenEnv, config: Path | None = None) -> subprocess.CompletedProcess[str]:
+    r = subprocess.run(
+        doctor_argv(config or te.config),
+        env=te.env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert PIN not in r.stdout + r.stderr, "the PIN appeared in the doctor's output"
+    assert not r.stderr.strip(), r.stderr
+    return r
+
+
+def checks(out: str) -> list[tuple[str, str, str]]:
+    """Top-level lines as (mark, name, text); indented fix/warning lines are left out."""
+    found = []
+    for line in out.splitlines():
+        if not line or line.startswith(" "):
+            continue
+        mark, rest = line.split(" ", 1)
+        name, _, text = rest.partition(": ")
+        found.append((mark, name, text))
+    return found
+
+
+def line(out: str, name: str) -> tuple[str, str]:
+    """(mark, text) of the check called ``name``, its fix and warning lines included."""
+    lines = out.splitlines()
+    for i, ln in enumerate(lines):
+        if ln and not ln.startswith(" ") and ln.split(" ", 1)[1].startswith(f"{name}: "):
+            block = [ln]
+            for more in lines[i + 1 :]:
+                if not more.startswith("  "):
+                    break
+                block.append(more)
+            return ln.split(" ", 1)[0], "\n".join(block)
+    raise AssertionError(f"no {name!r} line in:\n{out}")
+
+
+def socket_conf(short_dir: Path) -> str:
+    return f'socket = "{short_dir / "run" / "agent.sock"}"'
+
+
+def test_all_pass_in_the_issues_order(token_env: TokenEnv, short_dir: Path) -> None:
+    token_env.write_config(server=socket_conf(short_dir))
+    r = run_doctor(token_env)
+    assert r.returncode == 0, r.stdout
+    found = checks(r.stdout)
+    assert all(mark == "✓" for mark, _, _ in found), r.stdout
+    names = [name for _, name, _ in found]
+    keys = [f"key {k}" for k in ("ed25519", "p256", "secp256k1", "rsa2048", "rsa3072")]
+    assert names == ["module", "token", "pin", *keys, "socket", "config", "audit log"], names
+    assert "fix:" not in r.stdout
+    assert "SoftHSM" in line(r.stdout, "module")[1]
+    assert TOKEN_LABEL in line(r.stdout, "token")[1]
+    assert "will be created with mode 0700" in line(r.stdout, "socket")[1]
+    assert "sensitive, not extractable" in line(r.stdout, "key ed25519")[1]
+
+
+def test_wrong_pin_is_tried_once_and_later_steps_skipped(token_env: TokenEnv, short_dir: Path) -> None:
+    token_env.pin_file.write_text("wrong-pin-0000\n")
+    token_env.write_config(server=socket_conf(short_dir))
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    assert r.stdout.count("rejected") == 1, r.stdout
+    mark, text = line(r.stdout, "pin")
+    assert mark == "✗" and "NOT retried" in text and "lockout" in text and "fix:" in text
+    assert "- keys: skipped (needs pin)" in r.stdout
+    assert "wrong-pin-0000" not in r.stdout
+    assert line(r.stdout, "module")[0] == "✓" and line(r.stdout, "socket")[0] == "✓"
+    # One attempt only: the right PIN still works afterwards, so the token counted at most one failure.
+    token_env.pin_file.write_text(PIN + "\n")
+    again = run_doctor(token_env)
+    assert again.returncode == 0, again.stdout
+    assert "had counted wrong PIN attempts" in line(again.stdout, "pin")[1]  # SoftHSM sets USER_PIN_COUNT_LOW
+
+
+def test_group_readable_pin_file(token_env: TokenEnv, short_dir: Path) -> None:
+    token_env.pin_file.chmod(0o640)
+    token_env.write_config(server=socket_conf(short_dir))
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    mark, text = line(r.stdout, "pin")
+    assert mark == "✗" and "0640" in text and f"chmod 600 {token_env.pin_file}" in text, text
+    assert "- keys: skipped (needs pin)" in r.stdout
+
+
+def test_unknown_token_label_lists_the_tokens_present(token_env: TokenEnv, short_dir: Path) -> None:
+    token_env.write_config(server=socket_conf(short_dir))
+    token_env.config.write_text(token_env.config.read_text().replace(f'label = "{TOKEN_LABEL}"', 'label = "nope"'))
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    mark, text = line(r.stdout, "token")
+    assert mark == "✗" and f"'{TOKEN_LABEL}' (serial" in text and "slot ids change" in text and "serial" in text
+    assert "- pin: skipped (needs token)" in r.stdout and "- keys: skipped (needs token)" in r.stdout
+    assert line(r.stdout, "config")[0] == "✓"
+
+
+def test_missing_module(token_env: TokenEnv, short_dir: Path) -> None:
+    token_env.write_config(server=socket_conf(short_dir))
+    token_env.config.write_text(token_env.config.read_text().replace(MODULE, "/nonexistent/libpkcs11.so"))
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    mark, text = line(r.stdout, "module")
+    assert mark == "✗" and "does not exist" in text and "fix:" in text
+    for step in ("token", "pin", "keys"):
+        assert f"- {step}: skipped (needs module)" in r.stdout
+    # The PIN file is still checked, without the token.
+    assert line(r.stdout, "pin file")[0] == "✓"
+
+
+def test_module_that_cannot_initialize(token_env: TokenEnv, short_dir: Path) -> None:
+    token_env.write_config(server=socket_conf(short_dir))
+    missing = token_env.dir / "no-such-softhsm2.conf"
+    token_env.config.write_text(token_env.config.read_text().replace(str(token_env.softhsm_conf), str(missing)))
+    r = run_doctor(token_env)
+    mark, text = line(r.stdout, "module")
+    assert r.returncode == 1 and mark == "✗" and f"SOFTHSM2_CONF is {missing}" in text, text
+    assert "- token: skipped (needs module)" in r.stdout
+
+
+def test_missing_key_label(token_env: TokenEnv, short_dir: Path) -> None:
+    token_env.write_config(
+        server=socket_conf(short_dir), extra_credentials='\n[[credential]]\nname = "gone"\nkey = "no-such-key"\n'
+    )
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    mark, text = line(r.stdout, "key gone")
+    assert mark == "✗" and "no-such-key" in text and key_label("ed25519") in text, text
+    assert line(r.stdout, "key ed25519")[0] == "✓"
+    assert [m for m, _, _ in checks(r.stdout)].count("✗") == 1
+
+
+def test_extractable_key(token_env: TokenEnv, short_dir: Path) -> None:
+    script = (
+        "import pkcs11\n"
+        "from pkcs11 import Attribute, KeyType\n"
+        f"tok = pkcs11.lib({MODULE!r}).get_token(token_label={TOKEN_LABEL!r})\n"
+        f"with tok.open(user_pin={PIN!r}, rw=True) as s:\n"
+        "    p256 = {Attribute.EC_PARAMS: bytes.fromhex('06082a8648ce3d030107')}\n"
+        "    params = s.create_domain_parameters(KeyType.EC, p256, local=True)\n"
+        "    params.generate_keypair(store=True, label='key-export', id=b'\\x01\\x02', private_template="
+        "{Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, Attribute.SIGN: True})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], env=token_env.env(), check=True, capture_output=True, cwd=ROOT)
+    token_env.write_config(
+        server=socket_conf(short_dir), extra_credentials='\n[[credential]]\nname = "export"\nkey = "key-export"\n'
+    )
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    mark, text = line(r.stdout, "key export")
+    assert mark == "✗" and "EXTRACTABLE" in text and "not SENSITIVE" in text and "keys generate" in text, text
+
+
+def test_socket_directory_open_to_others(token_env: TokenEnv, short_dir: Path) -> None:
+    (short_dir / "run").mkdir(mode=0o755)
+    (short_dir / "run").chmod(0o755)
+    token_env.write_config(server=socket_conf(short_dir))
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    mark, text = line(r.stdout, "socket")
+    assert mark == "✗" and "0755" in text and f"chmod 700 {short_dir / 'run'}" in text
+
+
+def test_stale_socket_file(token_env: TokenEnv, short_dir: Path) -> None:
+    import socket
+
+    (short_dir / "run").mkdir(mode=0o700)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(short_dir / "run" / "agent.sock"))
+    s.close()  # bound, never listening: what a crashed agent leaves
+    token_env.write_config(server=socket_conf(short_dir))
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    mark, text = line(r.stdout, "socket")
+    assert mark == "✗" and "stale" in text and "remove it or just start the agent, which replaces it" in text
+
+
+def test_socket_path_too_long(token_env: TokenEnv) -> None:
+    token_env.write_config(server=f'socket = "/tmp/{"x" * 110}/agent.sock"')
+    r = run_doctor(token_env)
+    mark, text = line(r.stdout, "socket")
+    assert r.returncode == 1 and mark == "✗" and "107" in text
+
+
+def test_running_agent_on_the_socket(token_env: TokenEnv, short_dir: Path, start_agent: Any) -> None:
+    token_env.write_config(server=socket_conf(short_dir))
+    agent: AgentProcess = start_agent(token_env, socket_path=short_dir / "run" / "agent.sock")
+    r = run_doctor(token_env)
+    assert r.returncode == 0, r.stdout
+    mark, text = line(r.stdout, "socket")
+    assert mark == "✓" and "an agent is running on it: status ok" in text and TOKEN_LABEL in text
+    assert agent.http.get("/v1/health").status_code == 200  # the doctor's login did not disturb it
+
+
+def _dfns_credential(te: TokenEnv, base_url: str) -> str:
+    token_file = te.dir / "dfns.token"
+    token_file.write_text("secret-bearer-token-123\n")
+    token_file.chmod(0o600)
+    return (
+        f'\n[[credential]]\nname = "flow"\nkey = "{key_label("ed25519")}"\n'
+        f'[credential.dfns]\nbase_url = "{base_url}"\ntoken_file = "{token_file}"\n'
+    )
+
+
+def test_dfns_unreachable(token_env: TokenEnv, short_dir: Path) -> None:
+    token_env.write_config(
+        server=socket_conf(short_dir), extra_credentials=_dfns_credential(token_env, "http://127.0.0.1:9")
+    )
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    assert "secret-bearer-token-123" not in r.stdout
+    assert line(r.stdout, "dfns token flow")[0] == "✓"
+    mark, text = line(r.stdout, "dfns flow")
+    assert mark == "✗" and "127.0.0.1:9" in text
+    assert "HTTPS_PROXY" in text and "DNS" in text and "RestrictAddressFamilies" in text and "AF_INET6" in text
+    assert checks(r.stdout)[-1][1] == "dfns flow"  # the last step
+
+
+def test_dfns_reachable(token_env: TokenEnv, short_dir: Path) -> None:
+    with DevDfnsServer(DevDfns()) as server:
+        token_env.write_config(server=socket_conf(short_dir), extra_credentials=_dfns_credential(token_env, server.url))
+        r = run_doctor(token_env)
+    assert r.returncode == 0, r.stdout
+    assert "secret-bearer-token-123" not in r.stdout
+    mark, text = line(r.stdout, "dfns flow")
+    assert mark == "✓" and "answered HTTP" in text
+
+
+def test_missing_dfns_token(token_env: TokenEnv, short_dir: Path) -> None:
+    extra = _dfns_credential(token_env, "http://127.0.0.1:9")
+    (token_env.dir / "dfns.token").chmod(0o644)
+    token_env.write_config(server=socket_conf(short_dir), extra_credentials=extra)
+    r = run_doctor(token_env)
+    mark, text = line(r.stdout, "dfns token flow")
+    assert r.returncode == 1 and mark == "✗" and "chmod 600" in text
+    assert "secret-bearer-token-123" not in r.stdout
+
+
+def test_invalid_toml_stops_after_config(token_env: TokenEnv) -> None:
+    token_env.config.write_text("[token\nmodule = 1\n")
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    found = checks(r.stdout)
+    assert [(m, n) for m, n, _ in found] == [("✗", "config")], r.stdout
+    assert "not valid TOML" in r.stdout and "fix:" in r.stdout
