@@ -10,18 +10,28 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
-from typing import Any
+from typing import Any, TypeVar
 
 from agent.dfns_client import DfnsApi, Upstream, dfns_error
 from agent.errors import BadRequest, DfnsError, DfnsNotConfigured
 from agent.policy import Caller, Grant
 from agent.service import SigningService, sha256_hex
 
+T = TypeVar("T")
 MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 _PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
 MAX_PATH = 2048
+
+
+async def in_pool(executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking token call on the signing threads, or right here when there are none (a fast local
+    token: the hop to a thread costs more than the call)."""
+    if executor is None:
+        return fn(*args, **kwargs)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, lambda: fn(*args, **kwargs))
 
 
 def serialize_payload(body: Any) -> str:
@@ -55,11 +65,8 @@ class DfnsFlow:
             raise DfnsNotConfigured(f"credential {credential!r} has no [credential.dfns] settings")
         return credential, api
 
-    async def _in_pool(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self._executor is None:
-            return fn(*args, **kwargs)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
+    async def _in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await in_pool(self._executor, fn, *args, **kwargs)
 
     async def _user_action(
         self, method: str, path: str, payload: str, credential: str, api: DfnsApi, caller: Caller | None, grant: Grant

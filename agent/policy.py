@@ -18,7 +18,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent.errors import AgentError
@@ -116,7 +116,7 @@ class Grant:
 class Policy:
     rules: Sequence[Rule] = ()
     own_uid: int = field(default_factory=os.geteuid)
-    clock: object = time.monotonic
+    clock: Callable[[], float] = time.monotonic
     _buckets: dict[tuple[str, int], _Bucket] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -172,7 +172,7 @@ class Policy:
         if rule.rate is None:
             return
         burst = float(rule.burst if rule.burst is not None else max(1, int(rule.rate)))
-        now = self.clock()  # type: ignore[operator]
+        now = self.clock()
         with self._lock:
             bucket = self._buckets.setdefault((rule.name, caller.uid), _Bucket(burst, now))
             bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rule.rate)

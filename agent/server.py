@@ -28,7 +28,7 @@ from agent import openapi
 from agent.config import DfnsConfig
 from agent.dfns_client import DfnsApi, make_http_client
 from agent.errors import AgentError, BadRequest, CircuitOpen, PayloadTooLarge
-from agent.flow import DfnsFlow
+from agent.flow import DfnsFlow, in_pool
 from agent.policy import Caller, Forbidden, Policy, peer_of
 from agent.secret import Secret
 from agent.service import SigningService
@@ -134,7 +134,7 @@ async def _errors(
         if isinstance(e, Forbidden):
             caller = request.get(CALLER)
             log.warning("refused %s %s for %s: %s", request.method, request.path, caller, e.message)
-            request.app[STATE].service.audit_refusal(caller, request.path, e, **request.get("audit", {}))
+            await request.app[STATE].service.audit_refusal(caller, request.path, e, **request.get("audit", {}))
             metrics = request.app[STATE].service.metrics
             if metrics is not None:
                 metrics.refusals.labels(e.rule, e.code).inc()
@@ -230,15 +230,6 @@ def _required_str(body: Mapping[str, Any], key: str) -> str:
 def _caller(request: web.Request) -> Caller:
     caller: Caller = request[CALLER]
     return caller
-
-
-async def in_pool(executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking token call on the signing threads, or right here when there are none (a fast local
-    token: the hop to a thread costs more than the call)."""
-    if executor is None:
-        return fn(*args, **kwargs)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, lambda: fn(*args, **kwargs))
 
 
 async def _in_pool(request: web.Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

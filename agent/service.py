@@ -57,16 +57,24 @@ class Attempt:
     result: dict[str, Any] | None = None
     error: AgentError | None = None
 
-    def audit_fields(self) -> dict[str, Any] | None:
-        """The record to write, or None: bad requests and fail-fast answers are not audited."""
-        latency = elapsed_ms(self.started)
-        e = self.error
-        if e is None:
-            return {**self.record, "outcome": "ok", "latency_ms": latency}
-        if isinstance(e, CircuitOpen) or ("credential" not in self.record and e.status < 500):
+    def kind(self, error: AgentError | None) -> str | None:
+        """ok / refused / error, or None when not worth a record or a count: a bad request that never
+        reached a credential, or a fail-fast answer while the token recovers."""
+        if error is None:
+            return "ok"
+        if isinstance(error, CircuitOpen) or ("credential" not in self.record and error.status < 500):
             return None
-        outcome = "refused" if e.status < 500 else "error"
-        return {**self.record, "outcome": outcome, "code": e.code, "reason": e.message, "latency_ms": latency}
+        return "refused" if error.status < 500 else "error"
+
+    def audit_fields(self) -> dict[str, Any] | None:
+        """The record to write, or None (see :meth:`kind`)."""
+        kind, e = self.kind(self.error), self.error
+        if kind is None:
+            return None
+        fields = {**self.record, "outcome": kind, "latency_ms": elapsed_ms(self.started)}
+        if e is not None:
+            fields.update(code=e.code, reason=e.message)
+        return fields
 
     def outcome(self) -> dict[str, Any]:
         if self.error is not None:
@@ -182,15 +190,14 @@ class SigningService:
         return attempt.outcome()
 
     def _count(self, attempt: Attempt, error: AgentError | None) -> None:
-        if self.metrics is None or "credential" not in attempt.record:
+        kind = attempt.kind(error)
+        if self.metrics is None or kind is None or "credential" not in attempt.record:
             return
         name = attempt.record["credential"]
         cred = self._credentials.get(name)
         key_type = cred.key.type_name if cred is not None else "unknown"
-        if error is None:
-            self.metrics.sign_outcome(name, key_type, "ok", time.perf_counter() - attempt.started)
-        elif not isinstance(error, CircuitOpen):
-            self.metrics.sign_outcome(name, key_type, "refused" if error.status < 500 else "error", None)
+        seconds = time.perf_counter() - attempt.started if kind == "ok" else None
+        self.metrics.sign_outcome(name, key_type, kind, seconds)
 
     async def finish_async(self, attempt: Attempt) -> dict[str, Any]:
         """The same for the event loop: awaits the audit log's group commit."""
@@ -204,15 +211,6 @@ class SigningService:
                     raise
         self._count(attempt, attempt.error)
         return attempt.outcome()
-
-    def _write(self, record: dict[str, Any], *, strict: bool, **fields: Any) -> None:
-        if self.audit is None:
-            return
-        try:
-            self.audit.record(**record, **fields)
-        except AgentError:
-            if strict:
-                raise
 
     def sign(
         self,
@@ -306,15 +304,16 @@ class SigningService:
 
         return self._attempt("register", caller, None, work)
 
-    def audit_refusal(self, caller: Caller | None, endpoint: str, error: AgentError, **fields: Any) -> None:
-        """Record a request the policy refused (best effort: the refusal stands either way)."""
-        self._write(
-            {"event": "refused", "caller": caller.describe() if caller else None, "endpoint": endpoint, **fields},
-            outcome="refused",
-            code=error.code,
-            reason=error.message,
-            strict=False,
-        )
+    async def audit_refusal(self, caller: Caller | None, endpoint: str, error: AgentError, **fields: Any) -> None:
+        """Record a request the policy refused (best effort: the refusal stands either way). Awaited, so
+        a caller hammering refused requests does not stall the event loop on fsyncs."""
+        if self.audit is None:
+            return
+        record = {"event": "refused", "caller": caller.describe() if caller else None, "endpoint": endpoint}
+        try:
+            await self.audit.record_async(**record, **fields, outcome="refused", code=error.code, reason=error.message)
+        except AgentError:
+            pass
 
     def health(self) -> dict[str, Any]:
         """Token state, anchor session logged in, every credential's key still the same key, audit writable."""
