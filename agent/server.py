@@ -188,8 +188,11 @@ def _not_json(name: str) -> Any:
 
 async def _json_object(request: web.Request) -> dict[str, Any]:
     try:
-        async with timeout(request.app[LIMITS].body_timeout):
+        if request.content.is_eof():  # the usual case: the whole (small) body came with the headers
             raw = await request.read()
+        else:
+            async with timeout(request.app[LIMITS].body_timeout):
+                raw = await request.read()
     except asyncio.TimeoutError:
         raise RequestTimeout(f"request body not received within {request.app[LIMITS].body_timeout:g}s") from None
     except ConnectionError:
