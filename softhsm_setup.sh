@@ -125,7 +125,7 @@ case "${1:-setup}" in
   test)
     shift
     say "ruff"
-    "$VENV/bin/ruff" check agent tests
+    "$VENV/bin/ruff" check agent tests bench
     say "mypy"
     "$VENV/bin/mypy" --no-error-summary
     say "pytest"
