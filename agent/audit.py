@@ -134,7 +134,6 @@ class AuditLog:
         self._queue: list[_Pending] = []
         self._closed = False
         self.last_error: str | None = None
-        self.records = 0
         self._fd = -1
         self._tail_cache: tuple[int, str, int] | None = None  # (file size, prev, seq) after our last write
         self._open()
@@ -235,7 +234,6 @@ class AuditLog:
                 raise OSError(28, f"short write ({written} of {len(data)} bytes)")
             os.fsync(self._fd)
             self._tail_cache = (size + len(data), prev, seq)
-            self.records += len(batch)
             self.last_error = None
         except (OSError, AuditUnavailable) as e:
             reason = e.message if isinstance(e, AuditUnavailable) else f"{e.strerror or e}"

@@ -23,11 +23,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN_LABEL = "dfns-bench"
 KINDS = ("ed25519", "p256")
-MODULE_CANDIDATES = (
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-)
 
 
 class SetupError(RuntimeError):
@@ -35,12 +30,11 @@ class SetupError(RuntimeError):
 
 
 def softhsm_module() -> str:
-    env = os.environ.get("SOFTHSM_MODULE")
-    if env:
-        return env
-    for candidate in MODULE_CANDIDATES:
-        if os.path.isfile(candidate):
-            return candidate
+    from agent.token import find_softhsm_module
+
+    module = find_softhsm_module()
+    if module is not None:
+        return module
     raise SetupError("SoftHSM is not installed (apt-get install softhsm2, or ./softhsm_setup.sh test)")
 
 

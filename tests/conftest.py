@@ -27,27 +27,21 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
+from agent.token import find_softhsm_module
+
 ROOT = Path(__file__).resolve().parent.parent
 PIN = "461-test:pin"  # has a colon on purpose: CloudHSM-style PINs must pass through unchanged
 SO_PIN = "so-pin-12345678"
 TOKEN_LABEL = "agent-test"
 KINDS = ["ed25519", "p256", "secp256k1", "rsa2048", "rsa3072"]
 SPARE_KEY = "key-spare-p256"  # on the token but in no credential: for registration (rotation) tests
-_MODULE_CANDIDATES = [
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-]
 
 
 def softhsm_module() -> str:
-    env = os.environ.get("SOFTHSM_MODULE")
-    if env:
-        return env
-    for candidate in _MODULE_CANDIDATES:
-        if os.path.isfile(candidate):
-            return candidate
-    raise RuntimeError("SoftHSM is not installed: run ./softhsm_setup.sh test")
+    module = find_softhsm_module()
+    if module is None:
+        raise RuntimeError("SoftHSM is not installed: run ./softhsm_setup.sh test")
+    return module
 
 
 MODULE = softhsm_module()
