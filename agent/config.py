@@ -228,7 +228,7 @@ def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
         max_connections=_int(s, "max_connections", where, 256, lo=1, hi=65536),
         idle_timeout=_number(s, "idle_timeout", where, 15.0, lo=0.1, hi=3600.0),
         body_timeout=_number(s, "body_timeout", where, 10.0, lo=0.1, hi=600.0),
-        # aiohttp treats 0 as "no limit", so the smallest bound is 0.1 s.
+        # At least 0.1 s: a request being signed when SIGTERM arrives gets its answer.
         shutdown_timeout=_number(s, "shutdown_timeout", where, 10.0, lo=0.1, hi=600.0),
     )
 

@@ -24,8 +24,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from aiohttp import web
-
 from agent import __version__, metrics, systemd
 from agent.audit import AuditLog, default_audit_path
 from agent.config import Config, DfnsConfig, load_config
@@ -35,7 +33,7 @@ from agent.listener import bind_unix_socket, default_socket_path, remove_socket,
 from agent.metrics import Metrics
 from agent.policy import Policy
 from agent.secret import Secret, read_pin, read_secret
-from agent.server import STATE, AgentState, Limits, create_app, serve
+from agent.server import AgentState, App, Limits, create_app, serve
 from agent.service import SigningService
 from agent.token import Token
 
@@ -146,6 +144,7 @@ def serve_worker(
 
 
 _PR_SET_PDEATHSIG = 1
+_LOOP_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
 _MAX_RESTARTS = 5  # within _RESTART_WINDOW seconds, then give up and let the service manager restart us
 _RESTART_WINDOW = 60.0
 
@@ -175,7 +174,9 @@ class Supervisor:
             systemd.unset_environment()  # only the supervisor (systemd's main pid) notifies
             code = 0
             try:
-                signal.pthread_sigmask(signal.SIG_SETMASK, set())
+                # SIGHUP/SIGTERM stay blocked (pending, not lost) until the worker's event loop handles them:
+                # the supervisor may pass one on as soon as this worker reports ready.
+                signal.pthread_sigmask(signal.SIG_SETMASK, _LOOP_SIGNALS)
                 ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
                 def ready() -> None:
@@ -298,7 +299,7 @@ def reload(state: AgentState, config: Config, token: Token, audit: AuditLog | No
 
 
 async def _serve_until_signalled(
-    app: web.Application, sock: socket.socket, config: Config, token: Token, audit: AuditLog | None
+    app: App, sock: socket.socket, config: Config, token: Token, audit: AuditLog | None
 ) -> None:
     loop = asyncio.get_running_loop()
     current = [config]
@@ -306,14 +307,14 @@ async def _serve_until_signalled(
     where = systemd.socket_name(sock)  # read it now: serve() closes the socket when it stops
 
     def serving() -> str:
-        return f"serving {len(app[STATE].service.credentials)} credential(s) on {where}"
+        return f"serving {len(app.state.service.credentials)} credential(s) on {where}"
 
     stop = _StopEvent(lambda: systemd.ready(serving()))
 
     async def on_hup() -> None:
         systemd.reloading()
         try:
-            current[0] = await loop.run_in_executor(None, reload, app[STATE], current[0], token, audit)
+            current[0] = await loop.run_in_executor(None, reload, app.state, current[0], token, audit)
         except AgentError as e:
             log.error("reload failed; keeping the previous configuration: %s", e.message)
         systemd.ready(serving())
@@ -325,6 +326,7 @@ async def _serve_until_signalled(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_hup()))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _LOOP_SIGNALS)  # a worker's early signal is delivered now
     interval = systemd.watchdog_interval()
     pinger = loop.create_task(_keep_watchdog(interval)) if interval else None
     try:

@@ -18,8 +18,8 @@ _HEADER_LOGGERS = ("hpack", "h2")
 
 
 class _ClientProtocolErrors(logging.Filter):
-    """aiohttp logs every malformed request (the client's fault, already answered 400) at ERROR with a
-    traceback; that lets anyone flood the log. Keep one debug line instead."""
+    """aiohttp (the dev-dfns server) logs every malformed request (the client's fault, already answered 400)
+    at ERROR with a traceback; that lets anyone flood the log. Keep one debug line instead."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         from aiohttp.http_exceptions import HttpProcessingError

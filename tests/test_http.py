@@ -1,0 +1,277 @@
+"""The agent's own HTTP/1.1 layer (agent/http.py), spoken to byte by byte over a real agent's socket.
+
+What ordinary clients rely on besides the happy path: keep-alive, pipelined requests answered in order,
+chunked bodies, ``Expect: 100-continue`` (curl sends it for large bodies), HTTP/1.0, HEAD without a body,
+and limits enforced per connection without disturbing the others.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import AgentProcess, check_assertion, cred_id_for, key_label, make_challenge, make_token_env
+
+
+@pytest.fixture(scope="module")
+def agent(template_token: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    te = make_token_env(template_token, tmp_path_factory.mktemp("http") / "hsm")
+    te.write_config(server="idle_timeout = 2.0\nbody_timeout = 1.0\n")
+    d = Path(tempfile.mkdtemp(prefix="da-"))
+    a = AgentProcess(te, d / "agent.sock")
+    try:
+        a.wait_ready()
+        yield a
+    finally:
+        out = a.output()
+        rc = a.stop()
+        shutil.rmtree(d, ignore_errors=True)
+        assert rc == 0
+        assert "Traceback" not in out, out[-3000:]
+
+
+@pytest.fixture(scope="module")
+def pems(template_keys: dict[str, str]) -> dict[str, str]:
+    return template_keys
+
+
+class Conn:
+    """A raw connection that reads whole HTTP/1.1 responses (Content-Length framed)."""
+
+    def __init__(self, agent: AgentProcess) -> None:
+        self.s = socket.socket(socket.AF_UNIX)
+        self.s.settimeout(5)
+        self.s.connect(str(agent.socket_path))
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.s.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.s.recv(65536)
+        self.buf += data
+        return bool(data)
+
+    def response(self, head_only: bool = False) -> tuple[int, dict[str, str], bytes]:
+        while b"\r\n\r\n" not in self.buf:
+            if not self._fill():
+                raise ConnectionError(f"closed before a full response: {self.buf!r}")
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        status = int(lines[0].split()[1])
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        length = 0 if head_only or status in (100, 204) else int(headers["content-length"])
+        while len(self.buf) < length:
+            if not self._fill():
+                raise ConnectionError("closed mid-body")
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return status, headers, body
+
+    def closed(self) -> bool:
+        try:
+            return self.buf == b"" and not self._fill()
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def sign_request(kind: str, *, extra_headers: bytes = b"", close: bool = False) -> tuple[bytes, dict[str, object]]:
+    challenge = make_challenge(cred_id_for(kind))
+    body = json.dumps({"challenge": challenge, "credential": kind}).encode()
+    head = b"POST /v1/sign HTTP/1.1\r\nHost: agent\r\nContent-Type: application/json\r\n"
+    head += b"Content-Length: %d\r\n" % len(body) + extra_headers
+    if close:
+        head += b"Connection: close\r\n"
+    return head + b"\r\n" + body, challenge
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(agent: AgentProcess, pems: dict[str, str]) -> None:
+    c = Conn(agent)
+    try:
+        for _ in range(5):
+            request, challenge = sign_request("p256")
+            c.send(request)
+            status, headers, body = c.response()
+            assert status == 200 and "connection" not in headers
+            check_assertion(json.loads(body), challenge, pems[key_label("p256")], cred_id_for("p256"))
+    finally:
+        c.close()
+
+
+def test_pipelined_requests_are_answered_in_order(agent: AgentProcess, pems: dict[str, str]) -> None:
+    c = Conn(agent)
+    try:
+        kinds = ["ed25519", "p256", "ed25519", "secp256k1"] * 3
+        requests = [sign_request(k) for k in kinds]
+        c.send(b"".join(r for r, _ in requests) + b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
+        for kind, (_, challenge) in zip(kinds, requests, strict=True):
+            status, _, body = c.response()
+            assert status == 200, body
+            check_assertion(json.loads(body), challenge, pems[key_label(kind)], cred_id_for(kind))
+        status, _, body = c.response()
+        assert status == 200 and json.loads(body)["status"] == "ok"
+    finally:
+        c.close()
+
+
+def test_connection_close_is_honoured_and_nothing_after_it_is_read(agent: AgentProcess) -> None:
+    c = Conn(agent)
+    try:
+        request, _ = sign_request("ed25519", close=True)
+        c.send(request + b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, _ = c.response()
+        assert status == 200 and headers["connection"] == "close"
+        assert c.closed()
+    finally:
+        c.close()
+
+
+def test_http_1_0_gets_one_answer_then_close(agent: AgentProcess) -> None:
+    c = Conn(agent)
+    try:
+        c.send(b"GET /v1/health HTTP/1.0\r\n\r\n")
+        status, headers, body = c.response()
+        assert status == 200 and json.loads(body)["status"] == "ok" and headers["connection"] == "close"
+        assert c.closed()
+    finally:
+        c.close()
+
+
+def test_chunked_body_is_reassembled(agent: AgentProcess, pems: dict[str, str]) -> None:
+    challenge = make_challenge(cred_id_for("p256"))
+    body = json.dumps({"challenge": challenge, "credential": "p256"}).encode()
+    chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 7]), body[i : i + 7]) for i in range(0, len(body), 7))
+    c = Conn(agent)
+    try:
+        c.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
+        status, _, answer = c.response()
+        assert status == 200, answer
+        check_assertion(json.loads(answer), challenge, pems[key_label("p256")], cred_id_for("p256"))
+    finally:
+        c.close()
+
+
+def test_chunked_body_over_the_limit_is_413(agent: AgentProcess) -> None:
+    c = Conn(agent)
+    try:
+        c.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"a" * 8192
+        for _ in range(9):  # 72 KiB > the 64 KiB default
+            c.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+        status, headers, body = c.response()
+        assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+        assert headers["connection"] == "close"
+    except (BrokenPipeError, ConnectionResetError):
+        pytest.fail("the agent closed the connection without answering 413")
+    finally:
+        c.close()
+    assert agent.http.get("/v1/health").status_code == 200
+
+
+def test_expect_100_continue_gets_an_interim_answer(agent: AgentProcess, pems: dict[str, str]) -> None:
+    request, challenge = sign_request("ed25519", extra_headers=b"Expect: 100-continue\r\n")
+    head, _, body = request.partition(b"\r\n\r\n")
+    c = Conn(agent)
+    try:
+        c.send(head + b"\r\n\r\n")
+        status, _, _ = c.response()
+        assert status == 100
+        c.send(body)
+        status, _, answer = c.response()
+        assert status == 200
+        check_assertion(json.loads(answer), challenge, pems[key_label("ed25519")], cred_id_for("ed25519"))
+    finally:
+        c.close()
+
+
+def test_expect_100_continue_with_a_body_over_the_limit_is_413_at_once(agent: AgentProcess) -> None:
+    c = Conn(agent)
+    try:
+        c.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
+        status, _, body = c.response()
+        assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
+    finally:
+        c.close()
+
+
+def test_head_gets_headers_but_no_body(agent: AgentProcess) -> None:
+    c = Conn(agent)
+    try:
+        c.send(b"HEAD /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
+        status, headers, _ = c.response(head_only=True)
+        assert status == 405 and int(headers["content-length"]) > 0
+        c.send(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")  # the stream is still in step
+        status, _, body = c.response()
+        assert status == 200 and json.loads(body)["status"] == "ok"
+    finally:
+        c.close()
+
+
+def test_malformed_request_line_is_400_json_and_closes(agent: AgentProcess) -> None:
+    c = Conn(agent)
+    try:
+        c.send(b"THIS IS NOT HTTP\r\n\r\n")
+        status, headers, body = c.response()
+        assert status == 400 and json.loads(body)["error"]["code"] == "invalid_request"
+        assert headers["connection"] == "close" and c.closed()
+    finally:
+        c.close()
+
+
+def test_idle_keep_alive_connection_is_closed_after_idle_timeout(agent: AgentProcess) -> None:
+    c = Conn(agent)
+    try:
+        c.send(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
+        assert c.response()[0] == 200
+        started = time.monotonic()
+        assert c.closed()  # blocks until the agent closes it (idle_timeout = 2 s here)
+        assert 1.0 < time.monotonic() - started < 4.5
+    finally:
+        c.close()
+
+
+def test_a_stalled_body_is_408_while_other_connections_are_served(agent: AgentProcess) -> None:
+    stalled = Conn(agent)
+    other = Conn(agent)
+    try:
+        stalled.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\n{")
+        for _ in range(3):
+            request, _ = sign_request("p256")
+            other.send(request)
+            assert other.response()[0] == 200
+        status, _, body = stalled.response()
+        assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    finally:
+        stalled.close()
+        other.close()
+
+
+def test_limits_apply_to_every_request_of_a_kept_alive_connection(agent: AgentProcess) -> None:
+    c = Conn(agent)
+    try:
+        for _ in range(2):  # the second time, the stalled body follows a request that completed
+            request, _ = sign_request("p256")
+            c.send(request)
+            assert c.response()[0] == 200
+        c.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\n{")
+        status, _, body = c.response()
+        assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
+    finally:
+        c.close()
+    c = Conn(agent)
+    try:
+        c.send(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\nGET /v1/hea")  # an answer, then half a head
+        assert c.response()[0] == 200
+        started = time.monotonic()
+        assert c.closed()
+        assert time.monotonic() - started < 4.5
+    finally:
+        c.close()
