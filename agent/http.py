@@ -151,8 +151,12 @@ class Connection(asyncio.Protocol):
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            # No protocol upgrades here: answer what was complete, then close.
-            self._stop_reading()
+            # No protocol upgrades here: answer what was complete (if anything), then close.
+            if self._task is None and not self._queue:
+                self._fail(400, "invalid_request", "protocol upgrades are not supported")
+            else:
+                self._stop_reading()
+            return
         except httptools.HttpParserError as e:
             if not self._stopped:  # (after "Connection: close" anything more is an error, and ignored)
                 log.debug("malformed request: %s", e)
@@ -248,7 +252,8 @@ class Connection(asyncio.Protocol):
                 except Exception:  # the application maps its own errors; this is the last resort
                     log.exception("unexpected error in %s %s", request.method, request.path)
                     response = error_response(500, "internal_error", "internal error; see the agent's log")
-                keep_alive = request.keep_alive and not self.server.draining
+                # The last answer before a close says so (client's Connection: close, EOF, upgrade, drain).
+                keep_alive = request.keep_alive and not self.server.draining and not (self._stopped and not self._queue)
                 if self._closing:
                     return
                 self._write(_encode(response, keep_alive, head_only=request.method == "HEAD"))

@@ -275,3 +275,21 @@ def test_limits_apply_to_every_request_of_a_kept_alive_connection(agent: AgentPr
         assert time.monotonic() - started < 4.5
     finally:
         c.close()
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GET /v1/health HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        b"CONNECT agent:80 HTTP/1.1\r\nHost: a\r\n\r\n",
+    ],
+)
+def test_protocol_upgrades_get_an_answer_and_a_close(agent: AgentProcess, request_bytes: bytes) -> None:
+    c = Conn(agent)
+    try:
+        c.send(request_bytes)
+        status, headers, _ = c.response()
+        assert 200 <= status < 500 and headers["connection"] == "close"
+        assert c.closed()
+    finally:
+        c.close()
