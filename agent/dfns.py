@@ -13,6 +13,7 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii
 from typing import Any, Protocol
 
 from agent.errors import BadRequest, CredentialNotAllowed
@@ -55,12 +56,16 @@ def client_data(challenge: str, kind: str, origin: str | None = None) -> bytes:
     Default: compact JSON with sorted keys, ``{"challenge":…,"type":…}`` (Dfns's documented form).
     With an ``origin``: the seed form ``{"type","challenge","origin","crossOrigin":false}`` in that order,
     which is what the Python SDK and older TypeScript SDKs emit.
+
+    Spelled out rather than ``json.dumps(..., separators=(",", ":"))``, which builds an encoder per call;
+    the string quoting is json's own, so the bytes are the same.
     """
+    q = encode_basestring_ascii
     if origin is None:
-        doc: dict[str, Any] = {"challenge": challenge, "type": kind}
+        text = f'{{"challenge":{q(challenge)},"type":{q(kind)}}}'
     else:
-        doc = {"type": kind, "challenge": challenge, "origin": origin, "crossOrigin": False}
-    return json.dumps(doc, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+        text = f'{{"type":{q(kind)},"challenge":{q(challenge)},"origin":{q(origin)},"crossOrigin":false}}'
+    return text.encode("ascii")
 
 
 def _challenge_string(obj: Mapping[str, Any]) -> str:

@@ -72,6 +72,10 @@ class Metrics:
         self.requests = Counter(
             "dfns_agent_http_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=None
         )
+        # labels() costs about as much as the increment (str() of each value, a lock, a lookup); a child
+        # stays valid while nothing removes its label set (nothing does), so sign_outcome keeps its own map.
+        self._outcomes: dict[tuple[str, str, str], Any] = {}
+        self._latencies: dict[str, Any] = {}
         self._state: str | None = None
         self.set_token_state("ok")
 
@@ -89,9 +93,16 @@ class Metrics:
         self.set_token_state(state)
 
     def sign_outcome(self, credential: str, key_type: str, outcome: str, seconds: float | None) -> None:
-        self.signatures.labels(credential, key_type, outcome).inc()
+        key = (credential, key_type, outcome)
+        counter = self._outcomes.get(key)
+        if counter is None:
+            counter = self._outcomes[key] = self.signatures.labels(*key)
+        counter.inc()
         if seconds is not None:
-            self.latency.labels(key_type).observe(seconds)
+            histogram = self._latencies.get(key_type)
+            if histogram is None:
+                histogram = self._latencies[key_type] = self.latency.labels(key_type)
+            histogram.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every worker's values (or this process's, outside multiprocess mode)."""

@@ -28,6 +28,9 @@ def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+_UNRESTRICTED = Grant(rule=None)  # immutable, so one instance serves every request without a grant
+
+
 @dataclass(frozen=True)
 class Credential:
     name: str
@@ -190,10 +193,14 @@ class SigningService:
         return attempt.outcome()
 
     def _count(self, attempt: Attempt, error: AgentError | None) -> None:
-        kind = attempt.kind(error)
-        if self.metrics is None or kind is None or "credential" not in attempt.record:
+        if self.metrics is None:
             return
-        name = attempt.record["credential"]
+        name = attempt.record.get("credential")
+        if name is None:
+            return
+        kind = attempt.kind(error)
+        if kind is None:
+            return
         cred = self._credentials.get(name)
         key_type = cred.key.type_name if cred is not None else "unknown"
         seconds = time.perf_counter() - attempt.started if kind == "ok" else None
@@ -242,7 +249,7 @@ class SigningService:
                 record["challengeIdentifierSha256"] = sha256_hex(parsed.challenge_identifier.encode())
             if credential is not None:
                 record["credential"] = credential
-            cred = self._choose(parsed, credential, grant or Grant(rule=None))
+            cred = self._choose(parsed, credential, grant or _UNRESTRICTED)
             record.update(credential=cred.name, credId=cred.cred_id, keyFingerprint=cred.key.fingerprint)
             data = dfns.client_data(parsed.challenge, dfns.KEY_GET, cred.origin)
             record["clientDataSha256"] = sha256_hex(data)

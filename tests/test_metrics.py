@@ -11,6 +11,8 @@ import httpx
 from conftest import AgentProcess, TokenEnv, cred_id_for, make_challenge
 from prometheus_client.parser import text_string_to_metric_families
 
+from agent.metrics import Metrics
+
 RULE = '[policy]\n[[policy.rule]]\nname = "root-ed-only"\nuids = [0]\ncredentials = ["ed25519"]\n'
 
 
@@ -75,3 +77,22 @@ def test_a_dead_workers_gauge_is_dropped_and_its_counts_kept(token_env: TokenEnv
     samples = scrape(agent)
     assert total(samples, "dfns_agent_token_state", state="ok") == 2  # the dead worker no longer counts
     assert total(samples, "dfns_agent_signatures_total", outcome="ok") == 10  # its signatures still do
+
+
+def test_sign_outcomes_count_per_label_set_in_process() -> None:
+    metrics = Metrics()
+    for _ in range(3):
+        metrics.sign_outcome("a", "p256", "ok", 0.003)
+    metrics.sign_outcome("a", "p256", "refused", None)
+    metrics.sign_outcome("b", "ed25519", "ok", 0.0004)
+    samples = {}
+    for family in text_string_to_metric_families(metrics.render()[0].decode()):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    assert total(samples, "dfns_agent_signatures_total", credential="a", outcome="ok") == 3
+    assert total(samples, "dfns_agent_signatures_total", credential="a", outcome="refused") == 1
+    assert total(samples, "dfns_agent_signatures_total", credential="b", key_type="ed25519", outcome="ok") == 1
+    assert total(samples, "dfns_agent_sign_duration_seconds_count", key_type="p256") == 3
+    assert total(samples, "dfns_agent_sign_duration_seconds_bucket", key_type="p256", le="0.002") == 0
+    assert total(samples, "dfns_agent_sign_duration_seconds_bucket", key_type="p256", le="0.005") == 3
+    assert total(samples, "dfns_agent_sign_duration_seconds_count", key_type="ed25519") == 1

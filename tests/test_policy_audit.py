@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,7 +28,7 @@ from conftest import (
     verify_signature,
 )
 
-from agent.audit import GENESIS, verify
+from agent.audit import GENESIS, AuditLog, verify
 from agent.dfns import KEY_GET, client_data
 from agent.policy import Caller, Forbidden, Policy, RateLimited, Rule
 
@@ -233,6 +235,51 @@ def test_every_signature_is_audited_and_verifiable(
 
 def stat_mode(path: Path) -> int:
     return os.stat(path).st_mode & 0o777
+
+
+def test_a_record_that_cannot_be_encoded_fails_closed(tmp_path: Path) -> None:
+    """Not only I/O errors: anything that stops a record from being written withholds the signature."""
+    from agent.audit import AuditUnavailable
+
+    log = AuditLog(tmp_path / "audit.jsonl")
+    try:
+        circular: dict[str, object] = {}
+        circular["self"] = circular
+        with pytest.raises(AuditUnavailable, match="signature withheld"):
+            log.record(event="sign", data=circular)
+        log.record(event="sign", data="fine")  # the log recovers for the next record
+        assert log.healthy and verify(tmp_path / "audit.jsonl").records == 1
+    finally:
+        log.close()
+
+
+def test_audit_lines_have_one_format_on_the_thread_and_the_event_loop_path(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    odd = {"who": "zoë ✓", "path": tmp_path, "n": 1.5, "none": None, "nested": {"a": [1, "b"]}}
+    log = AuditLog(path)
+    log.record(event="thread", **odd)
+    log.close()
+
+    async def on_loop() -> None:
+        loop_log = AuditLog(path, flush_on_loop=True)  # continues the chain another instance wrote
+        try:
+            await asyncio.gather(*(loop_log.record_async(event="loop", i=i, **odd) for i in range(5)))
+        finally:
+            loop_log.close()
+
+    asyncio.run(on_loop())
+    lines = path.read_bytes().splitlines()
+    assert len(lines) == 6 and verify(path).ok
+    prev = GENESIS
+    for seq, raw in enumerate(lines, start=1):
+        record = json.loads(raw)
+        # Compact, UTF-8 (not \u escapes), str() for what JSON cannot hold, keys in write order.
+        expected = {"seq": seq, "time": record["time"], "event": record["event"]}
+        expected.update({"i": seq - 2} if seq > 1 else {})
+        expected.update({**odd, "path": str(tmp_path), "prev": prev})
+        assert raw == json.dumps(expected, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["time"])
+        prev = hashlib.sha256(raw).hexdigest()
 
 
 def test_audit_verify_finds_the_tampered_record(token_env: TokenEnv, start_agent: Any) -> None:
