@@ -22,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
 _WAIT = 30.0
+_OFFLOAD_AT = 2  # records in one loop batch from which the fsync moves off the event loop
 # json.dumps builds a new encoder on every call when given options; this one is shared (it keeps no state
 # between calls) and produces the same bytes.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
@@ -128,8 +130,10 @@ class AuditLog:
     """Appends chained records; :meth:`record` returns once the record is fsynced, or raises.
 
     ``flush_on_loop``: for a server that signs on its event loop (no signing threads), records awaited
-    from the loop are written by the loop itself, one write and fsync for everything the requests of one
-    loop iteration produced. No thread hand-offs, which on a fast token cost more than the fsync.
+    from the loop are batched by the loop itself: one write and fsync for everything the requests of one
+    loop iteration produced, and no per-record thread hand-offs. A lone record is written inline (nothing
+    could overlap its fsync); a batch of several is written and fsynced on a helper thread while the loop
+    goes on signing, and records arriving meanwhile form the next batch (one batch in flight at a time).
     """
 
     def __init__(self, path: Path, *, flush_on_loop: bool = False) -> None:
@@ -137,6 +141,8 @@ class AuditLog:
         self._flush_on_loop = flush_on_loop
         self._loop_batch: list[_Pending] = []
         self._flush_scheduled = False
+        self._in_flight = False  # a loop batch is being written on the sync thread
+        self._syncer: ThreadPoolExecutor | None = None
         self._write_lock = threading.Lock()
         self._cv = threading.Condition()
         self._queue: list[_Pending] = []
@@ -209,15 +215,39 @@ class AuditLog:
             self._write(batch)
 
     def _flush_loop(self) -> None:
-        batch, self._loop_batch = self._loop_batch, []
         self._flush_scheduled = False
-        self._write(batch)
+        if self._in_flight:
+            return  # _synced starts the next batch
+        batch, self._loop_batch = self._loop_batch, []
+        if not batch:
+            return
+        if len(batch) < _OFFLOAD_AT:
+            self._write(batch)
+            return
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="audit-sync")
+        self._in_flight = True
+        loop = asyncio.get_running_loop()
+        written = loop.run_in_executor(self._syncer, self._write, batch, False)
+        written.add_done_callback(lambda f: self._synced(f, batch))
 
-    def _write(self, batch: list[_Pending]) -> None:
-        with self._write_lock:  # the writer thread and the event loop may both write
-            self._write_locked(batch)
+    def _synced(self, written: asyncio.Future[None], batch: list[_Pending]) -> None:
+        """On the loop: release the batch's requests (one wake-up for all), then write what queued meanwhile."""
+        self._in_flight = False
+        if written.cancelled() or written.exception() is not None:
+            for item in batch:
+                item.error = AuditUnavailable(f"audit log {self.path}: the write did not complete; signature withheld")
+        for item in batch:
+            item.finish()
+        if self._loop_batch and not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_loop)
 
-    def _write_locked(self, batch: list[_Pending]) -> None:
+    def _write(self, batch: list[_Pending], finish: bool = True) -> None:
+        with self._write_lock:  # the writer thread, the sync thread and the event loop may all write
+            self._write_locked(batch, finish)
+
+    def _write_locked(self, batch: list[_Pending], finish: bool) -> None:
         locked = False
         try:
             if self._fd < 0:
@@ -264,14 +294,17 @@ class AuditLog:
         finally:
             if locked:
                 fcntl.flock(self._fd, fcntl.LOCK_UN)
-            for item in batch:
-                item.finish()
+            if finish:
+                for item in batch:
+                    item.finish()
 
     def close(self) -> None:
         with self._cv:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=_WAIT)
+        if self._syncer is not None:
+            self._syncer.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1

@@ -253,6 +253,28 @@ def test_a_record_that_cannot_be_encoded_fails_closed(tmp_path: Path) -> None:
         log.close()
 
 
+def test_a_failed_group_commit_off_the_loop_withholds_every_signature_of_the_batch(tmp_path: Path) -> None:
+    """Several records awaited at once are written on the sync thread; if that write fails, all of them fail."""
+    from agent.audit import AuditUnavailable
+
+    path = tmp_path / "audit.jsonl"
+
+    async def batch() -> list[BaseException | None]:
+        log = AuditLog(path, flush_on_loop=True)
+        try:
+            read_only = os.open(path, os.O_RDONLY)
+            os.close(log._fd)
+            log._fd = read_only  # the next write fails with EBADF, as a yanked disk would fail it
+            records = (log.record_async(event="sign", i=i) for i in range(4))
+            return await asyncio.gather(*records, return_exceptions=True)
+        finally:
+            log.close()
+
+    results = asyncio.run(batch())
+    assert all(isinstance(r, AuditUnavailable) and "signature withheld" in str(r) for r in results), results
+    assert path.read_bytes() == b""
+
+
 def test_audit_lines_have_one_format_on_the_thread_and_the_event_loop_path(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     odd = {"who": "zoë ✓", "path": tmp_path, "n": 1.5, "none": None, "nested": {"a": [1, "b"]}}
