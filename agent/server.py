@@ -151,9 +151,14 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+# One decoder for every request: json.loads builds a new one per call when given parse_constant.
+_DECODER = json.JSONDecoder(parse_constant=_not_json)
+
+
 def _json_object(request: Request) -> dict[str, Any]:
     try:
-        body = json.loads(request.body, parse_constant=_not_json)
+        raw = request.body
+        body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads does
     except (ValueError, UnicodeDecodeError):
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
