@@ -20,9 +20,9 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -69,7 +69,7 @@ def _tail(fd: int) -> tuple[str, int]:
     size = os.fstat(fd).st_size
     if size == 0:
         return GENESIS, 0
-    window = 8192
+    window = 2048  # a few records; grows for a very long last line
     while True:
         start = max(0, size - window)
         data = os.pread(fd, size - start, start)
@@ -142,7 +142,8 @@ class AuditLog:
         self._loop_batch: list[_Pending] = []
         self._flush_scheduled = False
         self._in_flight = False  # a loop batch is being written on the sync thread
-        self._syncer: ThreadPoolExecutor | None = None
+        self._sync_queue: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, list[_Pending]] | None] | None = None
+        self._sync_thread: threading.Thread | None = None
         self._write_lock = threading.Lock()
         self._cv = threading.Condition()
         self._queue: list[_Pending] = []
@@ -224,19 +225,31 @@ class AuditLog:
         if len(batch) < _OFFLOAD_AT:
             self._write(batch)
             return
-        if self._syncer is None:
-            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="audit-sync")
+        if self._sync_queue is None:
+            # A plain thread and queue: half the hand-off cost of run_in_executor (measured 28 vs 57 us).
+            self._sync_queue = queue.SimpleQueue()
+            self._sync_thread = threading.Thread(target=self._sync_loop, name="audit-sync", daemon=True)
+            self._sync_thread.start()
         self._in_flight = True
-        loop = asyncio.get_running_loop()
-        written = loop.run_in_executor(self._syncer, self._write, batch, False)
-        written.add_done_callback(lambda f: self._synced(f, batch))
+        self._sync_queue.put((asyncio.get_running_loop(), batch))
 
-    def _synced(self, written: asyncio.Future[None], batch: list[_Pending]) -> None:
+    def _sync_loop(self) -> None:
+        assert self._sync_queue is not None
+        while (job := self._sync_queue.get()) is not None:
+            loop, batch = job
+            try:
+                self._write(batch, finish=False)  # failures are set on the items
+            except BaseException as e:  # noqa: BLE001 - this thread must outlive anything, or requests hang
+                for item in batch:
+                    item.error = AuditUnavailable(f"audit log {self.path}: {e!r}; signature withheld")
+            try:
+                loop.call_soon_threadsafe(self._synced, batch)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+    def _synced(self, batch: list[_Pending]) -> None:
         """On the loop: release the batch's requests (one wake-up for all), then write what queued meanwhile."""
         self._in_flight = False
-        if written.cancelled() or written.exception() is not None:
-            for item in batch:
-                item.error = AuditUnavailable(f"audit log {self.path}: the write did not complete; signature withheld")
         for item in batch:
             item.finish()
         if self._loop_batch and not self._flush_scheduled:
@@ -303,8 +316,9 @@ class AuditLog:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=_WAIT)
-        if self._syncer is not None:
-            self._syncer.shutdown(wait=True)
+        if self._sync_queue is not None and self._sync_thread is not None:
+            self._sync_queue.put(None)
+            self._sync_thread.join(timeout=_WAIT)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
