@@ -8,8 +8,9 @@ order (pipelining works); a handler never sees a partial body.
 
 Limits, all per connection: a request head must arrive within ``idle_timeout`` of the connection opening or
 of the previous answer (else the connection is closed without an answer: nobody is listening); a body must
-arrive within ``body_timeout`` of its head (408); a body larger than ``max_body`` is refused at once (413);
-at most ``max_connections`` connections are served, the rest get a fixed 503 and are closed.
+arrive within ``body_timeout`` of its head (408); a body larger than ``max_body`` is refused at once (413),
+and so is a head over 64 KiB (431); at most ``max_connections`` connections are served, the rest get a fixed
+503 and are closed.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _MAX_QUEUED = 16  # pipelined requests read ahead per connection before reading pauses
+_MAX_HEAD = 64 * 1024  # request line and headers; llhttp itself sets no bound
 
 
 @dataclass
@@ -118,7 +120,8 @@ class Connection(asyncio.Protocol):
         self.context: dict[str, Any] = {}  # the application's per-connection cache (e.g. the peer's identity)
         self._parser = httptools.HttpRequestParser(self)
         self._current: _Pending | None = None
-        self._size = 0
+        self._size = 0  # body bytes of the current request
+        self._head_size = 0  # bytes received while the current request's head is incomplete
         self._queue: deque[Request | Response] = deque()  # a Response: a refusal of what followed, then close
         self._task: asyncio.Task[None] | None = None
         self._loop = asyncio.get_running_loop()
@@ -163,7 +166,13 @@ class Connection(asyncio.Protocol):
                 self._fail(400, "invalid_request", "malformed HTTP request")
             return
         pending = self._current
-        if pending is not None and pending.head_done and self._on_deadline != self._body_late:
+        if pending is None:
+            return
+        if not pending.head_done:
+            self._head_size += len(data)
+            if self._head_size > _MAX_HEAD:
+                self._fail(431, "headers_too_large", f"request line and headers exceed {_MAX_HEAD} bytes")
+        elif self._on_deadline != self._body_late:
             self._expect(self.limits.body_timeout, self._body_late)  # the body straddles reads
 
     def eof_received(self) -> bool | None:
@@ -178,7 +187,7 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if not self._stopped:
             self._current = _Pending()
-            self._size = 0
+            self._size = self._head_size = 0
 
     def on_url(self, url: bytes) -> None:
         if self._current is not None:

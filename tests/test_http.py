@@ -293,3 +293,20 @@ def test_protocol_upgrades_get_an_answer_and_a_close(agent: AgentProcess, reques
         assert c.closed()
     finally:
         c.close()
+
+
+def test_an_endless_head_is_431_and_the_connection_closes(agent: AgentProcess) -> None:
+    c = Conn(agent)
+    try:
+        c.send(b"GET /v1/health HTTP/1.1\r\nHost: a\r\nX-Pad: ")
+        try:
+            for _ in range(40):  # 80 KiB of one header value, never finished
+                c.send(b"a" * 2048)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed after answering; the answer is still readable
+        status, headers, body = c.response()
+        assert status == 431 and json.loads(body)["error"]["code"] == "headers_too_large"
+        assert headers["connection"] == "close"
+    finally:
+        c.close()
+    assert agent.http.get("/v1/health").status_code == 200
