@@ -8,6 +8,7 @@ several), so tests never share token state.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -27,6 +28,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
+from agent.dev_dfns import DevDfns, DevDfnsServer, ServiceAccount
 from agent.token import find_softhsm_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -300,3 +302,39 @@ def check_assertion(first_factor: dict[str, Any], challenge: dict[str, Any], pub
     assert parsed["challenge"] == challenge["challenge"]
     verify_signature(public_pem, b64url_decode(assertion["signature"]), data)
     return data
+
+
+@dataclass
+class SdkWorld:
+    """A local Dfns-compatible API with one service account per key type, and an agent signing with those
+    keys (no ``[credential.dfns]``: in the SDK tests the SDK talks to Dfns, the agent only signs)."""
+
+    dfns: DevDfns
+    base_url: str
+    agent: AgentProcess
+    accounts: dict[str, ServiceAccount]  # by key type
+
+    def calls(self, since: int = 0) -> list[tuple[str, str, bool]]:
+        return [(c["method"], c["path"], c["user_action"]) for c in self.dfns.requests[since:]]
+
+
+@contextlib.contextmanager
+def sdk_world(template_token: Path, template_keys: dict[str, str], directory: Path) -> Iterator[SdkWorld]:
+    dfns = DevDfns()
+    server = DevDfnsServer(dfns)
+    base_url = server.start()
+    accounts = {
+        kind: dfns.create_service_account(f"sa-{kind}", template_keys[key_label(kind)], cred_id=cred_id_for(kind))
+        for kind in KINDS
+    }
+    te = make_token_env(template_token, directory / "hsm")
+    d = Path(tempfile.mkdtemp(prefix="da-"))
+    agent = AgentProcess(te, d / "agent.sock")
+    try:
+        agent.wait_ready()
+        yield SdkWorld(dfns, base_url, agent, accounts)
+    finally:
+        rc = agent.stop()
+        server.stop()
+        shutil.rmtree(d, ignore_errors=True)
+        assert rc == 0, agent.output()

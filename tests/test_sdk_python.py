@@ -8,60 +8,29 @@ which signs on a SoftHSM token. The DevDfns server verifies the signatures and u
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KINDS, ROOT, AgentProcess, cred_id_for, key_label, make_token_env
+from conftest import KINDS, ROOT, SdkWorld, cred_id_for, sdk_world
 from dfns_sdk import DfnsClient, DfnsClientConfig, DfnsDelegatedClient, DfnsDelegatedClientConfig, DfnsError
 
 from agent.client import AgentClientError
-from agent.dev_dfns import DevDfns, DevDfnsServer, ServiceAccount
 from agent.integrations.dfns_sdk import AgentSigner
 
 
-@dataclass
-class Env:
-    dfns: DevDfns
-    base_url: str
-    agent: AgentProcess
-    accounts: dict[str, ServiceAccount]
-
+class Env(SdkWorld):
     def client(self, kind: str, signer: AgentSigner | None) -> DfnsClient:
         return DfnsClient(DfnsClientConfig(auth_token=self.accounts[kind].token, base_url=self.base_url, signer=signer))
-
-    def calls(self, since: int = 0) -> list[tuple[str, str, bool]]:
-        return [(c["method"], c["path"], c["user_action"]) for c in self.dfns.requests[since:]]
 
 
 @pytest.fixture(scope="module")
 def env(template_token: Path, template_keys: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    dfns = DevDfns()
-    server = DevDfnsServer(dfns)
-    base_url = server.start()
-    accounts = {
-        kind: dfns.create_service_account(f"sa-{kind}", template_keys[key_label(kind)], cred_id=cred_id_for(kind))
-        for kind in KINDS
-    }
-    # The agent config as make_token_env writes it: one credential per key, no [credential.dfns] (the SDK
-    # talks to Dfns, the agent only signs).
-    te = make_token_env(template_token, tmp_path_factory.mktemp("sdk-py") / "hsm")
-    d = Path(tempfile.mkdtemp(prefix="da-"))
-    agent = AgentProcess(te, d / "agent.sock")
-    try:
-        agent.wait_ready()
-        yield Env(dfns, base_url, agent, accounts)
-    finally:
-        rc = agent.stop()
-        server.stop()
-        shutil.rmtree(d, ignore_errors=True)
-        assert rc == 0, agent.output()
+    with sdk_world(template_token, template_keys, tmp_path_factory.mktemp("sdk-py")) as w:
+        yield Env(w.dfns, w.base_url, w.agent, w.accounts)
 
 
 @pytest.mark.parametrize("kind", KINDS)

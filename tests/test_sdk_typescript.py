@@ -19,9 +19,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import KINDS, ROOT, AgentProcess, cred_id_for, key_label, make_token_env
-
-from agent.dev_dfns import DevDfns, DevDfnsServer, ServiceAccount
+from conftest import KINDS, ROOT, SdkWorld, sdk_world
 
 EXAMPLE = ROOT / "examples" / "typescript"
 NODE, NPM = shutil.which("node"), shutil.which("npm")
@@ -31,11 +29,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @dataclass
-class Env:
-    dfns: DevDfns
-    base_url: str
-    agent: AgentProcess
-    accounts: dict[str, ServiceAccount]
+class Env(SdkWorld):
     script: Path
 
     def run(self, kind: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -56,9 +50,6 @@ class Env:
         assert r.status_code == 200, r.text
         items: list[dict[str, Any]] = r.json()["items"]
         return items
-
-    def calls(self, since: int) -> list[tuple[str, str, bool]]:
-        return [(c["method"], c["path"], c["user_action"]) for c in self.dfns.requests[since:]]
 
 
 @pytest.fixture(scope="module")
@@ -83,24 +74,8 @@ def built_example() -> Iterator[Path]:
 def env(
     built_example: Path, template_token: Path, template_keys: dict[str, str], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Env]:
-    dfns = DevDfns()
-    server = DevDfnsServer(dfns)
-    base_url = server.start()
-    accounts = {
-        kind: dfns.create_service_account(f"sa-{kind}", template_keys[key_label(kind)], cred_id=cred_id_for(kind))
-        for kind in KINDS
-    }
-    te = make_token_env(template_token, tmp_path_factory.mktemp("sdk-ts") / "hsm")  # no [credential.dfns]
-    d = Path(tempfile.mkdtemp(prefix="da-"))
-    agent = AgentProcess(te, d / "agent.sock")
-    try:
-        agent.wait_ready()
-        yield Env(dfns, base_url, agent, accounts, built_example)
-    finally:
-        rc = agent.stop()
-        server.stop()
-        shutil.rmtree(d, ignore_errors=True)
-        assert rc == 0, agent.output()
+    with sdk_world(template_token, template_keys, tmp_path_factory.mktemp("sdk-ts")) as w:
+        yield Env(w.dfns, w.base_url, w.agent, w.accounts, built_example)
 
 
 @pytest.mark.parametrize("kind", KINDS)
