@@ -111,14 +111,15 @@ class App:
         return response
 
     async def _dispatch(self, request: Request) -> Response:
+        # Admission first: a caller the policy does not admit learns nothing, not even which paths exist.
+        request.context["caller"] = caller = self._identify(request)
+        self.state.policy.admit(caller)
         methods = self._routes.get(request.path)
         if methods is None:
             return error_response(404, "not_found", f"no endpoint {request.method} {request.path}")
         endpoint = methods.get(request.method)
         if endpoint is None:
             return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
-        request.context["caller"] = caller = self._identify(request)
-        self.state.policy.admit(caller)
         return await endpoint(self, request)
 
     @staticmethod

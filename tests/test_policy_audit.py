@@ -152,9 +152,13 @@ def test_policy_rate_limit_is_a_token_bucket_per_rule_and_uid() -> None:
 
 def test_another_uid_is_refused_and_audited(token_env: TokenEnv, start_agent: Any) -> None:
     agent: AgentProcess = start_agent(token_env)
-    [(status, body)] = as_nobody(agent, [("GET", "/v1/health", None)])
-    assert status == 403, body
-    assert body["error"]["code"] == "forbidden" and f"uid {NOBODY} may not use this agent" in body["error"]["message"]
+    answers = as_nobody(
+        agent, [("GET", "/v1/health", None), ("GET", "/v1/no-such-path", None), ("DELETE", "/v1/sign", None)]
+    )
+    for status, body in answers:  # refused before routing: an outsider learns nothing, not even which paths exist
+        assert status == 403, body
+        assert body["error"]["code"] == "forbidden"
+        assert f"uid {NOBODY} may not use this agent" in body["error"]["message"]
     refused = [r for r in audit_records(token_env) if r["event"] == "refused"]
     assert refused and refused[-1]["caller"]["uid"] == NOBODY and refused[-1]["outcome"] == "refused"
 
