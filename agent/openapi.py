@@ -228,6 +228,7 @@ def document() -> dict[str, Any]:
     common = {
         "400": _error("malformed request (codes invalid_json, invalid_request, invalid_challenge)"),
         "413": _error("request body too large (payload_too_large)"),
+        "431": _error("request line and headers over 64 KiB (headers_too_large)"),
         "403": _error("the policy refuses this caller or request (forbidden; the message names the rule)"),
         "408": _error("request body not received in time (request_timeout)"),
         "429": _error("a policy rule's rate limit (rate_limited)"),
