@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from agent.dfns_client import DfnsApi, Upstream, dfns_error
 from agent.errors import BadRequest, DfnsError, DfnsNotConfigured
-from agent.policy import Caller, Grant
+from agent.policy import UNRESTRICTED, Caller, Grant
 from agent.service import SigningService, sha256_hex
 
 T = TypeVar("T")
@@ -98,7 +98,7 @@ class DfnsFlow:
         if method not in MUTATING:
             raise BadRequest(f"{method} requests need no user action; only {', '.join(sorted(MUTATING))} do")
         check_path(path)
-        grant = grant or Grant(rule=None)
+        grant = grant or UNRESTRICTED
         name, api = self._api(credential, grant)
         payload = serialize_payload(body)
         token = await self._user_action(method, path, payload, name, api, caller, grant)
@@ -117,7 +117,7 @@ class DfnsFlow:
         """Make the real Dfns call, with a user action when it mutates. Dfns's answer comes back as is."""
         method = method.upper()
         check_path(path)
-        grant = grant or Grant(rule=None)
+        grant = grant or UNRESTRICTED
         name, api = self._api(credential, grant)
         if method == "GET":
             if body is not None:
@@ -144,7 +144,7 @@ class DfnsFlow:
         ``POST /auth/credentials`` with a user action from the existing credential (rotation).
         """
         self._service.credential(credential)
-        grant = grant or Grant(rule=None)
+        grant = grant or UNRESTRICTED
         via_name, api = self._api(via, grant)
         if via_name == credential:
             raise BadRequest("a credential cannot register itself; name an existing credential in 'via'")

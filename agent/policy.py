@@ -112,6 +112,9 @@ class Grant:
             raise Forbidden(f"rule {self.rule!r} does not allow credential {name!r}", rule=self.rule or "default")
 
 
+UNRESTRICTED = Grant(rule=None)  # no rule applies: any configured credential (immutable, so shared)
+
+
 @dataclass
 class Policy:
     rules: Sequence[Rule] = ()
@@ -145,7 +148,7 @@ class Policy:
         """Raise Forbidden / RateLimited, naming the rule, or return what the request may use."""
         rule = self.admit(caller)
         if rule is None:
-            return Grant(rule=None)
+            return UNRESTRICTED
         if endpoint == "sign" and not rule.sign_allowed:
             raise Forbidden(
                 f"rule {rule.name!r} restricts Dfns actions, so it does not allow /v1/sign "

@@ -20,15 +20,12 @@ from agent.audit import AuditLog, elapsed_ms
 from agent.config import CredentialConfig
 from agent.errors import AgentError, CircuitOpen, CredentialNotAllowed, UnknownCredential
 from agent.metrics import Metrics
-from agent.policy import Caller, Grant
+from agent.policy import UNRESTRICTED, Caller, Grant
 from agent.token import KeyInfo, Token
 
 
 def sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-_UNRESTRICTED = Grant(rule=None)  # immutable, so one instance serves every request without a grant
 
 
 @dataclass(frozen=True)
@@ -249,7 +246,7 @@ class SigningService:
                 record["challengeIdentifierSha256"] = sha256_hex(parsed.challenge_identifier.encode())
             if credential is not None:
                 record["credential"] = credential
-            cred = self._choose(parsed, credential, grant or _UNRESTRICTED)
+            cred = self._choose(parsed, credential, grant or UNRESTRICTED)
             record.update(credential=cred.name, credId=cred.cred_id, keyFingerprint=cred.key.fingerprint)
             data = dfns.client_data(parsed.challenge, dfns.KEY_GET, cred.origin)
             record["clientDataSha256"] = sha256_hex(data)
