@@ -280,7 +280,7 @@ class AuditLog:
             for item in batch:
                 seq += 1
                 line = encode({"seq": seq, "time": now, **item.fields, "prev": prev}).encode("utf-8")
-                prev = hashlib.sha256(line).hexdigest()  # line_hash: a JSON object never ends in a newline
+                prev = line_hash(line)
                 lines.append(line)
             lines.append(b"")
             data = b"\n".join(lines)
