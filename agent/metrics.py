@@ -73,9 +73,8 @@ class Metrics:
             "dfns_agent_http_requests", "HTTP requests by endpoint and status.", ["endpoint", "status"], registry=None
         )
         # labels() costs about as much as the increment (str() of each value, a lock, a lookup); a child
-        # stays valid while nothing removes its label set (nothing does), so sign_outcome keeps its own map.
-        self._outcomes: dict[tuple[str, str, str], Any] = {}
-        self._latencies: dict[str, Any] = {}
+        # stays valid while nothing removes its label set (nothing does), so the hot paths keep them here.
+        self._children: dict[tuple[Any, ...], Any] = {}
         self._state: str | None = None
         self.set_token_state("ok")
 
@@ -92,17 +91,23 @@ class Metrics:
             self.reconnects.inc()
         self.set_token_state(state)
 
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def sign_outcome(self, credential: str, key_type: str, outcome: str, seconds: float | None) -> None:
-        key = (credential, key_type, outcome)
-        counter = self._outcomes.get(key)
-        if counter is None:
-            counter = self._outcomes[key] = self.signatures.labels(*key)
-        counter.inc()
+        self._child(self.signatures, credential, key_type, outcome).inc()
         if seconds is not None:
-            histogram = self._latencies.get(key_type)
-            if histogram is None:
-                histogram = self._latencies[key_type] = self.latency.labels(key_type)
-            histogram.observe(seconds)
+            self._child(self.latency, key_type).observe(seconds)
+
+    def request(self, endpoint: str, status: int) -> None:
+        self._child(self.requests, endpoint, str(status)).inc()
+
+    def refusal(self, rule: str, code: str) -> None:
+        self._child(self.refusals, rule, code).inc()
 
     def render(self) -> tuple[bytes, str]:
         """The text exposition of every worker's values (or this process's, outside multiprocess mode)."""

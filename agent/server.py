@@ -81,19 +81,13 @@ class App:
         self.state = state
         self.limits = limits
         self._routes: dict[str, dict[str, Endpoint]] = {}
-        self._counters: dict[tuple[str, int], Any] = {}
         for method, path, endpoint in ROUTES:
             self._routes.setdefault(path, {})[method] = endpoint
 
     def _count(self, path: str, status: int) -> None:
         metrics = self.state.service.metrics
-        if metrics is None:
-            return
-        endpoint = path if path in self._routes else "other"
-        counter = self._counters.get((endpoint, status))
-        if counter is None:  # prometheus-client's labels() costs more than the increment; keep the children
-            counter = self._counters[(endpoint, status)] = metrics.requests.labels(endpoint, str(status))
-        counter.inc()
+        if metrics is not None:
+            metrics.request(path if path in self._routes else "other", status)
 
     def count_protocol_error(self, status: int) -> None:
         """A request refused before it reached a route (malformed, too large, too slow)."""
@@ -141,7 +135,7 @@ class App:
             service = self.state.service
             await service.audit_refusal(caller, request.path, e, **request.context.get("audit", {}))
             if service.metrics is not None:
-                service.metrics.refusals.labels(e.rule, e.code).inc()
+                service.metrics.refusal(e.rule, e.code)
         elif e.status >= 500 and not isinstance(e, CircuitOpen):
             log.warning("%s %s failed: %s", request.method, request.path, e.message)
         return json_response(e.to_json(), e.status)
