@@ -14,7 +14,6 @@ import shutil
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +30,7 @@ from conftest import (
     cred_id_for,
     make_challenge,
     verify_signature,
+    wait_until,
 )
 
 from agent.audit import verify
@@ -83,15 +83,6 @@ class Load:
     def count(self, status: int) -> int:
         with self._lock:
             return sum(1 for r in self.results if r[2] == status)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for: {what}")
 
 
 def health_status(agent: AgentProcess) -> str:

@@ -26,6 +26,7 @@ from conftest import (
     cred_id_for,
     make_challenge,
     verify_signature,
+    wait_until,
 )
 
 from agent.audit import GENESIS, AuditLog, verify
@@ -433,7 +434,7 @@ def test_sighup_reloads_credentials_and_policy_without_a_new_login(token_env: To
         text[:cut] + '\n[policy]\n[[policy.rule]]\nname = "root-ed"\nuids = [0]\ncredentials = ["ed25519"]\n'
     )
     agent.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "rsa3072" not in agent.http.get("/v1/credentials").text)
+    wait_until(lambda: "rsa3072" not in agent.http.get("/v1/credentials").text, 10, "the reload")
     if os.geteuid() == 0:
         r = agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("p256")), "credential": "p256"})
         assert r.status_code == 403 and "root-ed" in r.json()["error"]["message"]
@@ -442,18 +443,9 @@ def test_sighup_reloads_credentials_and_policy_without_a_new_login(token_env: To
     # A broken config is refused and the running one stays.
     token_env.config.write_text("this is [not toml")
     agent.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: "reload failed; keeping the previous configuration" in agent.output())
+    wait_until(lambda: "reload failed; keeping the previous configuration" in agent.output(), 10, "the refusal")
     r = agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("ed25519")), "credential": "ed25519"})
     assert r.status_code == 200
-
-
-def wait_for(condition: Any, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("condition not reached in time")
 
 
 def test_sigterm_drains_in_flight_requests(
@@ -483,7 +475,7 @@ def test_sigterm_drains_in_flight_requests(
         body = {"method": "POST", "path": "/wallets", "body": {"network": "Ethereum"}, "credential": "flow"}
         t = threading.Thread(target=lambda: result.append(agent.post("/v1/request", body)))
         t.start()
-        wait_for(lambda: any(c["path"] == "/auth/action/init" for c in dfns.requests))
+        wait_until(lambda: any(c["path"] == "/auth/action/init" for c in dfns.requests), 10, "the request in flight")
         agent.proc.send_signal(signal.SIGTERM)
         t.join(30)
         assert agent.proc.wait(15) == 0

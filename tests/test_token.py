@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KINDS, MODULE, PIN, TOKEN_LABEL, key_label, make_token_env, verify_signature
+from conftest import KINDS, MODULE, PIN, TOKEN_LABEL, key_label, make_token_env, verify_signature, wait_until
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
@@ -139,15 +139,6 @@ def test_threads_sign_concurrently_without_crashing(token: Token) -> None:
 # answer). Everything else (sessions, login, recovery, self-test) runs on the real SoftHSM token.
 
 
-def _wait(condition: Any, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError("timed out")
-
-
 def _fail_first(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> dict[str, int]:
     real = agent_token._sign_with
     calls = {"n": 0}
@@ -167,7 +158,7 @@ def _restore(token: Token, monkeypatch: pytest.MonkeyPatch) -> None:
     if token.state != "ok":
         token.state = "degraded"
         token._fault("test cleanup")
-        _wait(lambda: token.state == "ok")
+        wait_until(lambda: token.state == "ok", 15, "token state ok")
 
 
 def test_a_stale_session_is_retried_once_on_a_fresh_one(token: Token, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -187,7 +178,7 @@ def test_device_removed_opens_the_circuit_then_recovery_verifies_and_resumes(
     before = token.reconnects
     with pytest.raises(TokenUnavailable, match="DeviceRemoved"):
         token.sign(key, b"m")
-    _wait(lambda: token.state == "ok")
+    wait_until(lambda: token.state == "ok", 15, "token state ok")
     assert token.reconnects == before + 1
     verify_signature(key.public_pem, token.sign(key, b"back"), b"back")
     _restore(token, monkeypatch)
@@ -222,7 +213,7 @@ def test_pin_locked_on_relogin_is_down_and_never_retried(token: Token, monkeypat
 
     monkeypatch.setattr(agent_token, "find_token", find)
     token._fault("test: the device dropped the session")
-    _wait(lambda: token.state == "down")
+    wait_until(lambda: token.state == "down", 15, "token state down")
     assert token.reason is not None and "PinLocked" in token.reason
     time.sleep(0.5)
     assert sum(t.logins for t in seen) == 1, "a locked PIN must not be tried again"
@@ -242,7 +233,7 @@ def test_a_different_token_is_refused_after_reconnect(token: Token, monkeypatch:
 
     monkeypatch.setattr(agent_token, "find_token", lambda lib, cfg: OtherSerial(real_find(lib, cfg)))
     token._fault("test: reconnect")
-    _wait(lambda: token.state == "down")
+    wait_until(lambda: token.state == "down", 15, "token state down")
     assert token.reason is not None and "serial ffffffffffffffff" in token.reason
     with pytest.raises(TokenUnavailable):
         token.sign(key, b"m")

@@ -7,12 +7,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import PIN, ROOT, AgentProcess, TokenEnv, cred_id_for, make_challenge
+from conftest import PIN, ROOT, AgentProcess, TokenEnv, cred_id_for, make_challenge, wait_until
 
 from agent.audit import verify
 
@@ -22,15 +21,6 @@ WORKERS = "workers = 3\nsign_threads = 0\n"
 def children(pid: int) -> set[int]:
     out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout
     return {int(p) for p in out.split()}
-
-
-def wait_for(condition: Any, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError("timed out")
 
 
 def test_workers_share_the_socket_and_one_audit_chain(token_env: TokenEnv, start_agent: Any) -> None:
@@ -82,7 +72,7 @@ def test_a_crashed_worker_is_replaced(token_env: TokenEnv, start_agent: Any) -> 
     before = children(agent.proc.pid)
     victim = min(before)
     os.kill(victim, signal.SIGKILL)
-    wait_for(lambda: len(children(agent.proc.pid) - {victim}) == 3)
+    wait_until(lambda: len(children(agent.proc.pid) - {victim}) == 3, 20, "the restarted worker")
     assert victim not in children(agent.proc.pid)
     assert "restarting it" in agent.output()
     for _ in range(10):
@@ -94,7 +84,7 @@ def test_sighup_reaches_every_worker_and_sigterm_stops_them_all(token_env: Token
     agent: AgentProcess = start_agent(token_env)
     workers = children(agent.proc.pid)
     agent.proc.send_signal(signal.SIGHUP)
-    wait_for(lambda: agent.output().count("reloaded") == 3)
+    wait_until(lambda: agent.output().count("reloaded") == 3, 20, "every worker to reload")
     agent.proc.send_signal(signal.SIGTERM)
     assert agent.proc.wait(20) == 0
     for pid in workers:
