@@ -247,6 +247,22 @@ def start_agent(short_dir: Path) -> Iterator[Any]:
         assert rc in (0, 1, 2), f"agent ended with {rc}:\n{out}"
 
 
+@contextlib.contextmanager
+def running_agent(te: TokenEnv, *, verbose: bool = False) -> Iterator[AgentProcess]:
+    """An agent for a whole module (on a short socket path); it must then stop cleanly and never print the PIN."""
+    d = Path(tempfile.mkdtemp(prefix="da-"))
+    a = AgentProcess(te, d / "run" / "agent.sock", verbose=verbose)
+    try:
+        a.wait_ready()
+        yield a
+    finally:
+        rc = a.stop()
+        shutil.rmtree(d, ignore_errors=True)
+        out = a.output()
+        assert rc == 0, out
+        assert PIN not in out, "the PIN appeared in the agent's output"
+
+
 @pytest.fixture
 def agent(token_env: TokenEnv, start_agent: Any) -> AgentProcess:
     a: AgentProcess = start_agent(token_env)
@@ -337,14 +353,8 @@ def sdk_world(template_token: Path, template_keys: dict[str, str], directory: Pa
         kind: dfns.create_service_account(f"sa-{kind}", template_keys[key_label(kind)], cred_id=cred_id_for(kind))
         for kind in KINDS
     }
-    te = make_token_env(template_token, directory / "hsm")
-    d = Path(tempfile.mkdtemp(prefix="da-"))
-    agent = AgentProcess(te, d / "agent.sock")
     try:
-        agent.wait_ready()
-        yield SdkWorld(dfns, base_url, agent, accounts)
+        with running_agent(make_token_env(template_token, directory / "hsm")) as agent:
+            yield SdkWorld(dfns, base_url, agent, accounts)
     finally:
-        rc = agent.stop()
         server.stop()
-        shutil.rmtree(d, ignore_errors=True)
-        assert rc == 0, agent.output()

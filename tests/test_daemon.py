@@ -10,7 +10,6 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from conftest import (
     key_label,
     make_challenge,
     make_token_env,
+    running_agent,
     verify_signature,
 )
 from cryptography.exceptions import InvalidSignature
@@ -45,16 +45,8 @@ def shared(template_token: Path, tmp_path_factory: pytest.TempPathFactory) -> It
         extra_credentials=f'\n[[credential]]\nname = "with-origin"\nkey = "{key_label("p256")}"\n'
         f'cred_id = "{ORIGIN_CRED}"\norigin = "{ORIGIN}"\n'
     )
-    d = Path(tempfile.mkdtemp(prefix="da-"))
-    a = AgentProcess(te, d / "run" / "agent.sock")
-    try:
-        a.wait_ready()
+    with running_agent(te) as a:
         yield a
-    finally:
-        rc = a.stop()
-        shutil.rmtree(d, ignore_errors=True)
-        assert rc == 0, a.output()
-        assert PIN not in a.output()
 
 
 def public_keys(a: AgentProcess) -> dict[str, str]:

@@ -7,10 +7,8 @@ Real parts throughout: the agent process signs on a SoftHSM token, talks HTTP to
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +26,7 @@ from conftest import (
     key_label,
     make_challenge,
     make_token_env,
+    running_agent,
 )
 
 from agent.dev_dfns import DevDfns, DevDfnsServer, ServiceAccount
@@ -96,22 +95,16 @@ def setup(
         + _dfns_section("http://127.0.0.1:9", bad_token, retries=1, connect_timeout=0.5)
     )
     te.config.write_text(te.config.read_text().split("[[credential]]")[0] + creds)
-    d = Path(tempfile.mkdtemp(prefix="da-"))
-    agent = AgentProcess(te, d / "agent.sock", verbose=True)
-    s = Setup(agent, dfns, base_url, accounts, [])
     try:
-        agent.wait_ready()
-        yield s
+        with running_agent(te, verbose=True) as agent:
+            s = Setup(agent, dfns, base_url, accounts, [])
+            yield s
     finally:
-        rc = agent.stop()
         server.stop()
-        shutil.rmtree(d, ignore_errors=True)
-        out = agent.output()
-        assert rc == 0, out
-        secrets = [PIN, "not-a-valid-token"] + [sa.token for sa in accounts.values()]
-        for secret in secrets:
-            assert secret not in out, "a secret appeared in the agent's log"
-            assert all(secret not in text for text in s.responses), "a secret appeared in a response"
+    out = agent.output()
+    for secret in [PIN, "not-a-valid-token"] + [sa.token for sa in accounts.values()]:
+        assert secret not in out, "a secret appeared in the agent's log"
+        assert all(secret not in text for text in s.responses), "a secret appeared in a response"
 
 
 def upstream(r: httpx.Response) -> bool:

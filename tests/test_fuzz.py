@@ -8,9 +8,7 @@ to be valid), never a 5xx, the process never dies, and its health stays ``ok``.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import KINDS, PIN, AgentProcess, cred_id_for, make_token_env
+from conftest import KINDS, AgentProcess, cred_id_for, make_token_env, running_agent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -33,21 +31,13 @@ SETTINGS = settings(
 def target(template_token: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     te = make_token_env(template_token, tmp_path_factory.mktemp("fuzz") / "hsm")
     te.write_config(server="idle_timeout = 2.0\nbody_timeout = 1.0\n")
-    d = Path(tempfile.mkdtemp(prefix="da-"))
-    agent = AgentProcess(te, d / "agent.sock")
-    try:
-        agent.wait_ready()
+    with running_agent(te) as agent:
         yield agent
-    finally:
         assert agent.proc.poll() is None, "the agent died during fuzzing:\n" + agent.output()
         health = agent.http.get("/v1/health")
         assert health.status_code == 200 and health.json()["status"] == "ok", health.text
-        out = agent.output()
-        rc = agent.stop()
-        shutil.rmtree(d, ignore_errors=True)
-        assert rc == 0
-        assert "Traceback" not in out and "internal error" not in out, out[-3000:]
-        assert PIN not in out
+    out = agent.output()
+    assert "Traceback" not in out and "internal error" not in out, out[-3000:]
 
 
 def check(r: httpx.Response) -> None:

@@ -8,32 +8,30 @@ and limits enforced per connection without disturbing the others.
 from __future__ import annotations
 
 import json
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import AgentProcess, check_assertion, cred_id_for, key_label, make_challenge, make_token_env
+from conftest import (
+    AgentProcess,
+    check_assertion,
+    cred_id_for,
+    key_label,
+    make_challenge,
+    make_token_env,
+    running_agent,
+)
 
 
 @pytest.fixture(scope="module")
 def agent(template_token: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     te = make_token_env(template_token, tmp_path_factory.mktemp("http") / "hsm")
     te.write_config(server="idle_timeout = 2.0\nbody_timeout = 1.0\n")
-    d = Path(tempfile.mkdtemp(prefix="da-"))
-    a = AgentProcess(te, d / "agent.sock")
-    try:
-        a.wait_ready()
+    with running_agent(te) as a:
         yield a
-    finally:
-        out = a.output()
-        rc = a.stop()
-        shutil.rmtree(d, ignore_errors=True)
-        assert rc == 0
-        assert "Traceback" not in out, out[-3000:]
+    assert "Traceback" not in a.output(), a.output()[-3000:]
 
 
 @pytest.fixture(scope="module")
