@@ -20,7 +20,6 @@ import hashlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -107,14 +106,31 @@ class _Pending:
         self.loop = loop
 
     def finish(self) -> None:
+        """On the waiter's own thread or loop (see :func:`_release` for records another thread wrote)."""
         if self.done is not None:
             self.done.set()
-        if self.future is None:
-            return
-        if self.loop is None:  # written on the future's own event loop: resolve directly
+        if self.future is not None:
             _resolve(self.future, self.error)
+
+
+def _release(batch: list[_Pending]) -> None:
+    """From the writer thread: wake a written batch's waiters, each event loop once for all of its records."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[_Pending]] = {}
+    for item in batch:
+        if item.loop is None:
+            item.finish()
         else:
-            self.loop.call_soon_threadsafe(_resolve, self.future, self.error)
+            by_loop.setdefault(item.loop, []).append(item)
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_finish_all, items)
+        except RuntimeError:  # that loop is closed: nobody waits any more
+            pass
+
+
+def _finish_all(items: list[_Pending]) -> None:
+    for item in items:
+        item.finish()
 
 
 def _resolve(future: asyncio.Future[None], error: AuditUnavailable | None) -> None:
@@ -133,7 +149,8 @@ class AuditLog:
     from the loop are batched by the loop itself: one write and fsync for everything the requests of one
     loop iteration produced, and no per-record thread hand-offs. A lone record is written inline (nothing
     could overlap its fsync); a batch of several is written and fsynced on a helper thread while the loop
-    goes on signing, and records arriving meanwhile form the next batch (one batch in flight at a time).
+    goes on signing (the same writer thread as for blocking callers), and records arriving meanwhile form the
+    next batch.
     """
 
     def __init__(self, path: Path, *, flush_on_loop: bool = False) -> None:
@@ -141,12 +158,10 @@ class AuditLog:
         self._flush_on_loop = flush_on_loop
         self._loop_batch: list[_Pending] = []
         self._flush_scheduled = False
-        self._in_flight = False  # a loop batch is being written on the sync thread
-        self._sync_queue: queue.SimpleQueue[tuple[asyncio.AbstractEventLoop, list[_Pending]] | None] | None = None
-        self._sync_thread: threading.Thread | None = None
         self._write_lock = threading.Lock()
         self._cv = threading.Condition()
         self._queue: list[_Pending] = []
+        self._writing = False  # the writer thread is writing a batch (guarded by _cv)
         self._closed = False
         self.last_error: str | None = None
         self._fd = -1
@@ -169,11 +184,11 @@ class AuditLog:
     def healthy(self) -> bool:
         return self.last_error is None
 
-    def _enqueue(self, item: _Pending) -> None:
+    def _enqueue(self, *items: _Pending) -> None:
         with self._cv:
             if self._closed:
                 raise AuditUnavailable("the audit log is closed")
-            self._queue.append(item)
+            self._queue.extend(items)
             self._cv.notify()
 
     def record(self, **fields: Any) -> None:
@@ -208,56 +223,42 @@ class AuditLog:
     def _writer(self) -> None:
         while True:
             with self._cv:
+                self._writing = False
                 while not self._queue and not self._closed:
                     self._cv.wait()
                 batch, self._queue = self._queue, []
                 if not batch and self._closed:
                     return
-            self._write(batch)
-
-    def _flush_loop(self) -> None:
-        self._flush_scheduled = False
-        if self._in_flight:
-            return  # _synced starts the next batch
-        batch, self._loop_batch = self._loop_batch, []
-        if not batch:
-            return
-        if len(batch) < _OFFLOAD_AT:
-            self._write(batch)
-            return
-        if self._sync_queue is None:
-            # A plain thread and queue: half the hand-off cost of run_in_executor (measured 28 vs 57 us).
-            self._sync_queue = queue.SimpleQueue()
-            self._sync_thread = threading.Thread(target=self._sync_loop, name="audit-sync", daemon=True)
-            self._sync_thread.start()
-        self._in_flight = True
-        self._sync_queue.put((asyncio.get_running_loop(), batch))
-
-    def _sync_loop(self) -> None:
-        assert self._sync_queue is not None
-        while (job := self._sync_queue.get()) is not None:
-            loop, batch = job
+                self._writing = True
             try:
                 self._write(batch, finish=False)  # failures are set on the items
             except BaseException as e:  # noqa: BLE001 - this thread must outlive anything, or requests hang
                 for item in batch:
                     item.error = AuditUnavailable(f"audit log {self.path}: {e!r}; signature withheld")
-            try:
-                loop.call_soon_threadsafe(self._synced, batch)
-            except RuntimeError:  # the loop is closed: nobody waits any more
-                pass
+            _release(batch)
 
-    def _synced(self, batch: list[_Pending]) -> None:
-        """On the loop: release the batch's requests (one wake-up for all), then write what queued meanwhile."""
-        self._in_flight = False
+    def _flush_loop(self) -> None:
+        self._flush_scheduled = False
+        batch, self._loop_batch = self._loop_batch, []
+        if not batch:
+            return
+        with self._cv:
+            writer_idle = not self._writing and not self._queue
+        if len(batch) < _OFFLOAD_AT and writer_idle:
+            self._write(batch)
+            return
+        loop = asyncio.get_running_loop()
         for item in batch:
-            item.finish()
-        if self._loop_batch and not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_loop)
+            item.loop = loop
+        try:
+            self._enqueue(*batch)
+        except AuditUnavailable as e:
+            for item in batch:
+                item.error = e
+            _finish_all(batch)
 
     def _write(self, batch: list[_Pending], finish: bool = True) -> None:
-        with self._write_lock:  # the writer thread, the sync thread and the event loop may all write
+        with self._write_lock:  # the writer thread and the event loop may both write
             self._write_locked(batch, finish)
 
     def _write_locked(self, batch: list[_Pending], finish: bool) -> None:
@@ -316,9 +317,6 @@ class AuditLog:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=_WAIT)
-        if self._sync_queue is not None and self._sync_thread is not None:
-            self._sync_queue.put(None)
-            self._sync_thread.join(timeout=_WAIT)
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
