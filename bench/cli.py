@@ -46,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--duration", type=float, default=3.0, help="seconds measured per cell (default 3)")
     p.add_argument("--quick", action="store_true", help="1 s per cell and shorter warm-ups")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="measure every cell this many times, interleaved; rates are the median round's "
+                        "(default 3)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2,
                    help="agent worker processes ([server] workers; default 2, as the README sets SoftHSM)")  # fmt: skip
     p.add_argument("--sign-threads", type=int, default=0,
@@ -66,8 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.clients = [int(c) for c in args.clients.split(",") if c.strip()]
     except ValueError:
         p.error("--clients takes comma-separated integers")
-    if args.workers < 1 or args.loadgen_procs < 1 or args.duration <= 0 or not args.clients:
-        p.error("--workers, --loadgen-procs, --duration and --clients must be positive")
+    if args.workers < 1 or args.loadgen_procs < 1 or args.rounds < 1 or args.duration <= 0 or not args.clients:
+        p.error("--workers, --loadgen-procs, --rounds, --duration and --clients must be positive")
     return args
 
 
@@ -139,14 +142,60 @@ def run(args: argparse.Namespace) -> report.RunResult:
                  f"errors {c.total_errors}")  # fmt: skip
             return c
 
+        n = max(2, args.workers)
+        jobs = {
+            kind: limit.LimitJob(
+                module=env.module,
+                token_label=TOKEN_LABEL,
+                softhsm_conf=str(env.softhsm_conf),
+                pin=env.pin,
+                key_label=key_label(kind),
+                start_at=0.0,
+                duration=args.duration,
+            )  # fmt: skip
+            for kind in KINDS
+        }
+        warm = 1.0 if args.quick else 1.5
+
         ceiling = cell(noop, max(args.clients), "GET /v1/credentials", agent.cpu_seconds)
+        # Every round measures every cell once, in the same order, so a slow spell on this machine lands on
+        # one round of each contender rather than on one contender; the idle agent and ssh-agent stay up
+        # while the in-process signers run.
+        agent_cells: dict[tuple[str, int], list[CellResult]] = {}
+        ssh_cells: dict[int, list[CellResult]] = {}
+        limits: dict[tuple[str, int], list[limit.LimitResult]] = {}
+        for r in range(1, args.rounds + 1):
+            _log(f"round {r} of {args.rounds}")
+            for kind in KINDS:
+                for clients in args.clients:
+                    agent_cells.setdefault((kind, clients), []).append(
+                        cell(targets[kind], clients, f"agent {kind}", agent.cpu_seconds)
+                    )
+                    if kind == "p256":
+                        ssh_cells.setdefault(clients, []).append(
+                            cell(ssh_target, clients, "ssh-agent p256", ssh.cpu_seconds)
+                        )
+            for kind in KINDS:
+                try:
+                    one = limit.measure(jobs[kind], 1, warm)
+                    many = limit.measure(jobs[kind], n, warm + 0.5 * n)
+                except RuntimeError as e:
+                    raise SetupError(str(e)) from None
+                limits.setdefault((kind, 1), []).append(one)
+                limits.setdefault((kind, n), []).append(many)
+                _log(f"limit {kind}: 1 process {one.rate:,.0f}/s, {n} processes {many.rate:,.0f}/s")
+
         algos = []
         for kind in KINDS:
-            algo = report.AlgoResult(kind)
+            algo = report.AlgoResult(
+                kind,
+                limit_1=limit.LimitResult.pooled(limits[kind, 1]),
+                limit_n=limit.LimitResult.pooled(limits[kind, n]),
+            )
             for clients in args.clients:
-                row = report.Row(clients, cell(targets[kind], clients, f"agent {kind}", agent.cpu_seconds))
+                row = report.Row(clients, CellResult.pooled(agent_cells[kind, clients]))
                 if kind == "p256":
-                    row.ssh = cell(ssh_target, clients, "ssh-agent p256", ssh.cpu_seconds)
+                    row.ssh = CellResult.pooled(ssh_cells[clients])
                 algo.rows.append(row)
             algos.append(algo)
         rss = agent.peak_rss()
@@ -158,24 +207,11 @@ def run(args: argparse.Namespace) -> report.RunResult:
         agent.stop()
         agent = None
 
-        n = max(2, args.workers)
-        for algo in algos:
-            job = limit.LimitJob(
-                module=env.module, token_label=TOKEN_LABEL, softhsm_conf=str(env.softhsm_conf), pin=env.pin,
-                key_label=key_label(algo.kind), start_at=0.0, duration=args.duration,
-            )  # fmt: skip
-            warm = 1.0 if args.quick else 1.5
-            try:
-                algo.limit_1 = limit.measure(job, 1, warm)
-                algo.limit_n = limit.measure(job, n, warm + 0.5 * n)
-            except RuntimeError as e:
-                raise SetupError(str(e)) from None
-            _log(f"limit {algo.kind}: 1 process {algo.limit_1.rate:,.0f}/s, {n} processes {algo.limit_n.rate:,.0f}/s")
-
         busy_after = background_busy()
         return report.RunResult(
             workers=args.workers,
             loadgen_procs=args.loadgen_procs,
+            rounds=args.rounds,
             duration=args.duration,
             message_bytes=len(client_data(make_challenge("")["challenge"])),
             algos=algos,

@@ -8,6 +8,7 @@ state must never cross a fork. One thread per process: processes, not threads, a
 from __future__ import annotations
 
 import multiprocessing
+import statistics
 import time
 import traceback
 from dataclasses import dataclass
@@ -31,10 +32,32 @@ class LimitJob:
 @dataclass(frozen=True)
 class LimitResult:
     processes: int
-    rate: float  # signatures per second, summed over the processes
+    rate: float  # signatures per second, summed over the processes (pooled: the median round's)
     message_bytes: int
     bad_signatures: int
     late: float  # seconds the slowest process missed of the window (it started after the others)
+    signatures: int = 0
+    cpu: float = 0.0  # CPU seconds the signing processes used in the window
+    rounds: tuple[LimitResult, ...] = ()
+
+    @property
+    def cpu_per_signature_us(self) -> float | None:
+        """What one signature costs the machine: python-pkcs11 plus the token, nothing else."""
+        return self.cpu / self.signatures * 1e6 if self.signatures else None
+
+    @classmethod
+    def pooled(cls, rounds: list[LimitResult]) -> LimitResult:
+        """The same limit measured in several rounds: the median rate, counts and CPU summed."""
+        return cls(
+            processes=rounds[0].processes,
+            rate=statistics.median(r.rate for r in rounds),
+            message_bytes=rounds[0].message_bytes,
+            bad_signatures=sum(r.bad_signatures for r in rounds),
+            late=max(r.late for r in rounds),
+            signatures=sum(r.signatures for r in rounds),
+            cpu=sum(r.cpu for r in rounds),
+            rounds=tuple(rounds),
+        )
 
 
 def _sign_loop(conn: Connection, job: LimitJob) -> None:
@@ -54,6 +77,7 @@ def _sign_loop(conn: Connection, job: LimitJob) -> None:
             while time.monotonic() < job.start_at:
                 time.sleep(0.001)
             began, end = max(time.monotonic(), job.start_at), job.start_at + job.duration
+            cpu0 = time.process_time()
             count, n = 0, len(messages)
             kept = []
             monotonic = time.monotonic
@@ -63,6 +87,7 @@ def _sign_loop(conn: Connection, job: LimitJob) -> None:
                 if count % 997 == 0:
                     kept.append((msg, sig))
                 count += 1
+            cpu = time.process_time() - cpu0
         bad = 0
         for msg, sig in kept:
             try:
@@ -72,7 +97,7 @@ def _sign_loop(conn: Connection, job: LimitJob) -> None:
                     key.public_key.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
             except Exception:  # noqa: BLE001 - any failure to verify is a bad signature
                 bad += 1
-        conn.send(("ok", (count, len(messages[0]), bad, max(1e-9, end - began))))
+        conn.send(("ok", (count, len(messages[0]), bad, max(1e-9, end - began), cpu)))
     except Exception:  # noqa: BLE001 - reported to the parent
         conn.send(("error", traceback.format_exc()))
 
@@ -93,7 +118,7 @@ def measure(job: LimitJob, processes: int, warmup: float = 1.5) -> LimitResult:
         child.close()
         pipes.append(parent)
         procs.append(p)
-    results: list[tuple[int, int, int, float]] = []
+    results: list[tuple[int, int, int, float, float]] = []
     errors: list[str] = []
     for pipe in pipes:
         try:
@@ -107,8 +132,10 @@ def measure(job: LimitJob, processes: int, warmup: float = 1.5) -> LimitResult:
         raise RuntimeError(f"in-process signer failed:\n{errors[0]}")
     return LimitResult(
         processes=processes,
-        rate=sum(count / window for count, _, _, window in results),
+        rate=sum(count / window for count, _, _, window, _ in results),
         message_bytes=results[0][1],
         bad_signatures=sum(r[2] for r in results),
-        late=max(job.duration - window for _, _, _, window in results),
+        late=max(job.duration - window for _, _, _, window, _ in results),
+        signatures=sum(r[0] for r in results),
+        cpu=sum(r[4] for r in results),
     )

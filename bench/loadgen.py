@@ -16,6 +16,7 @@ import multiprocessing
 import secrets
 import select
 import socket
+import statistics
 import time
 import traceback
 from collections.abc import Callable
@@ -145,6 +146,7 @@ class CellResult:
     reused: int
     answered: int = 0
     server_cpu: float | None = None  # CPU seconds the server's process tree used during the whole cell
+    rounds: list[CellResult] = field(default_factory=list)  # the rounds a pooled cell was measured in
 
     @property
     def server_cpu_per_request_us(self) -> float | None:
@@ -154,6 +156,10 @@ class CellResult:
 
     @property
     def rate(self) -> float:
+        """Answers per second; for a cell measured in rounds, the median round's rate, so one round that
+        a busy neighbour slowed down does not move the figure."""
+        if self.rounds:
+            return statistics.median(r.rate for r in self.rounds)
         return self.completed / self.duration if self.duration else 0.0
 
     def percentile(self, q: float) -> float | None:
@@ -194,6 +200,27 @@ class CellResult:
             cpu=sum(p.cpu for p in parts),
             reused=sum(p.reused for p in parts),
             answered=sum(p.answered for p in parts),
+        )
+
+    @classmethod
+    def pooled(cls, rounds: list[CellResult]) -> CellResult:
+        """One cell measured in several rounds: the median rate (see :attr:`rate`); latencies, counts and CPU
+        summed over all rounds, so p99 and the error count miss nothing any round saw."""
+        cpus = [r.server_cpu for r in rounds]
+        return cls(
+            clients=rounds[0].clients,
+            duration=sum(r.duration for r in rounds),
+            completed=sum(r.completed for r in rounds),
+            latencies=[x for r in rounds for x in r.latencies],
+            errors=sum(r.errors for r in rounds),
+            error_examples=[e for r in rounds for e in r.error_examples][:5],
+            verified=sum(r.verified for r in rounds),
+            bad_signatures=sum(r.bad_signatures for r in rounds),
+            cpu=sum(r.cpu for r in rounds),
+            reused=sum(r.reused for r in rounds),
+            answered=sum(r.answered for r in rounds),
+            server_cpu=None if None in cpus else sum(c for c in cpus if c is not None),
+            rounds=list(rounds),
         )
 
 
