@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up everything dfns-agent needs on a Debian/Ubuntu machine, idempotently:
-#   - apt packages (SoftHSM 2, Python venv support) when missing;
+#   - apt packages (SoftHSM 2, Python venv support, OpenSSH's ssh-agent for the benchmark) when missing;
 #   - a virtualenv in .venv with the agent and its test tools;
 #   - a project-local SoftHSM token directory in .dev/ (config from pkcs11_config/), a dev token
 #     "dfns-dev" with a random PIN in .dev/pin (mode 0600), an Ed25519 key "dfns-dev-ed25519" on it,
@@ -43,6 +43,8 @@ install_packages() {
   command -v softhsm2-util >/dev/null && find_module >/dev/null || want+=(softhsm2)
   python3 -c 'import ensurepip, venv' 2>/dev/null || want+=(python3-venv)
   command -v python3 >/dev/null || want+=(python3)
+  # the benchmark (and its test) compares the agent with OpenSSH's ssh-agent
+  command -v ssh-agent >/dev/null && command -v ssh-add >/dev/null || want+=(openssh-client)
   if [ ${#want[@]} -gt 0 ]; then
     say "installing ${want[*]} (apt)"
     as_root apt-get update -qq

@@ -1,0 +1,141 @@
+"""The benchmark (``python -m bench``): its verdict logic on known figures, and one short real run.
+
+No speed is asserted here: the targets are the benchmark's to print. These tests check that it measures
+what it says (every contender answers, signatures verify, rounds are pooled as documented) and that each
+PASS/FAIL line can go either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import report
+from bench.limit import LimitResult
+from bench.loadgen import CellResult
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cell(rate: float, p50_ms: float, *, clients: int = 16, errors: int = 0, server_us: float = 500.0) -> CellResult:
+    """A one-second cell answering ``rate`` requests, all at ``p50_ms`` except the slowest 1%, at twice it."""
+    n = int(rate)
+    slow = max(1, n // 100)
+    latencies = [p50_ms / 1000] * (n - slow) + [2 * p50_ms / 1000] * slow
+    return CellResult(
+        clients=clients, duration=1.0, completed=n, latencies=latencies, errors=errors, error_examples=[],
+        verified=10, bad_signatures=0, cpu=n * 40e-6, reused=0, answered=n, server_cpu=n * server_us * 1e-6,
+    )  # fmt: skip
+
+
+def limit_result(processes: int, rate: float, cpu_us: float = 200.0) -> LimitResult:
+    n = int(rate)
+    return LimitResult(processes, rate, 80, 0, 0.0, signatures=n, cpu=n * cpu_us * 1e-6)
+
+
+def run_result(*, agent16: float, ssh16: float, agent_p50: float, ssh_p50: float, ed16: float, ed_limit2: float,
+               workers: int = 2) -> report.RunResult:  # fmt: skip
+    p256 = report.AlgoResult("p256", limit_1=limit_result(1, 6000), limit_n=limit_result(2, 12000))
+    p256.rows = [
+        report.Row(1, cell(1000, agent_p50, clients=1), cell(1000, ssh_p50, clients=1)),
+        report.Row(16, cell(agent16, 5.0), cell(ssh16, 9.0)),
+    ]
+    ed = report.AlgoResult("ed25519", limit_1=limit_result(1, 3000, 330), limit_n=limit_result(2, ed_limit2, 440))
+    ed.rows = [report.Row(16, cell(ed16, 8.0))]
+    return report.RunResult(
+        workers=workers, loadgen_procs=2, rounds=1, duration=1.0, message_bytes=80, algos=[ed, p256],
+        ceiling=cell(20000, 0.5), rss_kib={1: 50 * 1024}, agent_pid=1, cores=2, fsync_ms=0.2,
+    )  # fmt: skip
+
+
+def verdicts(run: report.RunResult) -> dict[str, bool | None]:
+    return {c.name.split(",")[0]: c.ok for c in report.checks(run)}
+
+
+def test_each_target_can_pass_and_fail() -> None:
+    good = verdicts(run_result(agent16=5100, ssh16=1000, agent_p50=0.5, ssh_p50=1.0, ed16=2700, ed_limit2=4400))
+    bad = verdicts(run_result(agent16=4900, ssh16=1000, agent_p50=0.7, ssh_p50=1.0, ed16=2500, ed_limit2=4400))
+    for name in ("P-256 @16 clients", "P-256 @1 client", "Ed25519 @16 clients"):
+        assert good[name] is True, name
+        assert bad[name] is False, name
+    assert good["agent: zero errors"] is True and good["agent peak RSS < 80 MB per process"] is True
+    # Rows not measured (no 64-client row here) are N/A, not a pass.
+    assert good["ECDSA P-256 @64 clients"] is None
+
+
+def test_ed25519_target_uses_the_limit_with_the_agents_process_count() -> None:
+    # One worker: compared with the 1-process limit (3,000/s), not the 2-process one.
+    run = run_result(agent16=1, ssh16=1, agent_p50=1, ssh_p50=1, ed16=1900, ed_limit2=4400, workers=1)
+    check = next(c for c in report.checks(run) if c.name.startswith("Ed25519 @16"))
+    assert check.ok is True and "1,900/s vs 3,000/s" in check.detail
+
+
+def test_errors_in_any_row_fail_the_zero_error_target() -> None:
+    run = run_result(agent16=5100, ssh16=1000, agent_p50=0.5, ssh_p50=1.0, ed16=2700, ed_limit2=4400)
+    run.algos[0].rows[0] = report.Row(16, cell(2700, 8.0, errors=1))
+    assert verdicts(run)["agent: zero errors"] is False
+
+
+def test_pooled_cell_takes_the_median_rate_and_keeps_every_latency_and_error() -> None:
+    rounds = [cell(1000, 1.0, errors=1), cell(100, 9.0), cell(1100, 1.0)]
+    pooled = CellResult.pooled(rounds)
+    assert pooled.rate == 1000  # the slow round does not drag the figure down; a mean would be 733
+    assert pooled.completed == 2200 and pooled.total_errors == 1 and pooled.verified == 30
+    assert len(pooled.latencies) == 2200 and pooled.p99 == 9.0  # the slow round's latencies all count
+    assert pooled.server_cpu_per_request_us == pytest.approx(500.0)
+    lim = LimitResult.pooled([limit_result(2, 9000), limit_result(2, 4000), limit_result(2, 10000)])
+    assert lim.rate == 9000 and lim.processes == 2 and lim.cpu_per_signature_us == pytest.approx(200.0)
+
+
+def test_per_round_ratios_are_printed_next_to_the_verdict() -> None:
+    run = run_result(agent16=1, ssh16=1, agent_p50=0.5, ssh_p50=1.0, ed16=2700, ed_limit2=4400)
+    p256 = next(a for a in run.algos if a.kind == "p256")
+    row = p256.rows[1]
+    row.agent = CellResult.pooled([cell(2000, 5.0), cell(3000, 5.0)])
+    row.ssh = CellResult.pooled([cell(1000, 9.0), cell(1000, 9.0)])
+    check = next(c for c in report.checks(run) if c.name.startswith("P-256 @16"))
+    assert "per round 2.00x, 3.00x" in check.detail
+
+
+def test_budget_shows_what_a_target_leaves_the_agent() -> None:
+    # 5x of 1,000/s = 5,000/s on 2 cores = 400 us per request; sign 200 (limit), load generator 40 -> 160 left.
+    run = run_result(agent16=2000, ssh16=1000, agent_p50=0.5, ssh_p50=1.0, ed16=2700, ed_limit2=4400)
+    lines = report.budgets(run)
+    p256 = next(line for line in lines if line.startswith("P-256"))
+    assert "5,000 sig/s" in p256 and "allow 400 us" in p256 and "leaves 160 us" in p256
+    assert "agent used 300 us on top of the sign" in p256  # 500 us measured - 200 us signing
+    assert "CPU budget per request" in report.render(run)
+
+
+def test_a_short_real_run_measures_every_contender(tmp_path: Path) -> None:
+    """The whole benchmark on a throwaway token, cut short: agent, ssh-agent and the in-process limit all
+    answer, in two rounds, with verified signatures and no errors."""
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k != "SOFTHSM2_CONF"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--duration", "0.3", "--rounds", "2", "--clients", "1,16",
+         "--workers", "1", "--loadgen-procs", "1", "--pool", "1500", "--sample", "5", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=220,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["rounds"] == 2
+    for kind, algo in result["algorithms"].items():
+        for row in algo["rows"]:
+            contenders = [row["agent"]] + ([row["ssh_agent"]] if kind == "p256" else [])
+            for c in contenders:
+                assert c["rate"] > 0 and c["errors"] == 0 and c["verified"] > 0, (kind, row)
+                assert len(c["round_rates"]) == 2 and c["p50_ms"] > 0
+        for lim in (algo["limit_1"], algo["limit_n"]):
+            assert lim["rate"] > 0 and lim["bad"] == 0 and len(lim["round_rates"]) == 2 and lim["cpu_us_per_sig"] > 0
+    checks = {c["name"]: c["ok"] for c in result["checks"]}
+    assert checks["agent: zero errors"] is True
+    assert len(checks) == 7
+    # The 1- and 16-client targets were measured, so each has a verdict (which one is the run's business).
+    assert [ok for name, ok in checks.items() if "@64" not in name and ok is None] == []
+    assert "ECDSA P-256" in proc.stdout and "Ed25519" in proc.stdout and "CPU budget per request" in proc.stdout
