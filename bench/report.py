@@ -186,9 +186,12 @@ def checks(run: RunResult) -> list[Check]:
 
 
 def budgets(run: RunResult) -> list[str]:
-    """For each throughput target: the CPU per request it allows on this machine, what the token's signing
-    and the load generator take of that (both measured in this run), and what the agent spent on the rest.
-    A target whose remainder is below the agent's own work cannot be met by tuning the load alone."""
+    """For each throughput target: the CPU per request it allows the agent on this machine, what the token's
+    signing (and, when they share cores, the load generator) take of that, both measured in this run, and
+    what the agent spent on the rest. When the remainder is below the agent's own work, no load reaches it.
+
+    An agent with W workers serves requests on at most min(W, cores) cores; the load generator only competes
+    for them when the agent occupies every core."""
     by = {a.kind: a for a in run.algos}
     wanted: list[tuple[str, AlgoResult, Row, float]] = []
     p256, ed = by.get("p256"), by.get("ed25519")
@@ -200,18 +203,26 @@ def budgets(run: RunResult) -> list[str]:
     if ed and row and lim and lim.rate:
         wanted.append((f"Ed25519 @16 clients at 0.6x the {lim.processes}-process limit", ed, row, 0.6 * lim.rate))
     out = []
+    cores = min(run.cores, run.workers)
+    shared = run.workers >= run.cores
     for what, algo, row, rate in wanted:
-        sign = algo.limit_n.cpu_per_signature_us if algo.limit_n else None
-        loadgen = row.agent.cpu_per_request_us
+        lim = _limit_for_agent(algo, run.workers) or algo.limit_n
+        sign = lim.cpu_per_signature_us if lim else None
+        loadgen = row.agent.cpu_per_request_us if shared else 0.0
         agent = row.agent.server_cpu_per_request_us
-        if not run.cores or sign is None or loadgen is None or agent is None:
+        if not cores or sign is None or loadgen is None or agent is None:
             continue
-        total = run.cores * 1e6 / rate
+        total = cores * 1e6 / rate
+        where = f"{run.workers} worker(s) on {run.cores} cores get {total:,.0f} us of CPU per request"
+        if not shared:
+            where = f"{run.workers} worker(s) get {cores} of {run.cores} cores: {total:,.0f} us of CPU per request"
+        taken = f"the token's sign takes {sign:,.0f} (in-process)"
+        if shared:
+            taken += f" and the load generator, on the same cores, {loadgen:,.0f}"
         out.append(
-            f"{what} = {rate:,.0f} sig/s: {run.cores} cores allow {total:,.0f} us of CPU per request; the token's "
-            f"sign takes {sign:,.0f} (in-process) and the load generator {loadgen:,.0f}, which leaves "
-            f"{total - sign - loadgen:,.0f} us for the agent's HTTP, JSON, policy, audit record and fsync; "
-            f"this run's agent used {agent - sign:,.0f} us on top of the sign"
+            f"{what} = {rate:,.0f} sig/s: the agent's {where}; {taken}, which leaves {total - sign - loadgen:,.0f} "
+            f"us for HTTP, JSON, policy, the audit record and its fsync; this run's agent spent {agent - sign:,.0f} "
+            "us on top of the sign"
         )
     return out
 

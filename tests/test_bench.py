@@ -107,9 +107,18 @@ def test_budget_shows_what_a_target_leaves_the_agent() -> None:
     run = run_result(agent16=2000, ssh16=1000, agent_p50=0.5, ssh_p50=1.0, ed16=2700, ed_limit2=4400)
     lines = report.budgets(run)
     p256 = next(line for line in lines if line.startswith("P-256"))
-    assert "5,000 sig/s" in p256 and "allow 400 us" in p256 and "leaves 160 us" in p256
-    assert "agent used 300 us on top of the sign" in p256  # 500 us measured - 200 us signing
+    assert "5,000 sig/s" in p256 and "get 400 us" in p256 and "leaves 160 us" in p256
+    assert "agent spent 300 us on top of the sign" in p256  # 500 us measured - 200 us signing
     assert "CPU budget per request" in report.render(run)
+
+
+def test_budget_of_a_single_worker_counts_one_core_and_its_own_limit() -> None:
+    # 1 worker: 0.6 x the 1-process Ed25519 limit (3,000/s) = 1,800/s on 1 core = 556 us per request;
+    # the 1-process limit's sign costs 330 us and the load generator runs on the other core -> 226 left.
+    run = run_result(agent16=1, ssh16=1, agent_p50=1, ssh_p50=1, ed16=1900, ed_limit2=4400, workers=1)
+    ed = next(line for line in report.budgets(run) if line.startswith("Ed25519"))
+    assert "1,800 sig/s" in ed and "1 of 2 cores: 556 us" in ed and "leaves 226 us" in ed
+    assert "load generator" not in ed
 
 
 def test_a_short_real_run_measures_every_contender(tmp_path: Path) -> None:
