@@ -152,7 +152,7 @@ def run(args: argparse.Namespace) -> report.RunResult:
                 key_label=key_label(kind),
                 start_at=0.0,
                 duration=args.duration,
-            )  # fmt: skip
+            )
             for kind in KINDS
         }
         warm = 1.0 if args.quick else 1.5

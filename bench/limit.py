@@ -13,7 +13,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NamedTuple
 
 from bench.loadgen import client_data, make_challenge
 
@@ -60,6 +60,16 @@ class LimitResult:
         )
 
 
+class _Window(NamedTuple):
+    """What one signing process reports: signatures made in its window, and what they cost."""
+
+    signatures: int
+    message_bytes: int
+    bad: int
+    seconds: float
+    cpu: float
+
+
 def _sign_loop(conn: Connection, job: LimitJob) -> None:
     try:
         from cryptography.hazmat.primitives import hashes
@@ -97,7 +107,7 @@ def _sign_loop(conn: Connection, job: LimitJob) -> None:
                     key.public_key.verify(sig, msg, ec.ECDSA(hashes.SHA256()))
             except Exception:  # noqa: BLE001 - any failure to verify is a bad signature
                 bad += 1
-        conn.send(("ok", (count, len(messages[0]), bad, max(1e-9, end - began), cpu)))
+        conn.send(("ok", _Window(count, len(messages[0]), bad, max(1e-9, end - began), cpu)))
     except Exception:  # noqa: BLE001 - reported to the parent
         conn.send(("error", traceback.format_exc()))
 
@@ -118,7 +128,7 @@ def measure(job: LimitJob, processes: int, warmup: float = 1.5) -> LimitResult:
         child.close()
         pipes.append(parent)
         procs.append(p)
-    results: list[tuple[int, int, int, float, float]] = []
+    results: list[_Window] = []
     errors: list[str] = []
     for pipe in pipes:
         try:
@@ -132,10 +142,10 @@ def measure(job: LimitJob, processes: int, warmup: float = 1.5) -> LimitResult:
         raise RuntimeError(f"in-process signer failed:\n{errors[0]}")
     return LimitResult(
         processes=processes,
-        rate=sum(count / window for count, _, _, window, _ in results),
-        message_bytes=results[0][1],
-        bad_signatures=sum(r[2] for r in results),
-        late=max(job.duration - window for _, _, _, window, _ in results),
-        signatures=sum(r[0] for r in results),
-        cpu=sum(r[4] for r in results),
+        rate=sum(r.signatures / r.seconds for r in results),
+        message_bytes=results[0].message_bytes,
+        bad_signatures=sum(r.bad for r in results),
+        late=max(job.duration - r.seconds for r in results),
+        signatures=sum(r.signatures for r in results),
+        cpu=sum(r.cpu for r in results),
     )
