@@ -9,7 +9,8 @@ A record is on disk (``fsync``) before the signature it describes is returned; i
 the agent refuses to sign (fail closed). Concurrent records share one ``fsync`` (group commit): a writer
 thread takes everything queued, appends it, syncs once, then releases every waiting caller (threads
 through an event, the server's event loop through a future). Several worker processes may append to the
-same file: each batch is written under an exclusive ``flock`` after re-reading the chain's tail.
+same file: each batch is appended under an exclusive ``flock`` after re-reading the chain's tail, and synced
+after the lock is released, so one worker's fsync does not hold up another's append.
 """
 
 from __future__ import annotations
@@ -288,6 +289,11 @@ class AuditLog:
             written = os.write(self._fd, data)
             if written != len(data):
                 raise OSError(28, f"short write ({written} of {len(data)} bytes)")
+            # The chain is settled once the lines are appended; another worker may append (and fsync) while we
+            # sync. Holding the lock through the fsync made the other worker's writer wait for it: 1.3-2.6 ms
+            # at p90 under load.
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            locked = False
             os.fsync(self._fd)
             self._tail_cache = (size + len(data), prev, seq)
             self.last_error = None
