@@ -99,6 +99,65 @@ def _agent_keys_match(agent: AgentProcess, env: BenchEnv) -> str:
     return str(json.loads(body).get("version", "")) if status == 200 else ""
 
 
+CpuSeconds = Callable[[], float]  # CPU used so far by the process tree that serves a target
+Cell = Callable[[Target, int, str, CpuSeconds], CellResult]
+
+
+def _rounds(
+    args: argparse.Namespace,
+    cell: Cell,
+    targets: dict[str, Target],
+    agent_cpu: CpuSeconds,
+    ssh_target: Target,
+    ssh_cpu: CpuSeconds,
+    jobs: dict[str, limit.LimitJob],
+) -> list[report.AlgoResult]:
+    """Measure every cell ``args.rounds`` times and pool the rounds.
+
+    Each round measures every cell once, in the same order, so a slow spell on the machine lands on one
+    round of each contender rather than on one contender. The idle agent and ssh-agent stay up while the
+    in-process signers run.
+    """
+    n = max(2, args.workers)
+    warm = 1.0 if args.quick else 1.5
+    agent_cells: dict[tuple[str, int], list[CellResult]] = {}
+    ssh_cells: dict[int, list[CellResult]] = {}
+    limits: dict[tuple[str, int], list[limit.LimitResult]] = {}
+    for r in range(1, args.rounds + 1):
+        _log(f"round {r} of {args.rounds}")
+        for kind in KINDS:
+            for clients in args.clients:
+                agent_cells.setdefault((kind, clients), []).append(
+                    cell(targets[kind], clients, f"agent {kind}", agent_cpu)
+                )
+                if kind == "p256":
+                    ssh_cells.setdefault(clients, []).append(cell(ssh_target, clients, "ssh-agent p256", ssh_cpu))
+        for kind in KINDS:
+            try:
+                one = limit.measure(jobs[kind], 1, warm)
+                many = limit.measure(jobs[kind], n, warm + 0.5 * n)
+            except RuntimeError as e:
+                raise SetupError(str(e)) from None
+            limits.setdefault((kind, 1), []).append(one)
+            limits.setdefault((kind, n), []).append(many)
+            _log(f"limit {kind}: 1 process {one.rate:,.0f}/s, {n} processes {many.rate:,.0f}/s")
+
+    algos = []
+    for kind in KINDS:
+        algo = report.AlgoResult(
+            kind,
+            limit_1=limit.LimitResult.pooled(limits[kind, 1]),
+            limit_n=limit.LimitResult.pooled(limits[kind, n]),
+        )
+        for clients in args.clients:
+            row = report.Row(clients, CellResult.pooled(agent_cells[kind, clients]))
+            if kind == "p256":
+                row.ssh = CellResult.pooled(ssh_cells[clients])
+            algo.rows.append(row)
+        algos.append(algo)
+    return algos
+
+
 def run(args: argparse.Namespace) -> report.RunResult:
     busy_before = background_busy()
     env = BenchEnv.create()
@@ -133,7 +192,7 @@ def run(args: argparse.Namespace) -> report.RunResult:
             lg.prepare(t)
         _log(f"load generator: {args.loadgen_procs} processes, {args.pool} pre-built requests each per kind")
 
-        def cell(target: Target, clients: int, label: str, server_cpu: Callable[[], float]) -> CellResult:
+        def cell(target: Target, clients: int, label: str, server_cpu: CpuSeconds) -> CellResult:
             cpu0 = server_cpu()
             c = lg.run(target, clients, args.duration, args.warmup, args.sample)  # type: ignore[union-attr]
             c.server_cpu = server_cpu() - cpu0
@@ -142,7 +201,6 @@ def run(args: argparse.Namespace) -> report.RunResult:
                  f"errors {c.total_errors}")  # fmt: skip
             return c
 
-        n = max(2, args.workers)
         jobs = {
             kind: limit.LimitJob(
                 module=env.module,
@@ -155,49 +213,8 @@ def run(args: argparse.Namespace) -> report.RunResult:
             )
             for kind in KINDS
         }
-        warm = 1.0 if args.quick else 1.5
-
         ceiling = cell(noop, max(args.clients), "GET /v1/credentials", agent.cpu_seconds)
-        # Every round measures every cell once, in the same order, so a slow spell on this machine lands on
-        # one round of each contender rather than on one contender; the idle agent and ssh-agent stay up
-        # while the in-process signers run.
-        agent_cells: dict[tuple[str, int], list[CellResult]] = {}
-        ssh_cells: dict[int, list[CellResult]] = {}
-        limits: dict[tuple[str, int], list[limit.LimitResult]] = {}
-        for r in range(1, args.rounds + 1):
-            _log(f"round {r} of {args.rounds}")
-            for kind in KINDS:
-                for clients in args.clients:
-                    agent_cells.setdefault((kind, clients), []).append(
-                        cell(targets[kind], clients, f"agent {kind}", agent.cpu_seconds)
-                    )
-                    if kind == "p256":
-                        ssh_cells.setdefault(clients, []).append(
-                            cell(ssh_target, clients, "ssh-agent p256", ssh.cpu_seconds)
-                        )
-            for kind in KINDS:
-                try:
-                    one = limit.measure(jobs[kind], 1, warm)
-                    many = limit.measure(jobs[kind], n, warm + 0.5 * n)
-                except RuntimeError as e:
-                    raise SetupError(str(e)) from None
-                limits.setdefault((kind, 1), []).append(one)
-                limits.setdefault((kind, n), []).append(many)
-                _log(f"limit {kind}: 1 process {one.rate:,.0f}/s, {n} processes {many.rate:,.0f}/s")
-
-        algos = []
-        for kind in KINDS:
-            algo = report.AlgoResult(
-                kind,
-                limit_1=limit.LimitResult.pooled(limits[kind, 1]),
-                limit_n=limit.LimitResult.pooled(limits[kind, n]),
-            )
-            for clients in args.clients:
-                row = report.Row(clients, CellResult.pooled(agent_cells[kind, clients]))
-                if kind == "p256":
-                    row.ssh = CellResult.pooled(ssh_cells[clients])
-                algo.rows.append(row)
-            algos.append(algo)
+        algos = _rounds(args, cell, targets, agent.cpu_seconds, ssh_target, ssh.cpu_seconds, jobs)
         rss = agent.peak_rss()
         agent_pid = agent.pid
         lg.close()
