@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -245,6 +246,14 @@ def start_agent(short_dir: Path) -> Iterator[Any]:
         out = a.output()
         assert PIN not in out, "the PIN appeared in the agent's output"
         assert rc in (0, 1, 2), f"agent ended with {rc}:\n{out}"
+
+
+def connect_raw(path: Path) -> socket.socket:
+    """A plain client socket to an agent, for speaking HTTP byte by byte (5 s timeout on every call)."""
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(5)
+    s.connect(str(path))
+    return s
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import KINDS, AgentProcess, cred_id_for, make_token_env, running_agent
+from conftest import KINDS, AgentProcess, connect_raw, cred_id_for, make_token_env, running_agent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -139,9 +139,7 @@ def test_any_method_on_any_path(target: AgentProcess, path: str, method: str) ->
 
 
 def raw_exchange(agent: AgentProcess, chunks: list[bytes], pause: float = 0.0, half_close: bool = False) -> bytes:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(5)
-    s.connect(str(agent.socket_path))
+    s = connect_raw(agent.socket_path)
     try:
         for chunk in chunks:
             s.sendall(chunk)

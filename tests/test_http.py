@@ -8,7 +8,6 @@ and limits enforced per connection without disturbing the others.
 from __future__ import annotations
 
 import json
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from conftest import (
     AgentProcess,
     check_assertion,
+    connect_raw,
     cred_id_for,
     key_label,
     make_challenge,
@@ -43,10 +43,14 @@ class Conn:
     """A raw connection that reads whole HTTP/1.1 responses (Content-Length framed)."""
 
     def __init__(self, agent: AgentProcess) -> None:
-        self.s = socket.socket(socket.AF_UNIX)
-        self.s.settimeout(5)
-        self.s.connect(str(agent.socket_path))
+        self.s = connect_raw(agent.socket_path)
         self.buf = b""
+
+    def __enter__(self) -> Conn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.s.close()
 
     def send(self, data: bytes) -> None:
         self.s.sendall(data)
@@ -77,9 +81,6 @@ class Conn:
         except ConnectionResetError:
             return True
 
-    def close(self) -> None:
-        self.s.close()
-
 
 def sign_request(kind: str, *, extra_headers: bytes = b"", close: bool = False) -> tuple[bytes, dict[str, object]]:
     challenge = make_challenge(cred_id_for(kind))
@@ -92,21 +93,17 @@ def sign_request(kind: str, *, extra_headers: bytes = b"", close: bool = False) 
 
 
 def test_keep_alive_serves_many_requests_on_one_connection(agent: AgentProcess, pems: dict[str, str]) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         for _ in range(5):
             request, challenge = sign_request("p256")
             c.send(request)
             status, headers, body = c.response()
             assert status == 200 and "connection" not in headers
             check_assertion(json.loads(body), challenge, pems[key_label("p256")], cred_id_for("p256"))
-    finally:
-        c.close()
 
 
 def test_pipelined_requests_are_answered_in_order(agent: AgentProcess, pems: dict[str, str]) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         kinds = ["ed25519", "p256", "ed25519", "secp256k1"] * 3
         requests = [sign_request(k) for k in kinds]
         c.send(b"".join(r for r, _ in requests) + b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
@@ -116,69 +113,55 @@ def test_pipelined_requests_are_answered_in_order(agent: AgentProcess, pems: dic
             check_assertion(json.loads(body), challenge, pems[key_label(kind)], cred_id_for(kind))
         status, _, body = c.response()
         assert status == 200 and json.loads(body)["status"] == "ok"
-    finally:
-        c.close()
 
 
 def test_connection_close_is_honoured_and_nothing_after_it_is_read(agent: AgentProcess) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         request, _ = sign_request("ed25519", close=True)
         c.send(request + b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
         status, headers, _ = c.response()
         assert status == 200 and headers["connection"] == "close"
         assert c.closed()
-    finally:
-        c.close()
 
 
 def test_http_1_0_gets_one_answer_then_close(agent: AgentProcess) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         c.send(b"GET /v1/health HTTP/1.0\r\n\r\n")
         status, headers, body = c.response()
         assert status == 200 and json.loads(body)["status"] == "ok" and headers["connection"] == "close"
         assert c.closed()
-    finally:
-        c.close()
 
 
 def test_chunked_body_is_reassembled(agent: AgentProcess, pems: dict[str, str]) -> None:
     challenge = make_challenge(cred_id_for("p256"))
     body = json.dumps({"challenge": challenge, "credential": "p256"}).encode()
     chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i : i + 7]), body[i : i + 7]) for i in range(0, len(body), 7))
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         c.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n" + chunks + b"0\r\n\r\n")
         status, _, answer = c.response()
         assert status == 200, answer
         check_assertion(json.loads(answer), challenge, pems[key_label("p256")], cred_id_for("p256"))
-    finally:
-        c.close()
 
 
 def test_chunked_body_over_the_limit_is_413(agent: AgentProcess) -> None:
-    c = Conn(agent)
-    try:
-        c.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
-        piece = b"a" * 8192
-        for _ in range(9):  # 72 KiB > the 64 KiB default
-            c.send(b"%x\r\n%s\r\n" % (len(piece), piece))
-        status, headers, body = c.response()
+    with Conn(agent) as c:
+        try:
+            c.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n")
+            piece = b"a" * 8192
+            for _ in range(9):  # 72 KiB > the 64 KiB default
+                c.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            status, headers, body = c.response()
+        except (BrokenPipeError, ConnectionResetError):
+            pytest.fail("the agent closed the connection without answering 413")
         assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
         assert headers["connection"] == "close"
-    except (BrokenPipeError, ConnectionResetError):
-        pytest.fail("the agent closed the connection without answering 413")
-    finally:
-        c.close()
     assert agent.http.get("/v1/health").status_code == 200
 
 
 def test_expect_100_continue_gets_an_interim_answer(agent: AgentProcess, pems: dict[str, str]) -> None:
     request, challenge = sign_request("ed25519", extra_headers=b"Expect: 100-continue\r\n")
     head, _, body = request.partition(b"\r\n\r\n")
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         c.send(head + b"\r\n\r\n")
         status, _, _ = c.response()
         assert status == 100
@@ -186,60 +169,44 @@ def test_expect_100_continue_gets_an_interim_answer(agent: AgentProcess, pems: d
         status, _, answer = c.response()
         assert status == 200
         check_assertion(json.loads(answer), challenge, pems[key_label("ed25519")], cred_id_for("ed25519"))
-    finally:
-        c.close()
 
 
 def test_expect_100_continue_with_a_body_over_the_limit_is_413_at_once(agent: AgentProcess) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         c.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nContent-Length: 1000000\r\nExpect: 100-continue\r\n\r\n")
         status, _, body = c.response()
         assert status == 413 and json.loads(body)["error"]["code"] == "payload_too_large"
-    finally:
-        c.close()
 
 
 def test_head_gets_headers_but_no_body(agent: AgentProcess) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         c.send(b"HEAD /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
         status, headers, _ = c.response(head_only=True)
         assert status == 405 and int(headers["content-length"]) > 0
         c.send(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")  # the stream is still in step
         status, _, body = c.response()
         assert status == 200 and json.loads(body)["status"] == "ok"
-    finally:
-        c.close()
 
 
 def test_malformed_request_line_is_400_json_and_closes(agent: AgentProcess) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         c.send(b"THIS IS NOT HTTP\r\n\r\n")
         status, headers, body = c.response()
         assert status == 400 and json.loads(body)["error"]["code"] == "invalid_request"
         assert headers["connection"] == "close" and c.closed()
-    finally:
-        c.close()
 
 
 def test_idle_keep_alive_connection_is_closed_after_idle_timeout(agent: AgentProcess) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         c.send(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
         assert c.response()[0] == 200
         started = time.monotonic()
         assert c.closed()  # blocks until the agent closes it (idle_timeout = 2 s here)
         assert 1.0 < time.monotonic() - started < 4.5
-    finally:
-        c.close()
 
 
 def test_a_stalled_body_is_408_while_other_connections_are_served(agent: AgentProcess) -> None:
-    stalled = Conn(agent)
-    other = Conn(agent)
-    try:
+    with Conn(agent) as stalled, Conn(agent) as other:
         stalled.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\n{")
         for _ in range(3):
             request, _ = sign_request("p256")
@@ -247,14 +214,10 @@ def test_a_stalled_body_is_408_while_other_connections_are_served(agent: AgentPr
             assert other.response()[0] == 200
         status, _, body = stalled.response()
         assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
-    finally:
-        stalled.close()
-        other.close()
 
 
 def test_limits_apply_to_every_request_of_a_kept_alive_connection(agent: AgentProcess) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         for _ in range(2):  # the second time, the stalled body follows a request that completed
             request, _ = sign_request("p256")
             c.send(request)
@@ -262,17 +225,12 @@ def test_limits_apply_to_every_request_of_a_kept_alive_connection(agent: AgentPr
         c.send(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\nContent-Length: 50\r\n\r\n{")
         status, _, body = c.response()
         assert status == 408 and json.loads(body)["error"]["code"] == "request_timeout"
-    finally:
-        c.close()
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         c.send(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\nGET /v1/hea")  # an answer, then half a head
         assert c.response()[0] == 200
         started = time.monotonic()
         assert c.closed()
         assert time.monotonic() - started < 4.5
-    finally:
-        c.close()
 
 
 @pytest.mark.parametrize(
@@ -283,19 +241,15 @@ def test_limits_apply_to_every_request_of_a_kept_alive_connection(agent: AgentPr
     ],
 )
 def test_protocol_upgrades_get_an_answer_and_a_close(agent: AgentProcess, request_bytes: bytes) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         c.send(request_bytes)
         status, headers, _ = c.response()
         assert 200 <= status < 500 and headers["connection"] == "close"
         assert c.closed()
-    finally:
-        c.close()
 
 
 def test_an_endless_head_is_431_and_the_connection_closes(agent: AgentProcess) -> None:
-    c = Conn(agent)
-    try:
+    with Conn(agent) as c:
         c.send(b"GET /v1/health HTTP/1.1\r\nHost: a\r\nX-Pad: ")
         try:
             for _ in range(40):  # 80 KiB of one header value, never finished
@@ -305,6 +259,4 @@ def test_an_endless_head_is_431_and_the_connection_closes(agent: AgentProcess) -
         status, headers, body = c.response()
         assert status == 431 and json.loads(body)["error"]["code"] == "headers_too_large"
         assert headers["connection"] == "close"
-    finally:
-        c.close()
     assert agent.http.get("/v1/health").status_code == 200

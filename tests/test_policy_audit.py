@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from conftest import (
     AgentProcess,
     TokenEnv,
     b64url_decode,
+    connect_raw,
     cred_id_for,
     make_challenge,
     verify_signature,
@@ -380,23 +380,16 @@ def test_the_agent_cannot_dump_core_and_is_not_dumpable(agent: AgentProcess) -> 
 LIMITS = "max_connections = 3\nidle_timeout = 0.6\nbody_timeout = 0.6\n"
 
 
-def _connect(path: Path) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(5)
-    s.connect(str(path))
-    return s
-
-
 def test_silent_and_slow_clients_are_cut_off(token_env: TokenEnv, start_agent: Any) -> None:
     token_env.write_config(server=LIMITS)
     agent: AgentProcess = start_agent(token_env)
-    silent = _connect(agent.socket_path)
-    slow = _connect(agent.socket_path)
+    silent = connect_raw(agent.socket_path)
+    slow = connect_raw(agent.socket_path)
     slow.sendall(b"POST /v1/sign HTTP/1.1\r\nHost: a\r\n")  # a request head that never completes
     time.sleep(1.5)
     assert silent.recv(100) == b""
     assert slow.recv(100) == b""
-    stalled = _connect(agent.socket_path)
+    stalled = connect_raw(agent.socket_path)
     stalled.sendall(b'POST /v1/sign HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\n{"chal')
     answer = stalled.recv(4096)
     assert answer.startswith(b"HTTP/1.1 408") and b"request_timeout" in answer
@@ -407,15 +400,15 @@ def test_connections_beyond_the_limit_get_503(token_env: TokenEnv, start_agent: 
     token_env.write_config(server="max_connections = 3\nidle_timeout = 5.0\n")
     agent: AgentProcess = start_agent(token_env)
     agent.http.close()  # the harness's own keep-alive connection would count
-    held = [_connect(agent.socket_path) for _ in range(3)]
+    held = [connect_raw(agent.socket_path) for _ in range(3)]
     time.sleep(0.2)
-    extra = _connect(agent.socket_path)
+    extra = connect_raw(agent.socket_path)
     answer = extra.recv(4096)
     assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
     for s in held:
         s.close()
     time.sleep(0.2)
-    again = _connect(agent.socket_path)
+    again = connect_raw(agent.socket_path)
     again.sendall(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
     assert again.recv(4096).startswith(b"HTTP/1.1 200")
 
