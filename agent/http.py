@@ -58,6 +58,13 @@ def error_response(status: int, code: str, message: str) -> Response:
     return json_response({"error": {"code": code, "message": message}}, status)
 
 
+def internal_error(method: str, path: str) -> Response:
+    """The answer to a handler that failed unexpectedly; the traceback goes to the log, not to the client.
+    Call it from the ``except`` block."""
+    log.exception("unexpected error in %s %s", method, path)
+    return error_response(500, "internal_error", "internal error; see the agent's log")
+
+
 @dataclass
 class Request:
     method: str
@@ -259,8 +266,7 @@ class Connection(asyncio.Protocol):
                 try:
                     response = await self.server.handler(request)
                 except Exception:  # the application maps its own errors; this is the last resort
-                    log.exception("unexpected error in %s %s", request.method, request.path)
-                    response = error_response(500, "internal_error", "internal error; see the agent's log")
+                    response = internal_error(request.method, request.path)
                 # The last answer before a close says so (client's Connection: close, EOF, upgrade, drain).
                 keep_alive = request.keep_alive and not self.server.draining and not (self._stopped and not self._queue)
                 if self._closing:

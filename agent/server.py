@@ -25,7 +25,7 @@ from agent.config import DfnsConfig
 from agent.dfns_client import DfnsApi, make_http_client
 from agent.errors import AgentError, BadRequest, CircuitOpen
 from agent.flow import DfnsFlow, in_pool
-from agent.http import Limits, Request, Response, Server, error_response, json_response
+from agent.http import Limits, Request, Response, Server, error_response, internal_error, json_response
 from agent.policy import Caller, Forbidden, Policy, peer_of
 from agent.secret import Secret
 from agent.service import SigningService
@@ -99,8 +99,7 @@ class App:
         except AgentError as e:
             response = await self._refuse(request, e)
         except Exception:
-            log.exception("unexpected error in %s %s", request.method, request.path)
-            response = error_response(500, "internal_error", "internal error; see the agent's log")
+            response = internal_error(request.method, request.path)
         self._count(request.path, response.status)
         return response
 

@@ -7,7 +7,9 @@ and limits enforced per connection without disturbing the others.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -260,3 +262,34 @@ def test_an_endless_head_is_431_and_the_connection_closes(agent: AgentProcess) -
         assert status == 431 and json.loads(body)["error"]["code"] == "headers_too_large"
         assert headers["connection"] == "close"
     assert agent.http.get("/v1/health").status_code == 200
+
+
+def test_a_handler_that_fails_unexpectedly_gets_a_logged_500_and_the_connection_goes_on(
+    short_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's last resort (the agent's App maps its own errors the same way, with the same helper)."""
+    from agent.http import Limits, Request, Response, Server, json_response
+
+    async def handler(request: Request) -> Response:
+        if request.path == "/boom":
+            raise RuntimeError("a bug")
+        return json_response({"ok": True})
+
+    async def exchange() -> bytes:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(short_dir / "s.sock"))
+        sock.listen()
+        server = Server(handler, Limits())
+        await server.start(sock)
+        reader, writer = await asyncio.open_unix_connection(str(short_dir / "s.sock"))
+        writer.write(b"GET /boom HTTP/1.1\r\nHost: a\r\n\r\nGET /fine HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        await server.shutdown(1.0)
+        return answer
+
+    answer = asyncio.run(exchange())
+    first, _, second = answer.partition(b"HTTP/1.1 200")
+    assert first.startswith(b"HTTP/1.1 500") and b'"code": "internal_error"' in first
+    assert b"a bug" not in answer and b'{"ok": true}' in second
+    assert any("unexpected error in GET /boom" in r.getMessage() and r.exc_info for r in caplog.records)
