@@ -64,11 +64,6 @@ class CredentialNotAllowed(AgentError):
     status = 422
 
 
-class PayloadTooLarge(AgentError):
-    code = "payload_too_large"
-    status = 413
-
-
 class TokenError(AgentError):
     """Anything that went wrong on the PKCS#11 side."""
 

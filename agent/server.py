@@ -18,7 +18,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
-from typing import Any, TypeVar
+from typing import Any
 
 from agent import openapi
 from agent.config import DfnsConfig
@@ -34,7 +34,6 @@ __all__ = ["ROUTES", "AgentState", "App", "Limits", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 UPSTREAM_HEADER = "X-Dfns-Agent-Upstream"
 
 
