@@ -19,7 +19,7 @@ import socket
 import statistics
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from typing import Any
@@ -187,7 +187,8 @@ class CellResult:
         return self.errors + self.bad_signatures
 
     @classmethod
-    def merge(cls, clients: int, duration: float, parts: list[WorkerResult]) -> CellResult:
+    def merge(cls, clients: int, duration: float, parts: Sequence[WorkerResult | CellResult]) -> CellResult:
+        """The counts of several load-generator processes, or of several rounds, added up."""
         return cls(
             clients=clients,
             duration=duration,
@@ -206,22 +207,11 @@ class CellResult:
     def pooled(cls, rounds: list[CellResult]) -> CellResult:
         """One cell measured in several rounds: the median rate (see :attr:`rate`); latencies, counts and CPU
         summed over all rounds, so p99 and the error count miss nothing any round saw."""
+        cell = cls.merge(rounds[0].clients, sum(r.duration for r in rounds), rounds)
         cpus = [r.server_cpu for r in rounds]
-        return cls(
-            clients=rounds[0].clients,
-            duration=sum(r.duration for r in rounds),
-            completed=sum(r.completed for r in rounds),
-            latencies=[x for r in rounds for x in r.latencies],
-            errors=sum(r.errors for r in rounds),
-            error_examples=[e for r in rounds for e in r.error_examples][:5],
-            verified=sum(r.verified for r in rounds),
-            bad_signatures=sum(r.bad_signatures for r in rounds),
-            cpu=sum(r.cpu for r in rounds),
-            reused=sum(r.reused for r in rounds),
-            answered=sum(r.answered for r in rounds),
-            server_cpu=None if None in cpus else sum(c for c in cpus if c is not None),
-            rounds=list(rounds),
-        )
+        cell.server_cpu = None if None in cpus else sum(c for c in cpus if c is not None)
+        cell.rounds = list(rounds)
+        return cell
 
 
 # ------------------------------------------------------------------------------------------------------
