@@ -16,17 +16,25 @@ from agent.metrics import Metrics
 RULE = '[policy]\n[[policy.rule]]\nname = "root-ed-only"\nuids = [0]\ncredentials = ["ed25519"]\n'
 
 
-def scrape(agent: AgentProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    r = agent.http.get("/v1/metrics")
-    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def samples_of(text: str) -> Samples:
+    """Prometheus text format -> {(sample name, sorted labels): value}."""
     out = {}
-    for family in text_string_to_metric_families(r.text):
+    for family in text_string_to_metric_families(text):
         for sample in family.samples:
             out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
     return out
 
 
-def total(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
+def scrape(agent: AgentProcess) -> Samples:
+    r = agent.http.get("/v1/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return samples_of(r.text)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and all((k, v2) in ls for k, v2 in labels.items()))
 
 
@@ -85,10 +93,7 @@ def test_sign_outcomes_count_per_label_set_in_process() -> None:
         metrics.sign_outcome("a", "p256", "ok", 0.003)
     metrics.sign_outcome("a", "p256", "refused", None)
     metrics.sign_outcome("b", "ed25519", "ok", 0.0004)
-    samples = {}
-    for family in text_string_to_metric_families(metrics.render()[0].decode()):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    samples = samples_of(metrics.render()[0].decode())
     assert total(samples, "dfns_agent_signatures_total", credential="a", outcome="ok") == 3
     assert total(samples, "dfns_agent_signatures_total", credential="a", outcome="refused") == 1
     assert total(samples, "dfns_agent_signatures_total", credential="b", key_type="ed25519", outcome="ok") == 1
