@@ -259,7 +259,8 @@ def test_a_record_that_cannot_be_encoded_fails_closed(tmp_path: Path) -> None:
 
 
 def test_a_failed_group_commit_off_the_loop_withholds_every_signature_of_the_batch(tmp_path: Path) -> None:
-    """Several records awaited at once are written on the sync thread; if that write fails, all of them fail."""
+    """Several records awaited at once are written on the audit log's writer thread; if that write fails,
+    all of them fail."""
     from agent.audit import AuditUnavailable
 
     path = tmp_path / "audit.jsonl"
