@@ -206,8 +206,8 @@ def budgets(run: RunResult) -> list[str]:
     cores = min(run.cores, run.workers)
     shared = run.workers >= run.cores
     for what, algo, row, rate in wanted:
-        lim = _limit_for_agent(algo, run.workers) or algo.limit_n
-        sign = lim.cpu_per_signature_us if lim else None
+        signer = _limit_for_agent(algo, run.workers) or algo.limit_n  # signing with the agent's process count
+        sign = signer.cpu_per_signature_us if signer else None
         loadgen = row.agent.cpu_per_request_us if shared else 0.0
         agent = row.agent.server_cpu_per_request_us
         if not cores or sign is None or loadgen is None or agent is None:
