@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent.core.policy import Rule
 from agent.errors import ConfigError
-from agent.policy import Rule
 
 if sys.version_info >= (3, 11):
     import tomllib

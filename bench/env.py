@@ -30,7 +30,7 @@ class SetupError(RuntimeError):
 
 
 def softhsm_module() -> str:
-    from agent.token import find_softhsm_module
+    from agent.token.device import find_softhsm_module
 
     module = find_softhsm_module()
     if module is not None:
@@ -125,7 +125,7 @@ class BenchEnv:
             "import json, sys\n"
             "from agent.config import TokenConfig\n"
             "from agent.secret import Secret\n"
-            "from agent.token import Token, KeyKind\n"
+            "from agent.token.device import Token, KeyKind\n"
             "module, label, pin = sys.stdin.read().split('\\n')[:3]\n"
             "with Token.open(TokenConfig(module=module, label=label), Secret(pin, 'bench'), rw=True) as t:\n"
             f"    for kind in {list(KINDS)!r}:\n"

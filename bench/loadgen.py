@@ -47,7 +47,7 @@ def make_challenge(cred_id: str) -> dict[str, Any]:
 
     The challenge string is sized so that the clientData the agent signs is 80 bytes, a typical Dfns size.
     """
-    from agent.dev_dfns import action_challenge
+    from agent.dev.dfns_server import action_challenge
 
     challenge = b64url(f"ch-{secrets.token_hex(16)}".encode())
     return action_challenge(challenge, "eyJ0eXAiOiJKV1QifQ." + b64url(secrets.token_bytes(24)), [cred_id])
@@ -55,7 +55,7 @@ def make_challenge(cred_id: str) -> dict[str, Any]:
 
 def client_data(challenge: str) -> bytes:
     """The exact bytes the agent signs for ``challenge`` (its own builder), so every contender signs the same size."""
-    from agent.dfns import client_data as build
+    from agent.dfns.protocol import client_data as build
 
     return build(challenge, "key.get")
 

@@ -29,8 +29,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from agent.dev_dfns import DevDfns, DevDfnsServer, ServiceAccount
-from agent.token import find_softhsm_module
+from agent.dev.dfns_server import DevDfns, DevDfnsServer, ServiceAccount
+from agent.token.device import find_softhsm_module
 
 ROOT = Path(__file__).resolve().parent.parent
 PIN = "461-test:pin"  # has a colon on purpose: CloudHSM-style PINs must pass through unchanged
@@ -123,7 +123,7 @@ def template_token(tmp_path_factory: pytest.TempPathFactory) -> Path:
     script = (
         "from agent.config import TokenConfig\n"
         "from agent.secret import Secret\n"
-        "from agent.token import Token, KeyKind\n"
+        "from agent.token.device import Token, KeyKind\n"
         f"cfg = TokenConfig(module={MODULE!r}, label={TOKEN_LABEL!r})\n"
         "import json\n"
         f"with Token.open(cfg, Secret({PIN!r}, 'test'), rw=True) as t:\n"
@@ -292,7 +292,7 @@ def b64url_decode(text: str) -> bytes:
 
 def make_challenge(*allowed: str) -> dict[str, Any]:
     """An /auth/action/init answer shaped like Dfns's."""
-    from agent.dev_dfns import action_challenge
+    from agent.dev.dfns_server import action_challenge
 
     challenge = b64url(f"ch-{secrets.token_hex(4)}-{secrets.token_hex(4)}".encode())
     return action_challenge(challenge, "eyJ0eXAiOiJKV1QifQ." + b64url(secrets.token_bytes(24)), list(allowed))

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from agent.dev_dfns import DevDfns, DevDfnsServer, ServiceAccount
+from agent.dev.dfns_server import DevDfns, DevDfnsServer, ServiceAccount
 
 ROOT = Path(__file__).resolve().parent.parent
 KINDS = ["ed25519", "p256", "secp256k1", "rsa2048"]
@@ -710,7 +710,7 @@ def test_run_writes_private_token_files_and_serves(tmp_path: Path) -> None:
     key_file.write_text(pem(key))
     tokens = tmp_path / "tokens"
     script = (
-        "import sys\nfrom pathlib import Path\nfrom agent.dev_dfns import run\n"
+        "import sys\nfrom pathlib import Path\nfrom agent.dev.dfns_server import run\n"
         f"run('127.0.0.1', 0, [('ops', Path({str(key_file)!r}), 'Y2ktb3Bz')], Path({str(tokens)!r}), sys.stdout)\n"
     )
     proc = subprocess.Popen(

@@ -1,4 +1,4 @@
-"""Pure protocol tests for agent.dfns (dfns-protocol.md §2, §3, §4.2), using software keys, no PKCS#11."""
+"""Pure protocol tests for agent.dfns.protocol (dfns-protocol.md §2, §3, §4.2), using software keys, no PKCS#11."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from agent.dfns import (
+from agent.dfns.protocol import (
     KEY_CREATE,
     KEY_GET,
     MAX_CHALLENGE_LEN,
@@ -40,7 +40,7 @@ _MISSING = object()
 
 
 # --------------------------------------------------------------------------------------------------------------
-# A software signer implementing agent.dfns.Signer with the encodings of §3.
+# A software signer implementing agent.dfns.protocol.Signer with the encodings of §3.
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -469,7 +469,7 @@ def test_sign_registration(signer: SoftwareSigner) -> None:
     assert attestation["publicKey"] == signer.public_key_pem
     assert re.fullmatch(r"[0-9a-f]+", attestation["signature"])  # lowercase hex
 
-    # Rebuild the fingerprint the way the server does (§4.2 c) — independently of agent.dfns.
+    # Rebuild the fingerprint the way the server does (§4.2 c) — independently of agent.dfns.protocol.
     fingerprint = (
         '{"clientDataHash":"'
         + hashlib.sha256(data).hexdigest()

@@ -10,7 +10,7 @@ from typing import Any
 
 from conftest import MODULE, PIN, ROOT, TOKEN_LABEL, AgentProcess, TokenEnv, key_label
 
-from agent.dev_dfns import DevDfns, DevDfnsServer
+from agent.dev.dfns_server import DevDfns, DevDfnsServer
 
 
 def doctor_argv(config: Path) -> list[str]:

@@ -33,8 +33,8 @@ from conftest import (
     wait_until,
 )
 
-from agent.audit import verify
-from agent.dfns import KEY_GET, client_data
+from agent.core.audit import verify
+from agent.dfns.protocol import KEY_GET, client_data
 
 KINDS_UNDER_LOAD = ["ed25519", "p256"]
 

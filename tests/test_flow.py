@@ -29,7 +29,7 @@ from conftest import (
     running_agent,
 )
 
-from agent.dev_dfns import DevDfns, DevDfnsServer, ServiceAccount
+from agent.dev.dfns_server import DevDfns, DevDfnsServer, ServiceAccount
 
 
 @dataclass
@@ -408,7 +408,7 @@ def test_dev_dfns_command_uses_the_agents_default_cred_id(template_keys: dict[st
 
     from cryptography.hazmat.primitives import serialization
 
-    from agent.dfns import cred_id_for_key
+    from agent.dfns.protocol import cred_id_for_key
 
     pem = tmp_path / "k.pem"
     pem.write_text(template_keys[SPARE_KEY])

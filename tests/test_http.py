@@ -268,7 +268,7 @@ def test_a_handler_that_fails_unexpectedly_gets_a_logged_500_and_the_connection_
     short_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The server's last resort (the agent's App maps its own errors the same way, with the same helper)."""
-    from agent.http import Limits, Request, Response, Server, json_response
+    from agent.transport.http import Limits, Request, Response, Server, json_response
 
     async def handler(request: Request) -> Response:
         if request.path == "/boom":

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from conftest import KINDS, AgentProcess, TokenEnv, check_assertion, cred_id_for, make_challenge
 
-from agent.audit import verify
+from agent.core.audit import verify
 
 CLIENTS = 16
 TOTAL = 2000

@@ -34,4 +34,4 @@ def test_journald_priorities_when_under_systemd(token_env: TokenEnv, start_agent
         del os.environ["JOURNAL_STREAM"]
     agent.stop()
     lines = [line for line in log_lines(agent) if line.startswith("<")]
-    assert "<6>agent.daemon: stopped" in lines, agent.output()
+    assert "<6>agent.daemon.run: stopped" in lines, agent.output()

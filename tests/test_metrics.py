@@ -11,7 +11,7 @@ import httpx
 from conftest import AgentProcess, TokenEnv, cred_id_for, make_challenge
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.metrics import Metrics
+from agent.core.metrics import Metrics
 
 RULE = '[policy]\n[[policy.rule]]\nname = "root-ed-only"\nuids = [0]\ncredentials = ["ed25519"]\n'
 

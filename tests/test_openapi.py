@@ -8,8 +8,8 @@ import jsonschema
 import pytest
 from conftest import AgentProcess, cred_id_for, make_challenge
 
-from agent import openapi
-from agent.server import ROUTES
+from agent.app import openapi
+from agent.app.routes import ROUTES
 
 
 def validate(instance: Any, schema_name: str) -> None:

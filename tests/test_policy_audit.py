@@ -29,9 +29,9 @@ from conftest import (
     wait_until,
 )
 
-from agent.audit import GENESIS, AuditLog, verify
-from agent.dfns import KEY_GET, client_data
-from agent.policy import Caller, Forbidden, Policy, RateLimited, Rule
+from agent.core.audit import GENESIS, AuditLog, verify
+from agent.core.policy import Caller, Forbidden, Policy, RateLimited, Rule
+from agent.dfns.protocol import KEY_GET, client_data
 
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -244,7 +244,7 @@ def stat_mode(path: Path) -> int:
 
 def test_a_record_that_cannot_be_encoded_fails_closed(tmp_path: Path) -> None:
     """Not only I/O errors: anything that stops a record from being written withholds the signature."""
-    from agent.audit import AuditUnavailable
+    from agent.core.audit import AuditUnavailable
 
     log = AuditLog(tmp_path / "audit.jsonl")
     try:
@@ -261,7 +261,7 @@ def test_a_record_that_cannot_be_encoded_fails_closed(tmp_path: Path) -> None:
 def test_a_failed_group_commit_off_the_loop_withholds_every_signature_of_the_batch(tmp_path: Path) -> None:
     """Several records awaited at once are written on the audit log's writer thread; if that write fails,
     all of them fail."""
-    from agent.audit import AuditUnavailable
+    from agent.core.audit import AuditUnavailable
 
     path = tmp_path / "audit.jsonl"
 
@@ -367,7 +367,7 @@ def test_the_agent_cannot_dump_core_and_is_not_dumpable(agent: AgentProcess) -> 
         [
             sys.executable,
             "-c",
-            "from agent.hardening import harden_process, is_dumpable\n"
+            "from agent.daemon.hardening import harden_process, is_dumpable\n"
             "print(is_dumpable()); harden_process(); print(is_dumpable())",
         ],
         capture_output=True,
@@ -450,7 +450,7 @@ def test_sigterm_drains_in_flight_requests(
 
     from conftest import key_label
 
-    from agent.dev_dfns import DevDfns, DevDfnsServer
+    from agent.dev.dfns_server import DevDfns, DevDfnsServer
 
     dfns = DevDfns()
     with DevDfnsServer(dfns) as server:

@@ -26,7 +26,7 @@ import httpx
 import pytest
 from conftest import PIN, ROOT, TokenEnv, check_assertion, cred_id_for, key_label, make_challenge
 
-from agent import systemd
+from agent.transport import systemd
 
 # ------------------------------------------------------------------------------------------------------
 # Helpers
@@ -117,8 +117,8 @@ else:
 os.environ["LISTEN_PID"] = str(os.getpid()) if listen_pid == "self" else listen_pid
 os.environ["LISTEN_FDS"] = count
 os.environ["LISTEN_FDNAMES"] = ":".join(["agent"] * int(count))
-from agent import systemd
-from agent.listener import ListenError
+from agent.transport import systemd
+from agent.transport.listener import ListenError
 try:
     got = systemd.listen_socket()
 except ListenError as e:

@@ -15,11 +15,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
 
-import agent.token as agent_token
+import agent.token.device as agent_token
 from agent.config import TokenConfig
 from agent.errors import KeyExists, KeyNotFound, TokenUnavailable
 from agent.secret import Secret
-from agent.token import KeyKind, Token, unload_module
+from agent.token.device import KeyKind, Token, unload_module
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 from conftest import PIN, ROOT, AgentProcess, TokenEnv, cred_id_for, make_challenge, wait_until
 
-from agent.audit import verify
+from agent.core.audit import verify
 
 WORKERS = "workers = 3\nsign_threads = 0\n"
 

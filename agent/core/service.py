@@ -15,13 +15,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent import dfns
-from agent.audit import AuditLog, elapsed_ms
 from agent.config import CredentialConfig
+from agent.core.audit import AuditLog, elapsed_ms
+from agent.core.metrics import Metrics
+from agent.core.policy import UNRESTRICTED, Caller, Grant
+from agent.dfns import protocol as dfns
 from agent.errors import AgentError, CircuitOpen, CredentialNotAllowed, UnknownCredential
-from agent.metrics import Metrics
-from agent.policy import UNRESTRICTED, Caller, Grant
-from agent.token import KeyInfo, Token
+from agent.token.device import KeyInfo, Token
 
 
 def sha256_hex(data: bytes) -> str:
@@ -84,7 +84,7 @@ class Attempt:
 
 
 class _KeySigner:
-    """A :class:`agent.dfns.Signer` backed by one key on the token."""
+    """A :class:`agent.dfns.protocol.Signer` backed by one key on the token."""
 
     def __init__(self, token: Token, key: KeyInfo) -> None:
         self._token, self._key = token, key

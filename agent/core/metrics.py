@@ -86,7 +86,7 @@ class Metrics:
         self._state = state
 
     def token_event(self, event: str, state: str) -> None:
-        """Hook for :class:`agent.token.Token`: its state changed, or it reconnected."""
+        """Hook for :class:`agent.token.device.Token`: its state changed, or it reconnected."""
         if event == "reconnected":
             self.reconnects.inc()
         self.set_token_state(state)

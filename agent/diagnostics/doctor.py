@@ -10,7 +10,7 @@ last attempt is left or the PIN is locked), neither the PIN nor a Dfns bearer to
 nothing is written (no socket is bound, no audit record is made). Checks that cannot run because one they
 depend on failed (module → token → PIN → keys) are shown as skipped, not as failures.
 
-PKCS#11 modules are loaded once per process (``agent.token`` caches them by path), so the doctor is meant
+PKCS#11 modules are loaded once per process (``agent.token.device`` caches them by path), so the doctor is meant
 to run in its own process, as the CLI command does.
 """
 
@@ -183,7 +183,7 @@ def _step_token(config: Config, lib: Any, report: Report) -> Any:
 
 
 def _step_pin(config: Config, p11_token: Any, report: Report) -> tuple[Any, bool]:
-    """Returns the logged-in :class:`agent.token.Token` (or None) and whether the PIN source was checked."""
+    """Returns the logged-in :class:`agent.token.device.Token` (or None) and whether the PIN source was checked."""
     result: list[tuple[Any, bool]] = []
 
     def run() -> Check:
@@ -238,13 +238,13 @@ def _step_dfns(config: Config, report: Report) -> None:
 
 
 def _socket_path(config: Config, override: str | None) -> Path:
-    from agent.daemon import socket_path_for  # the same rule `serve` uses
+    from agent.daemon.run import socket_path_for  # the same rule `serve` uses
 
     return Path(os.path.abspath(socket_path_for(config, override)))
 
 
 def _user_agent() -> str:
-    from agent.dfns_client import USER_AGENT
+    from agent.dfnsapi.client import USER_AGENT
 
     return USER_AGENT
 
@@ -254,9 +254,9 @@ def _user_agent() -> str:
 
 
 def check_module(cfg: TokenConfig) -> tuple[Any, Check]:
-    """dlopen + C_Initialize through agent.token, with the module's environment applied as the agent does."""
+    """dlopen + C_Initialize through agent.token.device, with the module's environment applied as the agent does."""
     from agent.errors import TokenUnavailable
-    from agent.token import load_module
+    from agent.token.device import load_module
 
     path = cfg.module
     if not os.path.isabs(path):
@@ -304,7 +304,7 @@ def _module_fix(path: str, cfg: TokenConfig) -> str:
 def check_token(lib: Any, cfg: TokenConfig) -> tuple[Any, Check]:
     """The configured token by label or serial; on failure, the tokens that are there instead."""
     from agent.errors import TokenUnavailable
-    from agent.token import find_token
+    from agent.token.device import find_token
 
     try:
         tok = find_token(lib, cfg)
@@ -370,14 +370,14 @@ def present_tokens(lib: Any) -> list[PresentToken]:
 
 
 def check_pin(cfg: TokenConfig, p11_token: Any) -> tuple[Any, bool, Check]:
-    """Read the PIN from its source, then log in exactly once through agent.token (which never retries).
+    """Read the PIN from its source, then log in exactly once through agent.token.device (which never retries).
 
     Returns the logged-in Token or None, whether the PIN source itself was checked, and the check.
     """
     from pkcs11 import TokenFlag
 
     from agent.errors import TokenUnavailable
-    from agent.token import Token
+    from agent.token.device import Token
 
     flags = p11_token.flags
     name = f"token {p11_token.label!r}"
@@ -636,7 +636,7 @@ def check_pin_source(source: SecretSource) -> Check | None:
 
 def check_audit(audit: AuditConfig) -> Check:
     """The audit log can be opened for appending, without writing a record."""
-    from agent.audit import default_audit_path
+    from agent.core.audit import default_audit_path
 
     if not audit.enabled:
         return passed("audit log", "disabled ([audit] enabled = false)", "signatures will not be recorded")

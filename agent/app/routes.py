@@ -1,10 +1,10 @@
 """The agent's HTTP API over its Unix socket: routing, caller identity, policy, JSON in and out.
 
 Handlers only parse, validate and apply the policy; the work happens in
-:class:`agent.service.SigningService` (on the event loop, or on a thread pool when ``sign_threads`` is set:
-PKCS#11 calls block and python-pkcs11 releases the GIL during them) and :class:`agent.flow.DfnsFlow`. Every
+:class:`agent.core.service.SigningService` (on the event loop, or on a thread pool when ``sign_threads`` is set:
+PKCS#11 calls block and python-pkcs11 releases the GIL during them) and :class:`agent.dfnsapi.flow.DfnsFlow`. Every
 failure leaves as ``{"error": {"code", "message"}}`` with the status its :class:`agent.errors.AgentError`
-names. The HTTP protocol itself (parsing, keep-alive, limits) is :mod:`agent.http`.
+names. The HTTP protocol itself (parsing, keep-alive, limits) is :mod:`agent.transport.http`.
 
 Every request is tied to the kernel-reported identity of the process on the other end (``SO_PEERCRED``);
 a caller the policy does not admit gets 403 on anything, and refusals are audited.
@@ -20,15 +20,15 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
-from agent import openapi
+from agent.app import openapi
 from agent.config import DfnsConfig
-from agent.dfns_client import DfnsApi, make_http_client
+from agent.core.policy import Caller, Forbidden, Policy, peer_of
+from agent.core.service import SigningService
+from agent.dfnsapi.client import DfnsApi, make_http_client
+from agent.dfnsapi.flow import DfnsFlow, in_pool
 from agent.errors import AgentError, BadRequest, CircuitOpen
-from agent.flow import DfnsFlow, in_pool
-from agent.http import Limits, Request, Response, Server, error_response, internal_error, json_response
-from agent.policy import Caller, Forbidden, Policy, peer_of
 from agent.secret import Secret
-from agent.service import SigningService
+from agent.transport.http import Limits, Request, Response, Server, error_response, internal_error, json_response
 
 __all__ = ["ROUTES", "AgentState", "App", "Limits", "create_app", "serve"]
 
@@ -74,7 +74,7 @@ Endpoint = Callable[["App", Request], Awaitable[Response]]
 
 
 class App:
-    """The agent's routes over one :class:`AgentState`; :meth:`handle` is what :mod:`agent.http` calls."""
+    """The agent's routes over one :class:`AgentState`; :meth:`handle` is what :mod:`agent.transport.http` calls."""
 
     def __init__(self, state: AgentState, limits: Limits) -> None:
         self.state = state

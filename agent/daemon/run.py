@@ -24,18 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal, TextIO
 
-from agent import __version__, metrics, systemd
-from agent.audit import AuditLog, default_audit_path
+from agent import __version__
+from agent.app.routes import AgentState, App, Limits, create_app, serve
 from agent.config import Config, DfnsConfig, load_config
+from agent.core import metrics
+from agent.core.audit import AuditLog, default_audit_path
+from agent.core.metrics import Metrics
+from agent.core.policy import Policy
+from agent.core.service import SigningService
+from agent.daemon.hardening import harden_process
 from agent.errors import AgentError, ConfigError, TokenError
-from agent.hardening import harden_process
-from agent.listener import bind_unix_socket, default_socket_path, remove_socket, socket_inode
-from agent.metrics import Metrics
-from agent.policy import Policy
 from agent.secret import Secret, read_pin, read_secret
-from agent.server import AgentState, App, Limits, create_app, serve
-from agent.service import SigningService
-from agent.token import Token
+from agent.token.device import Token
+from agent.transport import systemd
+from agent.transport.listener import bind_unix_socket, default_socket_path, remove_socket, socket_inode
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import click
 from agent import __version__, logs
 from agent.config import Config, load_config
 from agent.errors import AgentError, ConfigError
-from agent.token import KeyKind, Token
+from agent.token.device import KeyKind, Token
 
 
 class _Context:
@@ -72,7 +72,7 @@ def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
 @click.pass_obj
 def serve(obj: _Context, socket_path: str | None) -> None:
     """Run the agent: log in to the token once and serve signing requests on the Unix socket."""
-    from agent import daemon
+    from agent.daemon import run as daemon
 
     config = obj.config
     logs.configure(obj.verbose, fmt=config.logging.format, level=config.logging.level)
@@ -241,7 +241,7 @@ def register(
 @click.pass_obj
 def doctor(obj: _Context, socket_path: str | None) -> None:
     """Check module, token, PIN, keys, socket, config and Dfns; print a fix for every problem. Exit 0 if all pass."""
-    from agent.doctor import run_doctor
+    from agent.diagnostics.doctor import run_doctor
 
     # config_path, not obj.config: a config that does not load is the doctor's first finding, not an error.
     sys.exit(0 if run_doctor(obj.config_path, sys.stdout, socket_override=socket_path) else 1)
@@ -306,7 +306,7 @@ def audit() -> None:
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 def audit_verify(file: str) -> None:
     """Check the hash chain of an audit log; report the first broken record. Exit 1 if broken."""
-    from agent.audit import verify
+    from agent.core.audit import verify
 
     result = verify(Path(file))
     if result.ok:
@@ -336,8 +336,8 @@ def dev_dfns(host: str, port: int, accounts: tuple[str, ...], tokens_dir: str) -
     """
     from cryptography.hazmat.primitives import serialization
 
-    from agent.dev_dfns import run
-    from agent.dfns import cred_id_for_key
+    from agent.dev.dfns_server import run
+    from agent.dfns.protocol import cred_id_for_key
 
     parsed: list[tuple[str, Path, str | None]] = []
     for spec in accounts:
@@ -353,7 +353,7 @@ def dev_dfns(host: str, port: int, accounts: tuple[str, ...], tokens_dir: str) -
 
 
 def _client_socket(obj: _Context, explicit: str | None) -> Path:
-    from agent.daemon import socket_path_for
+    from agent.daemon.run import socket_path_for
 
     if explicit:
         return Path(explicit)

@@ -14,10 +14,10 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
-from agent.dfns_client import DfnsApi, Upstream, dfns_error
+from agent.core.policy import UNRESTRICTED, Caller, Grant
+from agent.core.service import SigningService, sha256_hex
+from agent.dfnsapi.client import DfnsApi, Upstream, dfns_error
 from agent.errors import BadRequest, DfnsError, DfnsNotConfigured
-from agent.policy import UNRESTRICTED, Caller, Grant
-from agent.service import SigningService, sha256_hex
 
 T = TypeVar("T")
 MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
