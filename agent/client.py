@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 
-from agent.transport.listener import default_socket_path
+from agent.paths import default_socket_path
 
 
 class AgentClientError(Exception):

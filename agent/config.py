@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from agent.core.policy import Rule
+from agent.caller import Caller
 from agent.errors import ConfigError
 
 if sys.version_info >= (3, 11):
@@ -75,6 +75,39 @@ class AuditConfig:
 
     enabled: bool = True
     file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One ``[[policy.rule]]``: which callers it selects and what they may do (see ``agent/core/policy.py``)."""
+
+    name: str
+    uids: frozenset[int] = frozenset()
+    gids: frozenset[int] = frozenset()
+    exes: tuple[str, ...] = ()
+    credentials: frozenset[str] | None = None
+    methods: frozenset[str] | None = None
+    paths: tuple[str, ...] | None = None
+    allow_sign: bool | None = None
+    allow_register: bool = False
+    rate: float | None = None
+    burst: int | None = None
+
+    def matches(self, caller: Caller) -> bool:
+        selectors = []
+        if self.uids:
+            selectors.append(caller.uid in self.uids)
+        if self.gids:
+            selectors.append(caller.gid in self.gids)
+        if self.exes:
+            selectors.append(caller.exe is not None and caller.exe in self.exes)
+        return bool(selectors) and all(selectors)
+
+    @property
+    def sign_allowed(self) -> bool:
+        if self.allow_sign is not None:
+            return self.allow_sign
+        return self.methods is None and self.paths is None
 
 
 DEFAULT_DFNS_URL = "https://api.dfns.io"

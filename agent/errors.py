@@ -92,6 +92,12 @@ class PinLocked(TokenError):
     code = "pin_locked"
 
 
+class IdentityMismatch(TokenError):
+    """After a reconnect, the token (or a key on it) is not the one the agent started with."""
+
+    code = "token_identity_changed"
+
+
 class KeyNotFound(TokenError):
     code = "key_not_found"
     status = 404
@@ -105,6 +111,35 @@ class KeyExists(TokenError):
 class UnsupportedKey(TokenError):
     code = "unsupported_key"
     status = 422
+
+
+class Forbidden(AgentError):
+    """The policy does not let this caller do this; ``rule`` names the rule that refused (for metrics)."""
+
+    code = "forbidden"
+    status = 403
+
+    def __init__(self, message: str, *, rule: str = "default") -> None:
+        super().__init__(message)
+        self.rule = rule  # "default": the built-in uid check
+
+
+class RateLimited(Forbidden):
+    code = "rate_limited"
+    status = 429
+
+
+class AuditUnavailable(AgentError):
+    """The audit record could not be made durable, so the signature is withheld (fail closed)."""
+
+    code = "audit_unavailable"
+    status = 503
+
+
+class ListenError(AgentError):
+    """The agent cannot claim its socket (a start-up error)."""
+
+    code = "listen_error"
 
 
 class DfnsError(AgentError):

@@ -29,9 +29,12 @@ from conftest import (
     wait_until,
 )
 
+from agent.caller import Caller
+from agent.config import Rule
 from agent.core.audit import GENESIS, AuditLog, verify
-from agent.core.policy import Caller, Forbidden, Policy, RateLimited, Rule
+from agent.core.policy import Policy
 from agent.dfns.protocol import KEY_GET, client_data
+from agent.errors import Forbidden, RateLimited
 
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -244,7 +247,7 @@ def stat_mode(path: Path) -> int:
 
 def test_a_record_that_cannot_be_encoded_fails_closed(tmp_path: Path) -> None:
     """Not only I/O errors: anything that stops a record from being written withholds the signature."""
-    from agent.core.audit import AuditUnavailable
+    from agent.errors import AuditUnavailable
 
     log = AuditLog(tmp_path / "audit.jsonl")
     try:
@@ -261,7 +264,7 @@ def test_a_record_that_cannot_be_encoded_fails_closed(tmp_path: Path) -> None:
 def test_a_failed_group_commit_off_the_loop_withholds_every_signature_of_the_batch(tmp_path: Path) -> None:
     """Several records awaited at once are written on the audit log's writer thread; if that write fails,
     all of them fail."""
-    from agent.core.audit import AuditUnavailable
+    from agent.errors import AuditUnavailable
 
     path = tmp_path / "audit.jsonl"
 

@@ -118,7 +118,7 @@ os.environ["LISTEN_PID"] = str(os.getpid()) if listen_pid == "self" else listen_
 os.environ["LISTEN_FDS"] = count
 os.environ["LISTEN_FDNAMES"] = ":".join(["agent"] * int(count))
 from agent.transport import systemd
-from agent.transport.listener import ListenError
+from agent.errors import ListenError
 try:
     got = systemd.listen_socket()
 except ListenError as e:

@@ -21,14 +21,16 @@ from concurrent.futures import Executor
 from typing import Any
 
 from agent.app import openapi
+from agent.caller import Caller
 from agent.config import DfnsConfig
-from agent.core.policy import Caller, Forbidden, Policy, peer_of
+from agent.core.policy import Policy
 from agent.core.service import SigningService
 from agent.dfnsapi.client import DfnsApi, make_http_client
 from agent.dfnsapi.flow import DfnsFlow, in_pool
-from agent.errors import AgentError, BadRequest, CircuitOpen
+from agent.errors import AgentError, BadRequest, CircuitOpen, Forbidden
 from agent.secret import Secret
 from agent.transport.http import Limits, Request, Response, Server, error_response, internal_error, json_response
+from agent.transport.listener import peer_of
 
 __all__ = ["ROUTES", "AgentState", "App", "Limits", "create_app", "serve"]
 

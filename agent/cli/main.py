@@ -353,7 +353,7 @@ def dev_dfns(host: str, port: int, accounts: tuple[str, ...], tokens_dir: str) -
 
 
 def _client_socket(obj: _Context, explicit: str | None) -> Path:
-    from agent.daemon.run import socket_path_for
+    from agent.paths import socket_path_for
 
     if explicit:
         return Path(explicit)

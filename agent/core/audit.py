@@ -28,7 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from agent.errors import AgentError
+from agent.errors import AuditUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -38,21 +38,6 @@ _OFFLOAD_AT = 2  # records in one loop batch from which the fsync moves off the 
 # json.dumps builds a new encoder on every call when given options; this one is shared (it keeps no state
 # between calls) and produces the same bytes.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
-
-
-class AuditUnavailable(AgentError):
-    """The audit record could not be made durable, so the signature is withheld."""
-
-    code = "audit_unavailable"
-    status = 503
-
-
-def default_audit_path() -> Path:
-    """``$XDG_STATE_HOME/dfns-agent/audit.jsonl`` for users; ``/var/lib/dfns-agent/audit.jsonl`` for root."""
-    if os.geteuid() == 0 and "XDG_STATE_HOME" not in os.environ:
-        return Path("/var/lib/dfns-agent/audit.jsonl")
-    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(state) / "dfns-agent" / "audit.jsonl"
 
 
 def line_hash(line: bytes) -> str:

@@ -14,84 +14,14 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from agent.errors import AgentError
-
-
-class Forbidden(AgentError):
-    code = "forbidden"
-    status = 403
-
-    def __init__(self, message: str, *, rule: str = "default") -> None:
-        super().__init__(message)
-        self.rule = rule  # for metrics: which rule refused (default: the built-in uid check)
-
-
-class RateLimited(Forbidden):
-    code = "rate_limited"
-    status = 429
-
-
-@dataclass(frozen=True)
-class Caller:
-    """The process at the other end of a connection, as the kernel reports it."""
-
-    uid: int
-    gid: int
-    pid: int
-    exe: str | None
-
-    def describe(self) -> dict[str, object]:
-        return {"uid": self.uid, "gid": self.gid, "pid": self.pid, "exe": self.exe}
-
-
-_UCRED = struct.Struct("3i")
-
-
-def peer_of(sock: socket.socket) -> Caller:
-    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
-    try:
-        exe: str | None = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        exe = None  # another user's process when we are not root, or already gone
-    return Caller(uid=uid, gid=gid, pid=pid, exe=exe)
-
-
-@dataclass(frozen=True)
-class Rule:
-    name: str
-    uids: frozenset[int] = frozenset()
-    gids: frozenset[int] = frozenset()
-    exes: tuple[str, ...] = ()
-    credentials: frozenset[str] | None = None
-    methods: frozenset[str] | None = None
-    paths: tuple[str, ...] | None = None
-    allow_sign: bool | None = None
-    allow_register: bool = False
-    rate: float | None = None
-    burst: int | None = None
-
-    def matches(self, caller: Caller) -> bool:
-        selectors = []
-        if self.uids:
-            selectors.append(caller.uid in self.uids)
-        if self.gids:
-            selectors.append(caller.gid in self.gids)
-        if self.exes:
-            selectors.append(caller.exe is not None and caller.exe in self.exes)
-        return bool(selectors) and all(selectors)
-
-    @property
-    def sign_allowed(self) -> bool:
-        if self.allow_sign is not None:
-            return self.allow_sign
-        return self.methods is None and self.paths is None
+from agent.caller import Caller
+from agent.config import Rule
+from agent.errors import Forbidden, RateLimited
 
 
 @dataclass

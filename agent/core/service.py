@@ -15,10 +15,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from agent.caller import Caller
 from agent.config import CredentialConfig
 from agent.core.audit import AuditLog, elapsed_ms
 from agent.core.metrics import Metrics
-from agent.core.policy import UNRESTRICTED, Caller, Grant
+from agent.core.policy import UNRESTRICTED, Grant
 from agent.dfns import protocol as dfns
 from agent.errors import AgentError, CircuitOpen, CredentialNotAllowed, UnknownCredential
 from agent.token.device import KeyInfo, Token
@@ -166,7 +167,7 @@ class SigningService:
         started = time.perf_counter()
         record: dict[str, Any] = {
             "event": event,
-            "caller": caller.describe() if caller else None,
+            "caller": caller.to_json() if caller else None,
             "agentPid": os.getpid(),
         }
         if action is not None:
@@ -313,7 +314,7 @@ class SigningService:
         a caller hammering refused requests does not stall the event loop on fsyncs."""
         if self.audit is None:
             return
-        record = {"event": "refused", "caller": caller.describe() if caller else None, "endpoint": endpoint}
+        record = {"event": "refused", "caller": caller.to_json() if caller else None, "endpoint": endpoint}
         try:
             await self.audit.record_async(**record, **fields, outcome="refused", code=error.code, reason=error.message)
         except AgentError:

@@ -28,26 +28,19 @@ from agent import __version__
 from agent.app.routes import AgentState, App, Limits, create_app, serve
 from agent.config import Config, DfnsConfig, load_config
 from agent.core import metrics
-from agent.core.audit import AuditLog, default_audit_path
+from agent.core.audit import AuditLog
 from agent.core.metrics import Metrics
 from agent.core.policy import Policy
 from agent.core.service import SigningService
 from agent.daemon.hardening import harden_process
 from agent.errors import AgentError, ConfigError, TokenError
+from agent.paths import audit_path_for, socket_path_for
 from agent.secret import Secret, read_pin, read_secret
 from agent.token.device import Token
 from agent.transport import systemd
-from agent.transport.listener import bind_unix_socket, default_socket_path, remove_socket, socket_inode
+from agent.transport.listener import bind_unix_socket, remove_socket, socket_inode
 
 log = logging.getLogger(__name__)
-
-
-def socket_path_for(config: Config | None, override: str | Path | None = None) -> Path:
-    if override:
-        return Path(override)
-    if config is not None and config.server.socket is not None:
-        return config.server.socket
-    return default_socket_path()
 
 
 def read_dfns_tokens(config: Config) -> dict[str, tuple[DfnsConfig, Secret]]:
@@ -66,7 +59,7 @@ def open_audit(config: Config) -> AuditLog | None:
     if not config.audit.enabled:
         log.warning("the audit log is disabled ([audit] enabled = false); signatures are not recorded")
         return None
-    return AuditLog(config.audit.file or default_audit_path(), flush_on_loop=config.server.sign_threads == 0)
+    return AuditLog(audit_path_for(config), flush_on_loop=config.server.sign_threads == 0)
 
 
 def limits_for(config: Config) -> Limits:

@@ -14,7 +14,8 @@ from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
-from agent.core.policy import UNRESTRICTED, Caller, Grant
+from agent.caller import Caller
+from agent.core.policy import UNRESTRICTED, Grant
 from agent.core.service import SigningService, sha256_hex
 from agent.dfnsapi.client import DfnsApi, Upstream, dfns_error
 from agent.errors import BadRequest, DfnsError, DfnsNotConfigured

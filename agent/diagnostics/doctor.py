@@ -238,7 +238,7 @@ def _step_dfns(config: Config, report: Report) -> None:
 
 
 def _socket_path(config: Config, override: str | None) -> Path:
-    from agent.daemon.run import socket_path_for  # the same rule `serve` uses
+    from agent.paths import socket_path_for  # the same rule `serve` uses
 
     return Path(os.path.abspath(socket_path_for(config, override)))
 
@@ -636,7 +636,7 @@ def check_pin_source(source: SecretSource) -> Check | None:
 
 def check_audit(audit: AuditConfig) -> Check:
     """The audit log can be opened for appending, without writing a record."""
-    from agent.core.audit import default_audit_path
+    from agent.paths import default_audit_path
 
     if not audit.enabled:
         return passed("audit log", "disabled ([audit] enabled = false)", "signatures will not be recorded")

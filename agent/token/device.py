@@ -40,6 +40,7 @@ from pkcs11 import exceptions as p11
 from agent.config import TokenConfig
 from agent.errors import (
     CircuitOpen,
+    IdentityMismatch,
     KeyExists,
     KeyNotFound,
     PinLocked,
@@ -438,12 +439,6 @@ class _Shared:
             gate._readers -= 1
             if not gate._readers and gate._writer:  # only a writer waits for the readers to drain
                 gate._cv.notify_all()
-
-
-class IdentityMismatch(TokenError):
-    """After a reconnect, the token (or a key on it) is not the one the agent started with."""
-
-    code = "token_identity_changed"
 
 
 @dataclass(frozen=True)

@@ -11,24 +11,26 @@ import errno
 import os
 import socket
 import stat
-import tempfile
+import struct
 from pathlib import Path
 
-from agent.errors import AgentError
+from agent.caller import Caller
+from agent.errors import ListenError
 
 _MAX_SUN_PATH = 107
 
 
-class ListenError(AgentError):
-    code = "listen_error"
+_UCRED = struct.Struct("3i")
 
 
-def default_socket_path() -> Path:
-    """``$XDG_RUNTIME_DIR/dfns-agent/agent.sock``, else a per-user directory under the temp dir."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "dfns-agent" / "agent.sock"
-    return Path(tempfile.gettempdir()) / f"dfns-agent-{os.geteuid()}" / "agent.sock"
+def peer_of(sock: socket.socket) -> Caller:
+    """The kernel's word on who is connected (``SO_PEERCRED``), and the executable it runs when readable."""
+    pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    try:
+        exe: str | None = os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        exe = None  # another user's process when we are not root, or already gone
+    return Caller(uid=uid, gid=gid, pid=pid, exe=exe)
 
 
 def prepare_directory(directory: Path) -> None:

@@ -14,7 +14,7 @@ import socket
 import stat
 import time
 
-from agent.transport.listener import ListenError
+from agent.errors import ListenError
 
 log = logging.getLogger(__name__)
 
