@@ -266,3 +266,36 @@ def test_invalid_toml_stops_after_config(token_env: TokenEnv) -> None:
     found = checks(r.stdout)
     assert [(m, n) for m, n, _ in found] == [("✗", "config")], r.stdout
     assert "not valid TOML" in r.stdout and "fix:" in r.stdout
+
+
+def destroy_private_key(te: TokenEnv, label: str) -> None:
+    """Delete a key pair's private half from the token copy, behind a running agent's back (own process:
+    this one must not load SoftHSM)."""
+    script = (
+        "import pkcs11\n"
+        "from pkcs11 import Attribute, ObjectClass\n"
+        f"tok = pkcs11.lib({MODULE!r}).get_token(token_label={TOKEN_LABEL!r})\n"
+        f"with tok.open(user_pin={PIN!r}, rw=True) as s:\n"
+        f"    found = list(s.get_objects({{Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: {label!r}}}))\n"
+        "    assert len(found) == 1, found\n"
+        "    found[0].destroy()\n"
+    )
+    subprocess.run([sys.executable, "-c", script], env=te.env(), check=True, capture_output=True, cwd=ROOT)
+
+
+def test_degraded_agent_on_the_socket_gives_the_agents_reason(
+    token_env: TokenEnv, short_dir: Path, start_agent: Any
+) -> None:
+    token_env.write_config(server=socket_conf(short_dir))
+    agent: AgentProcess = start_agent(token_env, socket_path=short_dir / "run" / "agent.sock")
+    destroy_private_key(token_env, key_label("ed25519"))
+    health = agent.http.get("/v1/health").json()
+    assert health["status"] == "degraded", health
+    reason = health["reason"]
+    assert "'ed25519' not found or changed" in reason, reason
+    r = run_doctor(token_env)
+    assert r.returncode == 1
+    mark, text = line(r.stdout, "socket")
+    assert mark == "✗" and "an agent is running on it: status degraded" in text, text
+    assert f"({reason})" in text and "no reason given" not in text, text
+    assert "journalctl -u dfns-agent" in text

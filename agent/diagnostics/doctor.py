@@ -31,6 +31,7 @@ import httpx
 
 from agent.config import AuditConfig, Config, CredentialConfig, SecretSource, TokenConfig, find_config, load_config
 from agent.errors import ConfigError, KeyNotFound, PinLocked, PinRejected, SecretError, UnsupportedKey
+from agent.health import AgentHealth
 from agent.secret import Secret, read_pin, read_secret, read_secret_file
 
 _MAX_SUN_PATH = 107  # bytes of sun_path usable for a path (listener.py refuses longer ones)
@@ -593,15 +594,23 @@ def _running_agent(path: Path, dir_detail: str) -> Check:
             f"something answers on {path} but not as the agent does ({e.code}: {e.message})",
             "find what listens there (ss -xlp) and stop it, or use another [server] socket",
         )
-    status = health.get("status", "?")
-    tok = health.get("token", {})
-    about = f"an agent is running on it: status {status}, token {tok.get('label')!r} serial {tok.get('serial')}"
-    if status == "ok":
+    try:
+        parsed = AgentHealth.from_json(health)
+    except (KeyError, TypeError, ValueError) as e:
+        return failed(
+            "socket",
+            f"something answers on {path} but not as the agent does (health answer: {type(e).__name__}: {e})",
+            "find what listens there (ss -xlp) and stop it, or use another [server] socket",
+        )
+    about = (
+        f"an agent is running on it: status {parsed.status.value}, "
+        f"token {parsed.identity.label!r} serial {parsed.identity.serial}"
+    )
+    if parsed.ok:
         return passed("socket", f"{path}; {dir_detail}; {about}")
-    reasons = "; ".join(str(r) for r in health.get("reasons", [])) or "no reason given"
     return failed(
         "socket",
-        f"{path}: {about} ({reasons})",
+        f"{path}: {about} ({parsed.reason or 'no reason given'})",
         "see the agent's log (journalctl -u dfns-agent); a rejected or locked PIN needs an operator, then a "
         "restart; a token fault recovers by itself once the device is back",
     )
