@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import KINDS, ROOT, SdkWorld, sdk_world
+
+from agent.dev.testing import KINDS, ROOT, SdkWorld, sdk_world
 
 EXAMPLE = ROOT / "examples" / "typescript"
 NODE, NPM = shutil.which("node"), shutil.which("npm")

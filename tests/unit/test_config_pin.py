@@ -22,6 +22,7 @@ from agent.config import (
     load_config,
     parse_config,
 )
+from agent.dev.testing import ROOT
 from agent.errors import ConfigError, SecretError
 from agent.secret import Secret, read_pin, read_secret, read_secret_file
 
@@ -601,7 +602,7 @@ def test_example_config_is_valid_and_documents_every_setting() -> None:
 
     from agent import config as config_module
 
-    example = Path(__file__).resolve().parent.parent / "pkcs11_config" / "agent.example.toml"
+    example = ROOT / "pkcs11_config" / "agent.example.toml"
     cfg = load_config(example)
     assert cfg.credentials[0].dfns is not None
     text = example.read_text()

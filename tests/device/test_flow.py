@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
+
+from agent.dev.dfns_server import DevDfns, DevDfnsServer, ServiceAccount
+from agent.dev.testing import (
     KINDS,
     PIN,
     ROOT,
@@ -28,8 +30,6 @@ from conftest import (
     make_token_env,
     running_agent,
 )
-
-from agent.dev.dfns_server import DevDfns, DevDfnsServer, ServiceAccount
 
 
 @dataclass
@@ -383,24 +383,6 @@ def test_client_library_request_and_user_action(setup: Setup) -> None:
         assert answer.status == 200 and answer.json()["network"] == "Solana"
         ua = client.user_action("DELETE", "/wallets/wa-x/tags", credential="secp256k1")
         assert ua["payload"] == "{}" and ua["userAction"]
-
-
-def test_http2_header_loggers_stay_quiet_in_verbose_mode() -> None:
-    """hpack logs header values (the bearer token) at DEBUG; --verbose must not turn that on."""
-    import logging
-
-    from agent import logs
-
-    root = logging.getLogger()
-    saved = root.level
-    root.setLevel(logging.DEBUG)  # what --verbose gives a fresh process (pytest already configured logging)
-    try:
-        logs.configure(verbose=True)
-        for name in ("hpack", "hpack.hpack", "hpack.table", "h2"):
-            assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
-        assert logging.getLogger("httpcore").isEnabledFor(logging.DEBUG)
-    finally:
-        root.setLevel(saved)
 
 
 def test_dev_dfns_command_uses_the_agents_default_cred_id(template_keys: dict[str, str], tmp_path: Path) -> None:

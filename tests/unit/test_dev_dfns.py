@@ -5,79 +5,27 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
 from agent.dev.dfns_server import DevDfns, DevDfnsServer, ServiceAccount
+from agent.dev.testing import DfnsUser as Client
+from agent.dev.testing import PrivateKey, b64url, b64url_decode, client_data, compact, new_key, pem, sign
 
-ROOT = Path(__file__).resolve().parent.parent
 KINDS = ["ed25519", "p256", "secp256k1", "rsa2048"]
-PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
-
 MSG_CHALLENGE = "Challenge token is not valid."
 MSG_SIGNATURE = "Unable to verify signature"
 MSG_UA = "user action signature is missing or invalid"
 MSG_UA_USED = "user action has already been used"
 
 
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def b64url_decode(text: str) -> bytes:
-    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-
-
-def compact(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))
-
-
 _KEYS: dict[str, PrivateKey] = {}
-
-
-def new_key(kind: str) -> PrivateKey:
-    if kind == "ed25519":
-        return ed25519.Ed25519PrivateKey.generate()
-    if kind == "p256":
-        return ec.generate_private_key(ec.SECP256R1())
-    if kind == "secp256k1":
-        return ec.generate_private_key(ec.SECP256K1())
-    if kind == "rsa2048":
-        return rsa.generate_private_key(65537, 2048)
-    raise AssertionError(kind)
-
-
-def pem(key: PrivateKey) -> str:
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-
-
-def sign(key: PrivateKey, data: bytes) -> bytes:
-    """The Dfns encoding (§3): raw Ed25519, DER ECDSA/SHA-256, RSA PKCS#1 v1.5/SHA-256."""
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(data)
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(hashes.SHA256()))
-    return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-
-
-def client_data(challenge: str, kind: str = "key.get") -> bytes:
-    return compact({"challenge": challenge, "type": kind}).encode()
 
 
 def assert_error(resp: httpx.Response, status: int, message: str | None = None) -> dict[str, Any]:
@@ -102,76 +50,6 @@ class FakeClock:
 
     def __call__(self) -> float:
         return self.now
-
-
-class Client:
-    """A service account talking to the server the way the agent's users do."""
-
-    def __init__(self, base_url: str, account: ServiceAccount, key: PrivateKey) -> None:
-        self.account = account
-        self.key = key
-        self.cred_id = account.cred_id
-        self.http = httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {account.token}"}, timeout=10)
-
-    def init(self, method: str, path: str, payload: str) -> dict[str, Any]:
-        body = {"userActionHttpMethod": method, "userActionHttpPath": path, "userActionPayload": payload}
-        resp = self.http.post("/auth/action/init", json={**body, "userActionServerKind": "Api"})
-        assert resp.status_code == 200, resp.text
-        result: dict[str, Any] = resp.json()
-        return result
-
-    def complete(
-        self,
-        challenge: dict[str, Any],
-        *,
-        data: bytes | None = None,
-        signature: bytes | None = None,
-        key: PrivateKey | None = None,
-        cred_id: str | None = None,
-    ) -> httpx.Response:
-        data = client_data(challenge["challenge"]) if data is None else data
-        signature = sign(key or self.key, data) if signature is None else signature
-        assertion = {"credId": cred_id or self.cred_id, "clientData": b64url(data), "signature": b64url(signature)}
-        return self.http.post(
-            "/auth/action",
-            json={
-                "challengeIdentifier": challenge["challengeIdentifier"],
-                "firstFactor": {"kind": "Key", "credentialAssertion": assertion},
-            },
-        )
-
-    def user_action(self, method: str, path: str, payload: str, **kw: Any) -> str:
-        resp = self.complete(self.init(method, path, payload), **kw)
-        assert resp.status_code == 200, resp.text
-        token: str = resp.json()["userAction"]
-        return token
-
-    def call(
-        self, method: str, path: str, body: Any = None, *, content: bytes | None = None, ua: str | None = None
-    ) -> httpx.Response:
-        """A signed mutation: payload and body are the same serialised bytes (the agent's rule)."""
-        content = (compact(body).encode() if body is not None else b"{}") if content is None else content
-        ua = self.user_action(method, path, content.decode()) if ua is None else ua
-        headers = {"X-DFNS-USERACTION": ua, "Content-Type": "application/json"}
-        return self.http.request(method, path, content=content, headers=headers)
-
-    def register(self, new_key: PrivateKey, cred_id: str, *, bad_signature: bool = False) -> httpx.Response:
-        """Register ``new_key`` as a Key credential (§4.2), user-action signed by the current credential."""
-        resp = self.http.post("/auth/credentials/init", json={"kind": "Key"})
-        assert resp.status_code == 200, resp.text
-        challenge = resp.json()
-        data = client_data(challenge["challenge"], "key.create")
-        public = pem(new_key)
-        fingerprint = compact({"clientDataHash": hashlib.sha256(data).hexdigest(), "publicKey": public}).encode()
-        signature = sign(new_key if not bad_signature else self.key, fingerprint)
-        attestation = compact({"publicKey": public, "signature": signature.hex()}).encode()
-        body = {
-            "credentialKind": "Key",
-            "credentialInfo": {"credId": cred_id, "clientData": b64url(data), "attestationData": b64url(attestation)},
-            "credentialName": f"cred-{cred_id[:8]}",
-            "challengeIdentifier": challenge["challengeIdentifier"],
-        }
-        return self.call("POST", "/auth/credentials", body)
 
 
 @pytest.fixture
@@ -702,38 +580,3 @@ def test_create_service_account_validates() -> None:
 
 # ------------------------------------------------------------------------------------------------------
 # The CLI entry point
-
-
-def test_run_writes_private_token_files_and_serves(tmp_path: Path) -> None:
-    key = new_key("ed25519")
-    key_file = tmp_path / "sa.pem"
-    key_file.write_text(pem(key))
-    tokens = tmp_path / "tokens"
-    script = (
-        "import sys\nfrom pathlib import Path\nfrom agent.dev.dfns_server import run\n"
-        f"run('127.0.0.1', 0, [('ops', Path({str(key_file)!r}), 'Y2ktb3Bz')], Path({str(tokens)!r}), sys.stdout)\n"
-    )
-    proc = subprocess.Popen(
-        [sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout is not None
-        first = proc.stdout.readline()
-        second = proc.stdout.readline()
-        url = first.strip().rsplit(" ", 1)[-1]
-        assert url.startswith("http://127.0.0.1:")
-        token_file = tokens / "ops.token"
-        assert second.strip() == f"ops: credId=Y2ktb3Bz token file={token_file}"
-        assert os.stat(token_file).st_mode & 0o777 == 0o600
-        token = token_file.read_text().strip()
-        account = ServiceAccount("us-?", "ops", token, "Y2ktb3Bz", "cr-?")
-        c = Client(url, account, key)
-        try:
-            assert c.call("POST", "/wallets", {"network": "Bitcoin"}).status_code == 200
-        finally:
-            c.http.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=10)
-    assert proc.returncode == 0, err
-    assert token not in first + second + out + err

@@ -8,9 +8,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import KINDS, AgentProcess, TokenEnv, check_assertion, cred_id_for, make_challenge
 
 from agent.core.audit import verify
+from agent.dev.testing import KINDS, AgentProcess, TokenEnv, check_assertion, cred_id_for, make_challenge
 
 CLIENTS = 16
 TOTAL = 2000

@@ -19,7 +19,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
+
+from agent.core.audit import verify
+from agent.dev.testing import (
     PIN,
     SO_PIN,
     TOKEN_LABEL,
@@ -32,8 +34,6 @@ from conftest import (
     verify_signature,
     wait_until,
 )
-
-from agent.core.audit import verify
 from agent.dfns.protocol import KEY_GET, client_data
 
 KINDS_UNDER_LOAD = ["ed25519", "p256"]

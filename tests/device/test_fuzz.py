@@ -16,9 +16,10 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import KINDS, AgentProcess, connect_raw, cred_id_for, make_token_env, running_agent
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+from agent.dev.testing import KINDS, AgentProcess, connect_raw, cred_id_for, make_token_env, running_agent
 
 POSTS = ["/v1/sign", "/v1/register", "/v1/user-action", "/v1/request", "/v1/credentials"]
 GETS = ["/v1/health", "/v1/credentials", "/v1/openapi.json"]

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from conftest import PIN, ROOT, AgentProcess, TokenEnv, cred_id_for, make_challenge, wait_until
 
 from agent.core.audit import verify
+from agent.dev.testing import PIN, ROOT, AgentProcess, TokenEnv, cred_id_for, make_challenge, wait_until
 
 WORKERS = "workers = 3\nsign_threads = 0\n"
 

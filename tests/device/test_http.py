@@ -15,7 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import (
+
+from agent.dev.testing import (
     AgentProcess,
     check_assertion,
     connect_raw,

@@ -14,7 +14,6 @@ import secrets
 import signal
 import socket
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -24,58 +23,20 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import PIN, ROOT, TokenEnv, check_assertion, cred_id_for, key_label, make_challenge
 
-from agent.transport import systemd
+from agent.dev.testing import (
+    PIN,
+    ROOT,
+    Notifications,
+    TokenEnv,
+    check_assertion,
+    cred_id_for,
+    key_label,
+    make_challenge,
+)
 
 # ------------------------------------------------------------------------------------------------------
 # Helpers
-
-
-class Notifications:
-    """The receiving end of $NOTIFY_SOCKET, recording each datagram with the pid that sent it."""
-
-    def __init__(self, address: str | bytes) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(address)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-        self.seen: list[tuple[int, list[str]]] = []
-
-    def receive(self, timeout: float) -> tuple[int, list[str]] | None:
-        self.sock.settimeout(timeout)
-        try:
-            data, ancillary, _, _ = self.sock.recvmsg(4096, socket.CMSG_SPACE(12))
-        except TimeoutError:
-            return None
-        pid = -1
-        for level, kind, cdata in ancillary:
-            if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
-                pid = struct.unpack("3i", cdata[:12])[0]
-        message = (pid, data.decode().split("\n"))
-        self.seen.append(message)
-        return message
-
-    def wait_for(self, line: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 30.0) -> list[str]:
-        """The next message containing ``line`` (messages before it are kept in ``seen``)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = self.receive(0.2)
-            if got is not None and line in got[1]:
-                return got[1]
-            if got is None and proc is not None and proc.poll() is not None:
-                raise AssertionError(f"agent exited with {proc.returncode} before sending {line}")
-        raise AssertionError(f"no {line} within {timeout}s; seen {self.seen}")
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@pytest.fixture
-def notify_socket(short_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Notifications]:
-    n = Notifications(str(short_dir / "notify"))
-    monkeypatch.setenv("NOTIFY_SOCKET", str(short_dir / "notify"))
-    yield n
-    n.close()
 
 
 def listening_socket(path: Path) -> socket.socket:
@@ -156,89 +117,6 @@ def listen_child(short_dir: Path, kind: str, listen_pid: str = "self", count: st
 # The notify protocol
 
 
-def test_notify_without_notify_socket_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
-    assert systemd.notify("READY=1") is False
-    assert systemd.ready("x") is False and systemd.watchdog() is False
-
-
-def test_notify_sends_one_datagram_to_a_path(notify_socket: Notifications) -> None:
-    assert systemd.ready("serving 5 credential(s)")
-    assert systemd.status("busy")
-    assert systemd.stopping()
-    assert systemd.watchdog()
-    got = [notify_socket.receive(1.0) for _ in range(4)]
-    assert [m[1] for m in got if m] == [
-        ["READY=1", "STATUS=serving 5 credential(s)"],
-        ["STATUS=busy"],
-        ["STOPPING=1"],
-        ["WATCHDOG=1"],
-    ]
-    assert all(m and m[0] == os.getpid() for m in got)
-    assert systemd.ready()
-    assert notify_socket.receive(1.0) == (os.getpid(), ["READY=1"])
-
-
-def test_notify_to_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:
-    name = f"dfns-agent-test-{secrets.token_hex(6)}"
-    n = Notifications(b"\0" + name.encode())
-    try:
-        monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
-        assert systemd.notify("READY=1", "STATUS=abstract")
-        assert n.receive(1.0) == (os.getpid(), ["READY=1", "STATUS=abstract"])
-    finally:
-        n.close()
-
-
-def test_reloading_carries_the_monotonic_clock(notify_socket: Notifications) -> None:
-    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    assert systemd.reloading()
-    after = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
-    got = notify_socket.receive(1.0)
-    assert got is not None
-    lines = got[1]
-    assert lines[0] == "RELOADING=1" and lines[1].startswith("MONOTONIC_USEC=")
-    assert before <= int(lines[1].split("=", 1)[1]) <= after
-
-
-def test_notify_failures_are_reported_not_raised(
-    short_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setenv("NOTIFY_SOCKET", str(short_dir / "nobody-listens"))
-    assert systemd.notify("READY=1") is False
-    monkeypatch.setenv("NOTIFY_SOCKET", "vsock:2:1234")
-    assert systemd.notify("READY=1") is False
-    assert "not a path or an abstract socket" in caplog.text
-
-
-@pytest.mark.parametrize(
-    ("usec", "pid", "expected"),
-    [
-        (None, None, None),
-        ("30000000", None, 15.0),
-        ("1000000", "self", 0.5),
-        ("1000000", "1", None),  # meant for another process (we inherited the environment)
-        ("0", None, None),
-        ("soon", None, None),
-    ],
-)
-def test_watchdog_interval(monkeypatch: pytest.MonkeyPatch, usec: str | None, pid: str | None, expected: Any) -> None:
-    for name, value in (("WATCHDOG_USEC", usec), ("WATCHDOG_PID", pid)):
-        if value is None:
-            monkeypatch.delenv(name, raising=False)
-        else:
-            monkeypatch.setenv(name, str(os.getpid()) if value == "self" else value)
-    assert systemd.watchdog_interval() == expected
-
-
-def test_unset_environment_silences_a_forked_worker(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
-    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
-    systemd.unset_environment()
-    assert "NOTIFY_SOCKET" not in os.environ and "WATCHDOG_USEC" not in os.environ
-    assert systemd.notify("READY=1") is False and systemd.watchdog_interval() is None
-
-
 # ------------------------------------------------------------------------------------------------------
 # Socket activation (each case in a child process, which owns its fd 3)
 
@@ -276,12 +154,6 @@ def test_listen_socket_ignores_variables_meant_for_another_process(short_dir: Pa
 def test_listen_socket_refuses_what_it_cannot_serve(short_dir: Path, kind: str, message: str) -> None:
     result, _ = listen_child(short_dir, kind)
     assert message in result["error"]
-
-
-def test_no_socket_activation_without_the_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv("LISTEN_PID", raising=False)
-    monkeypatch.delenv("LISTEN_FDS", raising=False)
-    assert systemd.listen_socket() is None
 
 
 # ------------------------------------------------------------------------------------------------------

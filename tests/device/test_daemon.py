@@ -16,7 +16,9 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import (
+from cryptography.exceptions import InvalidSignature
+
+from agent.dev.testing import (
     KINDS,
     PIN,
     ROOT,
@@ -31,7 +33,6 @@ from conftest import (
     running_agent,
     verify_signature,
 )
-from cryptography.exceptions import InvalidSignature
 
 ORIGIN = "https://app.dfns.io"
 ORIGIN_CRED = "Y2ktb3JpZ2lu"

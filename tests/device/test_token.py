@@ -10,13 +10,22 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KINDS, MODULE, PIN, TOKEN_LABEL, key_label, make_token_env, verify_signature, wait_until
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
 
 import agent.token.device as agent_token
 from agent.config import TokenConfig
+from agent.dev.testing import (
+    KINDS,
+    PIN,
+    TOKEN_LABEL,
+    key_label,
+    make_token_env,
+    softhsm_module,
+    verify_signature,
+    wait_until,
+)
 from agent.errors import KeyExists, KeyNotFound, TokenUnavailable
 from agent.secret import Secret
 from agent.token.device import KeyKind, Token, unload_module
@@ -26,12 +35,12 @@ from agent.token.device import KeyKind, Token, unload_module
 def token(template_token: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Token]:
     te = make_token_env(template_token, tmp_path_factory.mktemp("inproc") / "hsm")
     os.environ["SOFTHSM2_CONF"] = str(te.softhsm_conf)
-    t = Token.open(TokenConfig(module=MODULE, label=TOKEN_LABEL), Secret(PIN, "test"), rw=True)
+    t = Token.open(TokenConfig(module=softhsm_module(), label=TOKEN_LABEL), Secret(PIN, "test"), rw=True)
     try:
         yield t
     finally:
         t.close()
-        unload_module(MODULE)
+        unload_module(softhsm_module())
 
 
 def test_token_is_present_and_logged_in(token: Token) -> None:

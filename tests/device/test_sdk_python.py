@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import KINDS, ROOT, SdkWorld, cred_id_for, sdk_world
 from dfns_sdk import DfnsClient, DfnsClientConfig, DfnsDelegatedClient, DfnsDelegatedClientConfig, DfnsError
 
 from agent.client import AgentClientError
+from agent.dev.testing import KINDS, ROOT, SdkWorld, cred_id_for, sdk_world
 from agent.integrations.dfns_sdk import AgentSigner
 
 

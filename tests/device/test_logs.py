@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from conftest import PIN, AgentProcess, TokenEnv, cred_id_for, make_challenge
+from agent.dev.testing import PIN, AgentProcess, TokenEnv, cred_id_for, make_challenge
 
 
 def log_lines(agent: AgentProcess) -> list[str]:
