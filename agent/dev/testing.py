@@ -172,13 +172,15 @@ def run_cli(
     timeout: float = 120,
 ) -> subprocess.CompletedProcess[str]:
     """``python -m agent [--config te.config] ARGS`` with ``te``'s environment (``env`` is added to it), from
-    the checkout, its output captured as text. ``config=False`` leaves ``--config`` out."""
+    the checkout, its output captured as text. ``config=False`` leaves ``--config`` out; without ``te`` it
+    runs in this process's environment. Its stdin is ``input``, or empty (never a terminal)."""
     full_env = {**(te.env() if te is not None else os.environ), **(env or {})}
     before = ["--config", str(te.config)] if te is not None and config else []
     return subprocess.run(
         [sys.executable, "-m", "agent", *before, *args],
         env=full_env,
         input=input,
+        stdin=subprocess.DEVNULL if input is None else None,
         capture_output=True,
         text=True,
         cwd=ROOT,

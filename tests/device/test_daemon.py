@@ -9,7 +9,6 @@ import shutil
 import socket
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,6 @@ from cryptography.exceptions import InvalidSignature
 from agent.dev.testing import (
     KINDS,
     PIN,
-    ROOT,
     AgentProcess,
     TokenEnv,
     b64url_decode,
@@ -30,6 +28,7 @@ from agent.dev.testing import (
     key_label,
     make_challenge,
     make_token_env,
+    run_cli,
     running_agent,
     verify_signature,
 )
@@ -307,15 +306,7 @@ def test_sigterm_stops_cleanly_and_removes_the_socket(token_env: TokenEnv, start
 
 
 def _serve_once(te: TokenEnv, sock: Path, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent", "--config", str(te.config), "serve", "--socket", str(sock)],
-        env=te.env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        stdin=subprocess.DEVNULL,
-        cwd=ROOT,
-    )
+    return run_cli(te, "serve", "--socket", str(sock), timeout=timeout)
 
 
 def test_wrong_pin_exits_non_zero_without_retrying(token_env: TokenEnv, short_dir: Path) -> None:

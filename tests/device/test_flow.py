@@ -28,6 +28,7 @@ from agent.dev.testing import (
     key_label,
     make_challenge,
     make_token_env,
+    run_cli,
     running_agent,
 )
 
@@ -352,26 +353,11 @@ def test_request_cli(setup: Setup, tmp_path: Path) -> None:
     data = tmp_path / "body.json"
     data.write_text(json.dumps({"network": "Ethereum", "name": "from-cli"}))
     te = setup.agent.token_env
-    base = [sys.executable, "-m", "agent", "--config", str(te.config)]
     sock = ["--socket", str(setup.agent.socket_path)]
-    r = subprocess.run(
-        [*base, "request", "POST", "/wallets", "--data", f"@{data}", "--credential", "p256", *sock],
-        capture_output=True,
-        text=True,
-        env=te.env(),
-        cwd=ROOT,
-        timeout=60,
-    )
+    r = run_cli(te, "request", "POST", "/wallets", "--data", f"@{data}", "--credential", "p256", *sock, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["name"] == "from-cli"
-    missing = subprocess.run(
-        [*base, "request", "GET", "/wallets/nope", "--credential", "p256", *sock],
-        capture_output=True,
-        text=True,
-        env=te.env(),
-        cwd=ROOT,
-        timeout=60,
-    )
+    missing = run_cli(te, "request", "GET", "/wallets/nope", "--credential", "p256", *sock, timeout=60)
     assert missing.returncode == 1 and "Dfns answered 404" in missing.stderr
 
 

@@ -25,6 +25,7 @@ from agent.dev.testing import (
     connect_raw,
     cred_id_for,
     make_challenge,
+    run_cli,
     verify_signature,
     wait_until,
 )
@@ -189,13 +190,13 @@ def test_audit_verify_finds_the_tampered_record(token_env: TokenEnv, start_agent
     for _ in range(5):
         agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("ed25519"))})
     agent.stop()
-    cli = [sys.executable, "-m", "agent", "audit", "verify", str(token_env.audit_file)]
-    ok = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    cli = ["audit", "verify", str(token_env.audit_file)]
+    ok = run_cli(None, *cli)
     assert ok.returncode == 0 and "ok: 5 record(s)" in ok.stdout
     lines = token_env.audit_file.read_text().splitlines(keepends=True)
     lines[2] = lines[2].replace('"credential":"ed25519"', '"credential":"p256"')  # line 3 altered
     token_env.audit_file.write_text("".join(lines))
-    broken = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    broken = run_cli(None, *cli)
     assert broken.returncode == 1
     assert "BROKEN at line 4" in broken.stdout  # the record after the altered one no longer matches
     del lines[2]

@@ -6,14 +6,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 from agent.core.audit import verify
-from agent.dev.testing import PIN, ROOT, AgentProcess, TokenEnv, cred_id_for, make_challenge, wait_until
+from agent.dev.testing import PIN, AgentProcess, TokenEnv, cred_id_for, make_challenge, run_cli, wait_until
 
 WORKERS = "workers = 3\nsign_threads = 0\n"
 
@@ -43,24 +42,7 @@ def test_workers_share_the_socket_and_one_audit_chain(token_env: TokenEnv, start
 def test_wrong_pin_is_tried_once_even_with_workers(token_env: TokenEnv, short_dir: Path) -> None:
     token_env.write_config(server=WORKERS)
     token_env.pin_file.write_text("wrong-pin-123\n")
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "agent",
-            "--config",
-            str(token_env.config),
-            "serve",
-            "--socket",
-            str(short_dir / "a.sock"),
-        ],
-        env=token_env.env(),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-    )
+    r = run_cli(token_env, "serve", "--socket", str(short_dir / "a.sock"), timeout=60)
     assert r.returncode != 0
     assert (r.stdout + r.stderr).count("rejected the PIN") == 1, r.stderr
     assert not (short_dir / "a.sock").exists()
