@@ -16,6 +16,7 @@ from typing import Any
 
 import httpx
 
+from agent.health import AgentHealth
 from agent.paths import default_socket_path
 
 
@@ -140,13 +141,18 @@ class AgentClient:
             self._check(r)
         return r.text
 
-    def health(self) -> dict[str, Any]:
-        """The agent's health document; returned (not raised) when it says ``down``."""
-        data = self._call("GET", "/v1/health", ok=(200, 503))
+    def health(self) -> AgentHealth:
+        """The agent's health; returned (not raised) when it says ``degraded`` or ``down``."""
+        r = self._send("GET", "/v1/health")
+        data = self._check(r, ok=(200, 503))
         if "error" in data:
             err = data["error"]
             raise AgentClientError(503, err.get("code", "unknown"), err.get("message", ""))
-        return data
+        try:
+            return AgentHealth.from_json(data)
+        except (KeyError, TypeError, ValueError) as e:
+            problem = f"the health answer is not the agent's ({type(e).__name__}: {e})"
+            raise AgentClientError(r.status_code, "bad_response", problem) from None
 
 
 def _flow_body(method: str, path: str, body: Any, credential: str | None) -> dict[str, Any]:

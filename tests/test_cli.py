@@ -147,7 +147,7 @@ def test_client_library_round_trip(agent: AgentProcess) -> None:
         check_assertion(ff, challenge, creds["rsa3072"]["publicKey"], cred_id_for("rsa3072"))
         reg = client.register({"kind": "Key", "challenge": "Y2gtcmVn"}, "p256", credential_name="n")
         assert reg["credentialName"] == "n" and reg["credentialInfo"]["credId"] == cred_id_for("p256")
-        assert client.health()["status"] == "ok"
+        assert client.health().ok
         with pytest.raises(AgentClientError) as caught:
             client.sign(make_challenge("x"), "missing")
         assert caught.value.status == 404 and caught.value.code == "unknown_credential"

@@ -1,0 +1,73 @@
+"""``dfns-agent keys``: generate and inspect keys on the token, directly (no running agent involved)."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from agent.cli.util import Context, yes
+from agent.token import KeyKind
+
+
+@click.group()
+def keys() -> None:
+    """Generate and inspect keys on the token (talks to the token directly, not to a running agent)."""
+
+
+# Choice matches enum names; not case-sensitive, KeyKind's names read as its values (P256 -> p256).
+@keys.command("generate")
+@click.option("--type", "kind", required=True, type=click.Choice(KeyKind, case_sensitive=False))
+@click.option("--label", required=True, help="Label of the new key pair (must not exist yet).")
+@click.pass_obj
+def generate(obj: Context, kind: KeyKind, label: str) -> None:
+    """Generate a key pair on the device; the private key is sensitive, non-extractable, sign-only."""
+    with obj.open_token(rw=True) as token:
+        info = token.generate(kind, label)
+    click.echo(f"generated {info.type_name} key {info.label!r} id {info.id.hex()} {info.fingerprint}")
+    click.echo(info.public_pem, nl=False)
+
+
+@keys.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def list_keys(obj: Context, as_json: bool) -> None:
+    """List private keys: label, id, type, SPKI SHA-256 fingerprint, sensitive/extractable flags."""
+    with obj.open_token() as token:
+        found = token.keys()
+    if as_json:
+        click.echo(json.dumps([k.describe() for k in found], indent=2))
+        return
+    if not found:
+        click.echo("no private keys on the token")
+        return
+    header = ("LABEL", "ID", "TYPE", "FINGERPRINT", "SENSITIVE", "EXTRACTABLE")
+    rows = [
+        (
+            k.label,
+            k.id.hex(),
+            k.type_name,
+            k.fingerprint if k.public_key is not None else "-",
+            yes(k.sensitive),
+            yes(k.extractable),
+        )
+        for k in found
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for r in [header, *rows]:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+
+
+@keys.command("public")
+@click.option("--label", required=True)
+@click.option("--id", "key_id", help="CKA_ID in hex, when several keys share the label.")
+@click.pass_obj
+def public(obj: Context, label: str, key_id: str | None) -> None:
+    """Print a key's public key as SubjectPublicKeyInfo PEM (what Dfns wants for service accounts)."""
+    try:
+        id_bytes = bytes.fromhex(key_id) if key_id else None
+    except ValueError:
+        raise click.BadParameter("must be hex", param_hint="--id") from None
+    with obj.open_token() as token:
+        info = token.find_key(label, id_bytes)
+    click.echo(info.public_pem, nl=False)

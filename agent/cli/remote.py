@@ -1,0 +1,141 @@
+"""Commands that talk to a running agent over its socket: ``sign``, ``request``, ``register``, ``status``.
+
+Their client errors (the agent refused, or is not there) are printed by the group in
+``agent/cli/main.py``, not here.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from agent.cli.util import Context, socket_option, yes
+
+
+@click.command()
+@click.option("--credential", help="Credential name; default: the first one the challenge allows.")
+@socket_option()
+@click.pass_obj
+def sign(obj: Context, credential: str | None, socket_path: str | None) -> None:
+    """Read an /auth/action/init challenge (JSON) on stdin, print the firstFactor JSON from the agent."""
+    try:
+        challenge = json.load(sys.stdin)
+    except ValueError as e:
+        raise click.ClickException(f"stdin is not JSON: {e}") from None
+    with obj.client(socket_path) as client:
+        result = client.sign(challenge, credential)
+    click.echo(json.dumps(result))
+
+
+def _read_data(data: str | None) -> Any:
+    """``--data``: inline JSON, ``@file`` or ``@-`` for stdin."""
+    if data is None:
+        return None
+    if data.startswith("@"):
+        source = data[1:]
+        text = sys.stdin.read() if source == "-" else Path(source).read_text("utf-8")
+    else:
+        text = data
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise click.BadParameter(f"not JSON: {e}", param_hint="--data") from None
+
+
+@click.command()
+@click.argument("method")
+@click.argument("path")
+@click.option("--data", help="JSON body: inline, @file, or @- for stdin. Default for mutations: {}.")
+@click.option("--credential", help="Credential (and so Dfns identity) to use; default: the first with Dfns settings.")
+@socket_option()
+@click.pass_obj
+def request(
+    obj: Context, method: str, path: str, data: str | None, credential: str | None, socket_path: str | None
+) -> None:
+    """Make a Dfns API call through the agent (user action signed on the token when it mutates).
+
+    Prints Dfns's answer on stdout. Exit status 0 for 2xx (a 202 "pending approval" is noted on stderr),
+    1 when Dfns or the agent refused.
+    """
+    body = _read_data(data)
+    with obj.client(socket_path) as client:
+        answer = client.request(method.upper(), path, body, credential=credential)
+    click.echo(answer.content.decode("utf-8", "replace"))
+    if answer.status == 202:
+        click.echo("dfns-agent: Dfns answered 202: the request awaits policy approval", err=True)
+    if answer.status >= 300:
+        click.echo(f"dfns-agent: Dfns answered {answer.status}", err=True)
+        sys.exit(1)
+
+
+@click.command()
+@click.option("--credential", required=True, help="Credential whose (new) key to register with Dfns.")
+@click.option("--via", help="Existing credential that signs the user action; default: the first with Dfns settings.")
+@click.option("--name", "credential_name", help="Name of the credential at Dfns; default: the credential's name.")
+@socket_option()
+@click.pass_obj
+def register(
+    obj: Context, credential: str, via: str | None, credential_name: str | None, socket_path: str | None
+) -> None:
+    """Register a key on the token as a new Dfns Key credential (key rotation).
+
+    Drives /auth/credentials/init → key.create signed by the new key → POST /auth/credentials, the last
+    step user-action signed by the existing credential VIA. Prints Dfns's answer.
+    """
+    with obj.client(socket_path) as client:
+        result = client.register_credential(credential, via=via, credential_name=credential_name)
+    click.echo(json.dumps(result, indent=2))
+
+
+@click.command()
+@socket_option()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
+@click.pass_obj
+def status(obj: Context, socket_path: str | None, as_json: bool) -> None:
+    """Ask a running agent for its health, credentials, uptime and signatures served. Exit 1 unless ok."""
+    with obj.client(socket_path) as client:
+        health = client.health()
+        creds = client.credentials()
+        served = _signatures_served(client.metrics())
+    if as_json:
+        report = {
+            "socket": str(client.socket_path),
+            "health": health.to_json(),
+            "credentials": creds,
+            "signatures": served,
+        }
+        click.echo(json.dumps(report, indent=2))
+    else:
+        token, identity = health.token, health.identity
+        reason = f" ({health.reason})" if health.reason else ""
+        click.echo(f"agent at {client.socket_path}: {health.status.value}{reason}")
+        click.echo(
+            f"  token {identity.label!r} serial {identity.serial} ({identity.manufacturer} {identity.model}), "
+            f"logged in: {yes(token.logged_in)}, reconnects: {token.reconnects}"
+        )
+        click.echo(
+            f"  uptime {health.uptime_seconds:.0f} s; signatures: {served.get('ok', 0)} ok, "
+            f"{served.get('refused', 0)} refused, {served.get('error', 0)} failed"
+        )
+        for c in creds:
+            mark = "✓" if health.keys.get(c["name"]) else "✗"
+            click.echo(f"  {mark} {c['name']}: {c['keyType']} key {c['keyLabel']!r}, credId {c['credId']}")
+    if not health.ok:
+        sys.exit(1)
+
+
+def _signatures_served(metrics_text: str) -> dict[str, int]:
+    """``dfns_agent_signatures_total`` summed by outcome over every worker process."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    served: dict[str, int] = {}
+    for family in text_string_to_metric_families(metrics_text):
+        for sample in family.samples:
+            if sample.name == "dfns_agent_signatures_total":
+                outcome = sample.labels["outcome"]
+                served[outcome] = served.get(outcome, 0) + int(sample.value)
+    return served
