@@ -299,3 +299,30 @@ def test_degraded_agent_on_the_socket_gives_the_agents_reason(
     assert mark == "✗" and "an agent is running on it: status degraded" in text, text
     assert f"({reason})" in text and "no reason given" not in text, text
     assert "journalctl -u dfns-agent" in text
+
+
+def test_report_renders_marks_fixes_and_skips_with_an_ascii_fallback() -> None:
+    import io
+
+    from agent.cli.doctor import Report
+    from agent.diagnostics.results import failed, passed, skipped
+
+    results = [
+        passed("module", "ok", "a warning"),
+        failed("pin", "rejected", "put the right PIN"),
+        skipped("keys", "pin"),
+    ]
+    for encoding, yes, no in (("utf-8", "✓", "✗"), ("ascii", "OK", "FAIL")):
+        out = io.TextIOWrapper(io.BytesIO(), encoding=encoding)
+        report = Report(out)
+        for check in results:
+            report.add(check)
+        out.seek(0)
+        assert out.read().splitlines() == [
+            f"{yes} module: ok",
+            "  warning: a warning",
+            f"{no} pin: rejected",
+            "  fix: put the right PIN",
+            "- keys: skipped (needs pin)",
+        ]
+        assert not report.ok
