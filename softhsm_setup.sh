@@ -18,7 +18,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")"
 ROOT=$(pwd)
 DEV="$ROOT/.dev"
 VENV="$ROOT/.venv"
-TOKEN_LABEL="dfns-dev"
 KEY_LABEL="dfns-dev-ed25519"
 
 say() { printf '==> %s\n' "$*" >&2; }
@@ -29,18 +28,10 @@ as_root() {
   fi
 }
 
-find_module() {
-  local c
-  for c in /usr/lib/softhsm/libsofthsm2.so /usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so \
-           /usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so /usr/local/lib/softhsm/libsofthsm2.so; do
-    [ -f "$c" ] && { echo "$c"; return 0; }
-  done
-  return 1
-}
-
 install_packages() {
   local want=()
-  command -v softhsm2-util >/dev/null && find_module >/dev/null || want+=(softhsm2)
+  # softhsm2 brings softhsm2-util and the module (libsofthsm2); the module is looked for once the venv exists
+  command -v softhsm2-util >/dev/null || want+=(softhsm2)
   python3 -c 'import ensurepip, venv' 2>/dev/null || want+=(python3-venv)
   command -v python3 >/dev/null || want+=(python3)
   # the benchmark (and its test) compares the agent with OpenSSH's ssh-agent
@@ -59,54 +50,17 @@ setup_venv() {
   say "creating $VENV"
   [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-  "$VENV/bin/python" -m pip install -q -e '.[test]'
+  "$VENV/bin/python" -m pip install -q -e '.[dev]'
   echo "$want" >"$stamp"
 }
 
+# The token, its PIN files, the key and .dev/agent.toml: agent/dev/softhsm.py, the one SoftHSM bootstrap of
+# the repository (the tests and the benchmark make their tokens with it too).
 setup_dev_token() {
   local module
-  module=$(find_module) || { say "libsofthsm2.so not found after install"; exit 1; }
-  mkdir -p "$DEV/tokens"
-  chmod 700 "$DEV"
-  sed "s|@TOKENDIR@|$DEV/tokens|" pkcs11_config/softhsm2.conf.in >"$DEV/softhsm2.conf"
+  module=$("$VENV/bin/python" -m agent.dev.softhsm module) || { say "libsofthsm2.so not found after install"; exit 1; }
+  "$VENV/bin/python" -m agent.dev.softhsm dev-token "$DEV" >/dev/null
   export SOFTHSM2_CONF="$DEV/softhsm2.conf"
-  umask 077
-  [ -s "$DEV/pin" ] || "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(8))' >"$DEV/pin"
-  [ -s "$DEV/so-pin" ] || "$VENV/bin/python" -c 'import secrets; print(secrets.token_hex(8))' >"$DEV/so-pin"
-  mkdir -p "$DEV/dfns"
-  [ -s "$DEV/dfns/dev.token" ] || "$VENV/bin/python" -c 'import secrets; print("dev-" + secrets.token_urlsafe(24))' >"$DEV/dfns/dev.token"
-  chmod 600 "$DEV/pin" "$DEV/so-pin" "$DEV/dfns/dev.token"
-  if ! softhsm2-util --show-slots 2>/dev/null | grep -Eq "Label: +$TOKEN_LABEL *\$"; then
-    say "initializing SoftHSM token '$TOKEN_LABEL' in $DEV/tokens"
-    softhsm2-util --init-token --free --label "$TOKEN_LABEL" \
-      --pin "$(cat "$DEV/pin")" --so-pin "$(cat "$DEV/so-pin")" >/dev/null
-  fi
-  cat >"$DEV/agent.toml" <<EOF
-# Written by softhsm_setup.sh for the SoftHSM dev token; see pkcs11_config/agent.example.toml.
-[token]
-module = "$module"
-label = "$TOKEN_LABEL"
-
-[token.module_env]
-SOFTHSM2_CONF = "$DEV/softhsm2.conf"
-
-[token.pin]
-file = "$DEV/pin"
-
-[[credential]]
-name = "dev"
-key = "$KEY_LABEL"
-
-# The local Dfns-compatible API of ./softhsm_setup.sh dev-dfns; point base_url at https://api.dfns.io
-# and token_file at a service-account token for the real thing.
-[credential.dfns]
-base_url = "http://127.0.0.1:8400"
-token_file = "$DEV/dfns/dev.token"
-EOF
-  if ! "$VENV/bin/dfns-agent" --config "$DEV/agent.toml" keys public --label "$KEY_LABEL" >/dev/null 2>&1; then
-    say "generating Ed25519 key '$KEY_LABEL' on the dev token"
-    "$VENV/bin/dfns-agent" --config "$DEV/agent.toml" keys generate --type ed25519 --label "$KEY_LABEL" >/dev/null
-  fi
   export SOFTHSM_MODULE="$module"
 }
 

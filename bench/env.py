@@ -7,7 +7,6 @@ come from the serving path and not from the key material or the store.
 from __future__ import annotations
 
 import base64
-import json
 import os
 import secrets
 import shutil
@@ -20,6 +19,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.dev import softhsm
+
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN_LABEL = "dfns-bench"
 KINDS = ("ed25519", "p256")
@@ -30,9 +31,7 @@ class SetupError(RuntimeError):
 
 
 def softhsm_module() -> str:
-    from agent.token.device import find_softhsm_module
-
-    module = find_softhsm_module()
+    module = softhsm.find_softhsm_module()
     if module is not None:
         return module
     raise SetupError("SoftHSM is not installed (apt-get install softhsm2, or ./softhsm_setup.sh test)")
@@ -103,46 +102,24 @@ class BenchEnv:
         return e
 
     def _init_token(self) -> None:
-        (self.dir / "tokens").mkdir()
-        template = (ROOT / "pkcs11_config" / "softhsm2.conf.in").read_text()
-        self.softhsm_conf.write_text(template.replace("@TOKENDIR@", str(self.dir / "tokens")))
         self.pin_file.write_text(self.pin + "\n")
         self.pin_file.chmod(0o600)
         try:
-            subprocess.run(
-                ["softhsm2-util", "--init-token", "--free", "--label", TOKEN_LABEL, "--pin", self.pin,
-                 "--so-pin", secrets.token_hex(8)],
-                check=True, env=self.environ(), capture_output=True, text=True,
-            )  # fmt: skip
-        except FileNotFoundError:
-            raise SetupError("softhsm2-util not found (apt-get install softhsm2)") from None
-        except subprocess.CalledProcessError as e:
-            raise SetupError(f"softhsm2-util --init-token failed: {e.stderr.strip()}") from None
+            softhsm.create_token(self.dir, label=TOKEN_LABEL, pin=self.pin)
+        except softhsm.SoftHsmError as e:
+            raise SetupError(str(e)) from None
 
     def _generate_keys(self) -> None:
         # The agent's own generator, in a child so that this process never loads SoftHSM itself.
-        script = (
-            "import json, sys\n"
-            "from agent.config import TokenConfig\n"
-            "from agent.secret import Secret\n"
-            "from agent.token.device import Token, KeyKind\n"
-            "module, label, pin = sys.stdin.read().split('\\n')[:3]\n"
-            "with Token.open(TokenConfig(module=module, label=label), Secret(pin, 'bench'), rw=True) as t:\n"
-            f"    for kind in {list(KINDS)!r}:\n"
-            "        t.generate(KeyKind(kind), 'bench-' + kind)\n"
-            "    print(json.dumps({k.label: k.public_pem for k in t.keys()}))\n"
-        )
-        out = subprocess.run(
-            [sys.executable, "-c", script], input=f"{self.module}\n{TOKEN_LABEL}\n{self.pin}\n",
-            env=self.environ(), cwd=ROOT, capture_output=True, text=True,
-        )  # fmt: skip
-        if out.returncode != 0:
-            raise SetupError(f"key generation failed:\n{out.stderr.strip()}")
-        by_label = json.loads(out.stdout)
+        keys = {key_label(kind): kind for kind in KINDS}
+        try:
+            by_label = softhsm.generate_keys(self.dir, module=self.module, label=TOKEN_LABEL, pin=self.pin, keys=keys)
+        except softhsm.SoftHsmError as e:
+            raise SetupError(str(e)) from None
         self.public_pems = {kind: by_label[key_label(kind)] for kind in KINDS}
 
     def write_config(self, workers: int, sign_threads: int) -> None:
-        """Like tests/conftest.py, with the agent's process and thread settings under test."""
+        """Like agent/dev/testing.py's TokenEnv, with the agent's process and thread settings under test."""
         server = f"workers = {workers}\nsign_threads = {sign_threads}\n"
         creds = "".join(
             f'\n[[credential]]\nname = "{kind}"\nkey = "{key_label(kind)}"\ncred_id = "{cred_id_for(kind)}"\n'

@@ -218,11 +218,11 @@ def setup_dev_token(dev: Path, *, say: bool = True) -> Path:
             print(f"==> {message}", file=sys.stderr)
 
     module = require_module()
-    old = os.umask(0o077)
+    (dev / "tokens").mkdir(parents=True, exist_ok=True)
+    dev.chmod(0o700)
+    write_softhsm_conf(dev)
+    old = os.umask(0o077)  # from here on (the secrets, the token's files, agent.toml): owner only
     try:
-        (dev / "tokens").mkdir(parents=True, exist_ok=True)
-        dev.chmod(0o700)
-        write_softhsm_conf(dev)
         pin = _secret_file(dev / "pin", secrets.token_hex(8))
         so_pin = _secret_file(dev / "so-pin", secrets.token_hex(8))
         (dev / "dfns").mkdir(exist_ok=True)
@@ -251,7 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "module":
             print(require_module())
         else:
-            print(setup_dev_token(args.dir.resolve()))
+            print(setup_dev_token(args.dir.absolute()))
     except SoftHsmError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
