@@ -180,22 +180,6 @@ _modules: dict[str, tuple[Any, _RawModule]] = {}
 _modules_lock = threading.Lock()
 
 
-SOFTHSM_MODULES = (
-    "/usr/lib/softhsm/libsofthsm2.so",
-    "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
-    "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
-)
-
-
-def find_softhsm_module() -> str | None:
-    """SoftHSM's module on this machine (``$SOFTHSM_MODULE``, else where Debian and Ubuntu install it),
-    for the dev token, the tests and the benchmark."""
-    env = os.environ.get("SOFTHSM_MODULE")
-    if env:
-        return env
-    return next((c for c in SOFTHSM_MODULES if os.path.isfile(c)), None)
-
-
 def load_module(path: str) -> tuple[Any, _RawModule]:
     """Load a PKCS#11 module once per process, initialized for multi-threaded use."""
     with _modules_lock:
