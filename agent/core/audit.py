@@ -22,11 +22,11 @@ import json
 import logging
 import os
 import threading
-import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from agent.errors import AuditUnavailable
 
@@ -72,6 +72,12 @@ def _tail(fd: int) -> tuple[str, int]:
     return line_hash(last), seq
 
 
+class Recordable(Protocol):
+    """What the log appends: :class:`agent.core.records.AuditRecord` in the agent."""
+
+    def to_json(self) -> Mapping[str, Any]: ...
+
+
 class _Pending:
     """A record waiting for the group commit, and whoever waits for it: a thread blocked on ``done``, or
     an event loop awaiting ``future`` (only a waiting thread gets an Event: making one costs microseconds)."""
@@ -80,7 +86,7 @@ class _Pending:
 
     def __init__(
         self,
-        fields: dict[str, Any],
+        fields: Mapping[str, Any],
         future: asyncio.Future[None] | None = None,
         loop: asyncio.AbstractEventLoop | None = None,
         done: threading.Event | None = None,
@@ -177,18 +183,19 @@ class AuditLog:
             self._queue.extend(items)
             self._cv.notify()
 
-    def record(self, **fields: Any) -> None:
+    def record(self, record: Recordable) -> None:
         """Append one record and wait until it is durable. Raises AuditUnavailable when it is not."""
         done = threading.Event()
-        item = _Pending(fields, done=done)
+        item = _Pending(record.to_json(), done=done)
         self._enqueue(item)
         if not done.wait(_WAIT):
             raise AuditUnavailable(f"audit log {self.path} did not confirm a write within {_WAIT:g}s")
         if item.error is not None:
             raise item.error
 
-    async def record_async(self, **fields: Any) -> None:
+    async def record_async(self, record: Recordable) -> None:
         """The same, for the event loop: awaits the group commit without blocking other requests."""
+        fields = record.to_json()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
         if self._flush_on_loop:
@@ -341,7 +348,3 @@ def verify(path: Path) -> Verification:
             prev = line_hash(raw)
             count += 1
     return Verification(True, count)
-
-
-def elapsed_ms(started: float) -> float:
-    return round((time.perf_counter() - started) * 1000, 3)

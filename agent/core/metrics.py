@@ -14,8 +14,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from agent.core.records import Outcome
+from agent.health import TokenState
+from agent.token.recovery import TokenEvent
+
 ENV = "PROMETHEUS_MULTIPROC_DIR"
-STATES = ("ok", "degraded", "down")
 
 
 def prepare() -> Path:
@@ -75,19 +78,19 @@ class Metrics:
         # labels() costs about as much as the increment (str() of each value, a lock, a lookup); a child
         # stays valid while nothing removes its label set (nothing does), so the hot paths keep them here.
         self._children: dict[tuple[Any, ...], Any] = {}
-        self._state: str | None = None
-        self.set_token_state("ok")
+        self._state: TokenState | None = None
+        self.set_token_state(TokenState.OK)
 
-    def set_token_state(self, state: str) -> None:
-        if state == self._state:
+    def set_token_state(self, state: TokenState) -> None:
+        if state is self._state:
             return
-        for name in STATES:
-            self.token_state.labels(name).set(1 if name == state else 0)
+        for name in TokenState:
+            self.token_state.labels(name.value).set(1 if name is state else 0)
         self._state = state
 
-    def token_event(self, event: str, state: str) -> None:
-        """Hook for :class:`agent.token.device.Token`: its state changed, or it reconnected."""
-        if event == "reconnected":
+    def token_event(self, event: TokenEvent, state: TokenState) -> None:
+        """Hook for the token's circuit (``agent/token/recovery.py``): its state changed, or it reconnected."""
+        if event is TokenEvent.RECONNECTED:
             self.reconnects.inc()
         self.set_token_state(state)
 
@@ -98,8 +101,8 @@ class Metrics:
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def sign_outcome(self, credential: str, key_type: str, outcome: str, seconds: float | None) -> None:
-        self._child(self.signatures, credential, key_type, outcome).inc()
+    def sign_outcome(self, credential: str, key_type: str, outcome: Outcome, seconds: float | None) -> None:
+        self._child(self.signatures, credential, key_type, outcome.value).inc()
         if seconds is not None:
             self._child(self.latency, key_type).observe(seconds)
 

@@ -18,6 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 from agent.caller import Caller
 from agent.config import Rule
@@ -30,15 +31,30 @@ class _Bucket:
     stamp: float
 
 
+class Endpoint(str, Enum):
+    """What a request asks the agent to do, as the policy sees it."""
+
+    SIGN = "sign"  # /v1/sign: a challenge for any action
+    REGISTER = "register"  # /v1/register, POST /v1/credentials
+    DFNS = "dfns"  # /v1/user-action, /v1/request: one Dfns method and path
+
+
 @dataclass(frozen=True)
 class Grant:
-    """What a request may do: ``credentials`` None means any configured credential."""
+    """What a request may do: ``credentials`` None means any configured credential.
+
+    The one place that says whether a credential is allowed: the policy checks a named one up front, and
+    the signing service and the flow ask again when they pick one themselves.
+    """
 
     rule: str | None
     credentials: frozenset[str] | None = None
 
+    def allows(self, name: str) -> bool:
+        return self.credentials is None or name in self.credentials
+
     def require_credential(self, name: str) -> None:
-        if self.credentials is not None and name not in self.credentials:
+        if not self.allows(name):
             raise Forbidden(f"rule {self.rule!r} does not allow credential {name!r}", rule=self.rule or "default")
 
 
@@ -69,7 +85,7 @@ class Policy:
     def check(
         self,
         caller: Caller,
-        endpoint: str,
+        endpoint: Endpoint,
         *,
         credential: str | None = None,
         method: str | None = None,
@@ -79,13 +95,13 @@ class Policy:
         rule = self.admit(caller)
         if rule is None:
             return UNRESTRICTED
-        if endpoint == "sign" and not rule.sign_allowed:
+        if endpoint == Endpoint.SIGN and not rule.sign_allowed:
             raise Forbidden(
                 f"rule {rule.name!r} restricts Dfns actions, so it does not allow /v1/sign "
                 "(allow_sign = true permits it)",
                 rule=rule.name,
             )
-        if endpoint == "register" and not rule.allow_register:
+        if endpoint == Endpoint.REGISTER and not rule.allow_register:
             raise Forbidden(
                 f"rule {rule.name!r} does not allow registering credentials (allow_register)", rule=rule.name
             )

@@ -1,358 +1,269 @@
-"""The signing service: configured Dfns credentials bound to keys on the token.
+"""The signing service: one async API for every signature the agent makes.
 
-This is what the server (and, later, other front ends) call; it turns a challenge and an optional
-credential name into Dfns's ``firstFactor`` or ``credentialInfo``. It is thread-safe: the server runs it on
-a pool of threads, each of which signs on its own token session. Every signing attempt that gets as far
-as choosing a credential is written to the audit log before its result is returned.
+``await service.sign(...)`` and ``await service.register(...)`` are what the routes and the Dfns flow call.
+Each owns the whole attempt: the blocking token work runs on the signing threads (or right on the event
+loop when there are none: a fast local token costs less than the hop to a thread), then the attempt is
+written to the audit log and counted, and only then does its result (or error) leave. The audit invariant
+lives here: no signature is returned before a durable record of who asked, with which credential, for
+which clientData digest; if the record cannot be written, the signature is withheld (fail closed).
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import TypeVar
 
 from agent.caller import Caller
 from agent.config import CredentialConfig
-from agent.core.audit import AuditLog, elapsed_ms
+from agent.core.audit import AuditLog
+from agent.core.credentials import Credential, Credentials
+from agent.core.keystore import KeyStore
 from agent.core.metrics import Metrics
 from agent.core.policy import UNRESTRICTED, Grant
-from agent.dfns import protocol as dfns
-from agent.errors import AgentError, CircuitOpen, CredentialNotAllowed, UnknownCredential
-from agent.token.device import KeyInfo, Token
+from agent.core.records import Action, AuditRecord, Event, Outcome
+from agent.dfns import (
+    ClientData,
+    CredentialInfo,
+    KeyAssertion,
+    Registration,
+    RegistrationChallenge,
+    UserActionChallenge,
+    b64url,
+    sha256_hex,
+)
+from agent.errors import AgentError, CircuitOpen
+from agent.health import AgentHealth, TokenState
+from agent.token.keys import KeyInfo
 
-
-def sha256_hex(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-@dataclass(frozen=True)
-class Credential:
-    name: str
-    cred_id: str
-    key: KeyInfo
-    origin: str | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "credId": self.cred_id,
-            "keyLabel": self.key.label,
-            "keyId": self.key.id.hex(),
-            "keyType": self.key.type_name,
-            "fingerprint": self.key.fingerprint,
-            "publicKey": self.key.public_pem,
-            "origin": self.origin,
-        }
-
-
-@dataclass
-class Attempt:
-    """A signing attempt and its audit record, before the record is written."""
-
-    record: dict[str, Any]
-    started: float
-    result: dict[str, Any] | None = None
-    error: AgentError | None = None
-
-    def kind(self, error: AgentError | None) -> str | None:
-        """ok / refused / error, or None when not worth a record or a count: a bad request that never
-        reached a credential, or a fail-fast answer while the token recovers."""
-        if error is None:
-            return "ok"
-        if isinstance(error, CircuitOpen) or ("credential" not in self.record and error.status < 500):
-            return None
-        return "refused" if error.status < 500 else "error"
-
-    def audit_fields(self) -> dict[str, Any] | None:
-        """The record to write, or None (see :meth:`kind`)."""
-        kind, e = self.kind(self.error), self.error
-        if kind is None:
-            return None
-        fields = {**self.record, "outcome": kind, "latency_ms": elapsed_ms(self.started)}
-        if e is not None:
-            fields.update(code=e.code, reason=e.message)
-        return fields
-
-    def outcome(self) -> dict[str, Any]:
-        if self.error is not None:
-            raise self.error
-        assert self.result is not None
-        return self.result
+T = TypeVar("T")
 
 
 class _KeySigner:
-    """A :class:`agent.dfns.protocol.Signer` backed by one key on the token."""
+    """A :class:`agent.dfns.Signer` backed by one key of a :class:`KeyStore`."""
 
-    def __init__(self, token: Token, key: KeyInfo) -> None:
-        self._token, self._key = token, key
+    def __init__(self, keys: KeyStore, key: KeyInfo) -> None:
+        self._keys, self._key = keys, key
 
     def sign(self, message: bytes) -> bytes:
-        return self._token.sign(self._key, message)
+        return self._keys.sign(self._key, message)
 
     @property
     def public_key_pem(self) -> str:
         return self._key.public_pem
 
 
+def _outcome(record: AuditRecord, error: AgentError | None) -> Outcome | None:
+    """How an attempt ended, or None when it is not worth a record or a count: a bad request that never
+    reached a credential, or a fail-fast answer while the token recovers (logged once, not per request)."""
+    if error is None:
+        return Outcome.OK
+    if isinstance(error, CircuitOpen) or (record.credential is None and error.status < 500):
+        return None
+    return Outcome.REFUSED if error.status < 500 else Outcome.ERROR
+
+
 class SigningService:
+    """Credentials bound to keys on a :class:`KeyStore`, signing with an audit record for every attempt."""
+
     def __init__(
         self,
-        token: Token,
-        credentials: Sequence[Credential],
+        keys: KeyStore,
+        credentials: Credentials,
         audit: AuditLog | None = None,
         metrics: Metrics | None = None,
+        executor: Executor | None = None,
     ) -> None:
-        self.token = token
+        self.keys = keys
         self.audit = audit
         self.metrics = metrics
-        self._credentials = {c.name: c for c in credentials}
+        self._credentials = credentials
+        self._executor = executor
         self.started = time.time()
 
     @classmethod
     def from_config(
         cls,
-        token: Token,
+        keys: KeyStore,
         configs: Sequence[CredentialConfig],
         audit: AuditLog | None = None,
         metrics: Metrics | None = None,
+        executor: Executor | None = None,
     ) -> SigningService:
         """Find each credential's key on the token; a missing or ambiguous key is a start-up error."""
-        creds = []
-        for c in configs:
-            key = token.find_key(c.key, c.key_id)
-            creds.append(Credential(c.name, c.cred_id or dfns.cred_id_for_key(key.spki_der), key, c.origin))
-        return cls(token, creds, audit, metrics)
+        return cls(keys, Credentials.from_config(keys, configs), audit, metrics, executor)
 
     @property
-    def credentials(self) -> list[Credential]:
-        return list(self._credentials.values())
+    def credentials(self) -> Credentials:
+        return self._credentials
 
-    def credential(self, name: str) -> Credential:
-        try:
-            return self._credentials[name]
-        except KeyError:
-            known = ", ".join(self._credentials) or "none"
-            raise UnknownCredential(f"no credential named {name!r}; configured: {known}") from None
+    # -- the two kinds of signature ------------------------------------------------------------------
 
-    def _choose(self, challenge: dfns.UserActionChallenge, name: str | None, grant: Grant) -> Credential:
-        if name is not None:
-            cred = self.credential(name)
-            grant.require_credential(cred.name)
-            challenge.require_allowed(cred.cred_id, cred.name)
-            return cred
-        for cred in self._credentials.values():
-            if cred.cred_id in challenge.allowed_key_ids and (
-                grant.credentials is None or cred.name in grant.credentials
-            ):
-                return cred
-        allowed = ", ".join(challenge.allowed_key_ids) or "no Key credentials"
-        usable = [c for c in self._credentials.values() if grant.credentials is None or c.name in grant.credentials]
-        mine = ", ".join(f"{c.name} ({c.cred_id})" for c in usable) or "none you may use"
-        raise CredentialNotAllowed(
-            f"none of the agent's credentials is allowed by the challenge: it allows {allowed}; the agent has {mine}"
-        )
-
-    def _attempt(
+    async def sign(
         self,
-        event: str,
-        caller: Caller | None,
-        action: Mapping[str, Any] | None,
-        work: Callable[[dict[str, Any]], dict[str, Any]],
-    ) -> Attempt:
-        """Run ``work`` (which fills in the audit record as it learns things); audit nothing yet."""
-        started = time.perf_counter()
-        record: dict[str, Any] = {
-            "event": event,
-            "caller": caller.to_json() if caller else None,
-            "agentPid": os.getpid(),
-        }
-        if action is not None:
-            record["action"] = dict(action)
-        try:
-            return Attempt(record, started, result=work(record))
-        except AgentError as e:
-            return Attempt(record, started, error=e)
-
-    def finish(self, attempt: Attempt) -> dict[str, Any]:
-        """Audit the attempt, then return its result (or raise its error). Blocking; for threads."""
-        fields = attempt.audit_fields()
-        if fields is not None and self.audit is not None:
-            try:
-                self.audit.record(**fields)
-            except AgentError as e:
-                if attempt.error is None:
-                    self._count(attempt, e)
-                    raise  # fail closed: no durable record, no signature
-        self._count(attempt, attempt.error)
-        return attempt.outcome()
-
-    def _count(self, attempt: Attempt, error: AgentError | None) -> None:
-        if self.metrics is None:
-            return
-        name = attempt.record.get("credential")
-        if name is None:
-            return
-        kind = attempt.kind(error)
-        if kind is None:
-            return
-        cred = self._credentials.get(name)
-        key_type = cred.key.type_name if cred is not None else "unknown"
-        seconds = time.perf_counter() - attempt.started if kind == "ok" else None
-        self.metrics.sign_outcome(name, key_type, kind, seconds)
-
-    async def finish_async(self, attempt: Attempt) -> dict[str, Any]:
-        """The same for the event loop: awaits the audit log's group commit."""
-        fields = attempt.audit_fields()
-        if fields is not None and self.audit is not None:
-            try:
-                await self.audit.record_async(**fields)
-            except AgentError as e:
-                if attempt.error is None:
-                    self._count(attempt, e)
-                    raise
-        self._count(attempt, attempt.error)
-        return attempt.outcome()
-
-    def sign(
-        self,
-        challenge: Mapping[str, Any],
+        challenge: object,
         credential: str | None = None,
         *,
         caller: Caller | None = None,
-        grant: Grant | None = None,
-        action: Mapping[str, Any] | None = None,
-    ) -> dict[str, Any]:
-        """Sign an ``/auth/action/init`` challenge; returns ``firstFactor`` for ``POST /auth/action``."""
-        return self.finish(self.sign_attempt(challenge, credential, caller=caller, grant=grant, action=action))
+        grant: Grant = UNRESTRICTED,
+        action: Action | None = None,
+    ) -> KeyAssertion:
+        """Sign an ``/auth/action/init`` challenge; the result is ``firstFactor`` for ``POST /auth/action``."""
+        record = AuditRecord(Event.SIGN, caller, agent_pid=os.getpid(), action=action)
 
-    def sign_attempt(
-        self,
-        challenge: Mapping[str, Any],
-        credential: str | None = None,
-        *,
-        caller: Caller | None = None,
-        grant: Grant | None = None,
-        action: Mapping[str, Any] | None = None,
-    ) -> Attempt:
-        """The signing half of :meth:`sign`: everything but the audit write (see :meth:`finish`)."""
-
-        def work(record: dict[str, Any]) -> dict[str, Any]:
-            parsed = dfns.UserActionChallenge.parse(challenge)
-            record["challenge"] = parsed.challenge
+        def work() -> KeyAssertion:
+            parsed = UserActionChallenge.parse(challenge)
+            record.challenge = parsed.challenge
             if parsed.challenge_identifier is not None:
-                record["challengeIdentifierSha256"] = sha256_hex(parsed.challenge_identifier.encode())
-            if credential is not None:
-                record["credential"] = credential
-            cred = self._choose(parsed, credential, grant or UNRESTRICTED)
-            record.update(credential=cred.name, credId=cred.cred_id, keyFingerprint=cred.key.fingerprint)
-            data = dfns.client_data(parsed.challenge, dfns.KEY_GET, cred.origin)
-            record["clientDataSha256"] = sha256_hex(data)
-            assertion = dfns.key_assertion(cred.cred_id, data, self.token.sign(cred.key, data))
+                record.challenge_identifier_sha256 = sha256_hex(parsed.challenge_identifier.encode())
+            record.credential = credential
+            cred = self._credentials.for_challenge(parsed, credential, grant)
+            self._note(record, cred, cred.cred_id)
+            data = ClientData.for_user_action(parsed, cred.origin)
+            record.client_data_sha256 = data.sha256_hex
+            assertion = KeyAssertion.sign(data, cred.cred_id, _KeySigner(self.keys, cred.key))
             # Not secret, and it makes every record checkable later: rebuild clientData from the
             # challenge, compare its hash, verify this signature with the key of that fingerprint.
-            record["signature"] = assertion["credentialAssertion"]["signature"]
+            record.signature = b64url(assertion.signature)
             return assertion
 
-        return self._attempt("sign", caller, action, work)
+        return await self._attempt(record, work)
 
-    def register(
+    async def register(
         self,
-        challenge: Mapping[str, Any],
+        challenge: object,
         credential: str,
         *,
         cred_id: str | None = None,
         credential_name: str | None = None,
         caller: Caller | None = None,
-    ) -> dict[str, Any]:
-        """Sign an ``/auth/credentials/init`` challenge with the credential's key.
+        grant: Grant = UNRESTRICTED,
+    ) -> Registration:
+        """Sign an ``/auth/credentials/init`` challenge with the credential's key: the body for
+        ``POST /auth/credentials`` (which needs a user action from an existing credential)."""
+        record = AuditRecord(Event.REGISTER, caller, agent_pid=os.getpid())
 
-        Returns the body for ``POST /auth/credentials`` (which needs a user action from an existing credential).
-        """
-        return self.finish(
-            self.register_attempt(
-                challenge, credential, cred_id=cred_id, credential_name=credential_name, caller=caller
-            )
-        )
+        def work() -> Registration:
+            parsed = RegistrationChallenge.parse(challenge)
+            record.challenge = parsed.challenge
+            cred = self._credentials.resolve(credential, grant)
+            new_id = cred_id or cred.cred_id
+            self._note(record, cred, new_id)
+            data = ClientData.for_registration(parsed, cred.origin)
+            record.client_data_sha256 = data.sha256_hex
+            info = CredentialInfo.sign(data, new_id, _KeySigner(self.keys, cred.key))
+            return Registration(info, credential_name or cred.name, parsed.challenge_identifier)
 
-    def register_attempt(
+        return await self._attempt(record, work)
+
+    @staticmethod
+    def _note(record: AuditRecord, cred: Credential, cred_id: str) -> None:
+        record.credential, record.cred_id, record.key_fingerprint = cred.name, cred_id, cred.key.fingerprint
+
+    async def _attempt(self, record: AuditRecord, work: Callable[[], T]) -> T:
+        """Run ``work`` (which fills in ``record`` as it learns things), then audit and count the attempt;
+        the result leaves only after its record is durable."""
+        started = time.perf_counter()
+        error: AgentError | None = None
+        result: T | None = None
+        try:
+            result = await self._in_pool(work)
+        except AgentError as e:
+            error = e
+        outcome = _outcome(record, error)
+        if outcome is not None and self.audit is not None:
+            record.outcome, record.latency_ms = outcome, round((time.perf_counter() - started) * 1000, 3)
+            if error is not None:
+                record.code, record.reason = error.code, error.message
+            try:
+                await self.audit.record_async(record)
+            except AgentError:
+                if error is None:
+                    self._count(record, Outcome.ERROR, started)
+                    raise  # fail closed: no durable record, no signature
+        if outcome is not None:
+            self._count(record, outcome, started)
+        if error is not None:
+            raise error
+        assert result is not None
+        return result
+
+    async def _in_pool(self, fn: Callable[[], T]) -> T:
+        if self._executor is None:
+            return fn()
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+
+    def _count(self, record: AuditRecord, outcome: Outcome, started: float) -> None:
+        if self.metrics is None or record.credential is None:
+            return
+        try:
+            key_type = self._credentials.get(record.credential).key.type_name
+        except AgentError:
+            key_type = "unknown"
+        seconds = time.perf_counter() - started if outcome is Outcome.OK else None
+        self.metrics.sign_outcome(record.credential, key_type, outcome, seconds)
+
+    # -- refusals and health -------------------------------------------------------------------------
+
+    async def audit_refusal(
         self,
-        challenge: Mapping[str, Any],
-        credential: str,
+        caller: Caller | None,
+        endpoint: str,
+        error: AgentError,
         *,
-        cred_id: str | None = None,
-        credential_name: str | None = None,
-        caller: Caller | None = None,
-    ) -> Attempt:
-        """The signing half of :meth:`register`."""
-
-        def work(record: dict[str, Any]) -> dict[str, Any]:
-            parsed = dfns.RegistrationChallenge.parse(challenge)
-            record["challenge"] = parsed.challenge
-            cred = self.credential(credential)
-            record.update(credential=cred.name, credId=cred_id or cred.cred_id, keyFingerprint=cred.key.fingerprint)
-            info = dfns.sign_registration(
-                parsed, cred_id or cred.cred_id, _KeySigner(self.token, cred.key), origin=cred.origin
-            )
-            record["clientDataSha256"] = sha256_hex(dfns.b64url_decode(info["clientData"]))
-            body: dict[str, Any] = {
-                "credentialKind": "Key",
-                "credentialInfo": info,
-                "credentialName": credential_name or cred.name,
-            }
-            if parsed.challenge_identifier is not None:
-                body["challengeIdentifier"] = parsed.challenge_identifier
-            return body
-
-        return self._attempt("register", caller, None, work)
-
-    async def audit_refusal(self, caller: Caller | None, endpoint: str, error: AgentError, **fields: Any) -> None:
+        credential: str | None = None,
+        action: Action | None = None,
+    ) -> None:
         """Record a request the policy refused (best effort: the refusal stands either way). Awaited, so
         a caller hammering refused requests does not stall the event loop on fsyncs."""
         if self.audit is None:
             return
-        record = {"event": "refused", "caller": caller.to_json() if caller else None, "endpoint": endpoint}
+        record = AuditRecord(
+            Event.REFUSED,
+            caller,
+            endpoint=endpoint,
+            credential=credential,
+            action=action,
+            outcome=Outcome.REFUSED,
+            code=error.code,
+            reason=error.message,
+        )
         try:
-            await self.audit.record_async(**record, **fields, outcome="refused", code=error.code, reason=error.message)
+            await self.audit.record_async(record)
         except AgentError:
             pass
 
-    def health(self) -> dict[str, Any]:
+    async def health(self) -> AgentHealth:
         """Token state, anchor session logged in, every credential's key still the same key, audit writable."""
-        status = self.token.health()
+        return await self._in_pool(self._health)
+
+    def _health(self) -> AgentHealth:
+        token = self.keys.health()
         keys: dict[str, bool] = {}
-        if status["state"] == "ok":
-            for cred in self._credentials.values():
-                try:
-                    found = self.token.find_key(cred.key.label, cred.key.id or None)
-                    keys[cred.name] = found.fingerprint == cred.key.fingerprint
-                except AgentError:
-                    keys[cred.name] = False
-        else:
-            keys = {name: False for name in self._credentials}
-        reasons = [status["reason"]] if status.get("reason") else []
+        for cred in self._credentials:
+            keys[cred.name] = token.state is TokenState.OK and self._same_key(cred)
+        reasons = [token.reason] if token.reason else []
         reasons += [f"key for credential {n!r} not found or changed" for n, good in keys.items() if not good]
-        if status["state"] == "ok" and not all(keys.values()):
-            state = "degraded"
-        else:
-            state = status["state"]
+        status = token.state
+        if status is TokenState.OK and not all(keys.values()):
+            status = TokenState.DEGRADED
         if self.audit is not None and not self.audit.healthy:
             reasons.append(self.audit.last_error or "audit log unavailable")
-            state = "down"
-        result: dict[str, Any] = {
-            "status": state,
-            "token": {
-                **self.token.identity.describe(),
-                "present": status["present"],
-                "loggedIn": status["logged_in"],
-                "reconnects": status["reconnects"],
-            },
-            "keys": keys,
-            "uptimeSeconds": round(time.time() - self.started, 3),
-        }
-        if reasons:
-            result["reason"] = "; ".join(dict.fromkeys(reasons))
-        return result
+            status = TokenState.DOWN
+        return AgentHealth(
+            status=status,
+            identity=self.keys.identity,
+            token=token,
+            keys=keys,
+            uptime_seconds=round(time.time() - self.started, 3),
+            reason="; ".join(dict.fromkeys(reasons)) or None,
+        )
+
+    def _same_key(self, cred: Credential) -> bool:
+        try:
+            return self.keys.find_key(cred.key.label, cred.key.id or None).fingerprint == cred.key.fingerprint
+        except AgentError:
+            return False

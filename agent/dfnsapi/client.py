@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import json
 import random
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,6 +80,28 @@ def dfns_error(status: int, content: bytes, step: str) -> DfnsError:
     return e
 
 
+@contextmanager
+def mapped_errors(base_url: str, step: str, timeout: float, *, unsure: bool = False) -> Iterator[None]:
+    """The one place httpx's exceptions become the agent's: timeouts are ``dfns_timeout`` (504), other
+    transport failures ``dfns_unreachable`` (502). ``unsure``: a real call, which may have reached Dfns once
+    its connection was made; the message then says it may or may not have been executed."""
+    try:
+        yield
+    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
+        if not unsure and isinstance(e, httpx.TimeoutException):
+            raise DfnsTimeout(f"Dfns did not answer {step} within {timeout:g}s") from None
+        raise DfnsUnreachable(f"cannot reach Dfns at {base_url} for {step}: {type(e).__name__}") from None
+    except httpx.TimeoutException:
+        maybe = "; it may or may not have been executed" if unsure else ""
+        raise DfnsTimeout(f"Dfns did not answer {step} within {timeout:g}s{maybe}") from None
+    except httpx.TransportError as e:
+        if unsure:
+            raise DfnsUnreachable(
+                f"connection to Dfns failed during {step} ({type(e).__name__}); it may or may not have been executed"
+            ) from None
+        raise DfnsUnreachable(f"cannot reach Dfns at {base_url} for {step}: {type(e).__name__}") from None
+
+
 class DfnsApi:
     """One Dfns identity (base URL + bearer token) over the shared HTTP client."""
 
@@ -101,6 +125,9 @@ class DfnsApi:
                     pass
         return float(min(self._backoff * 2**attempt, 10.0) * random.uniform(0.5, 1.5))
 
+    def _mapped(self, step: str, *, unsure: bool = False) -> AbstractContextManager[None]:
+        return mapped_errors(self.cfg.base_url, step, self.cfg.timeout, unsure=unsure)
+
     async def _create_challenge(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST a challenge-creating call, retrying network errors, 429 and 5xx with backoff."""
         step = f"POST {path}"
@@ -108,13 +135,12 @@ class DfnsApi:
         for attempt in range(1 + self.cfg.retries):
             response: httpx.Response | None = None
             try:
-                response = await self._http.post(
-                    self.cfg.base_url + path, json=body, headers=self._headers(), timeout=self._timeout
-                )
-            except httpx.TimeoutException:
-                last = DfnsTimeout(f"Dfns did not answer {step} within {self.cfg.timeout:g}s")
-            except httpx.TransportError as e:
-                last = DfnsUnreachable(f"cannot reach Dfns at {self.cfg.base_url} for {step}: {type(e).__name__}")
+                with self._mapped(step):
+                    response = await self._http.post(
+                        self.cfg.base_url + path, json=body, headers=self._headers(), timeout=self._timeout
+                    )
+            except (DfnsTimeout, DfnsUnreachable) as e:
+                last = e
             else:
                 if response.status_code < 400:
                     return _json_object(response, step)
@@ -142,14 +168,10 @@ class DfnsApi:
         """Trade the signed challenge for a user-action token. Never retried: the challenge is spent."""
         step = "POST /auth/action"
         body = {"challengeIdentifier": challenge_identifier, "firstFactor": first_factor}
-        try:
+        with self._mapped(step):
             r = await self._http.post(
                 self.cfg.base_url + "/auth/action", json=body, headers=self._headers(), timeout=self._timeout
             )
-        except httpx.TimeoutException:
-            raise DfnsTimeout(f"Dfns did not answer {step} within {self.cfg.timeout:g}s") from None
-        except httpx.TransportError as e:
-            raise DfnsUnreachable(f"cannot reach Dfns at {self.cfg.base_url} for {step}: {type(e).__name__}") from None
         if r.status_code >= 400:
             raise dfns_error(r.status_code, r.content, step)
         token = _json_object(r, step).get("userAction")
@@ -163,31 +185,22 @@ class DfnsApi:
         if user_action is not None:
             headers["X-DFNS-USERACTION"] = user_action
         step = f"{method} {path}"
-        for attempt in range(1 + self.cfg.retries):
-            try:
-                r = await self._http.request(
-                    method,
-                    self.cfg.base_url + path,
-                    content=content,
-                    headers=self._headers(headers),
-                    timeout=self._timeout,
-                )
+        with self._mapped(step, unsure=True):
+            for attempt in range(1 + self.cfg.retries):
+                try:
+                    r = await self._http.request(
+                        method,
+                        self.cfg.base_url + path,
+                        content=content,
+                        headers=self._headers(headers),
+                        timeout=self._timeout,
+                    )
+                except (httpx.ConnectError, httpx.ConnectTimeout):
+                    if attempt >= self.cfg.retries:
+                        raise
+                    await asyncio.sleep(self._delay(attempt, None))  # nothing reached Dfns: safe to try again
+                    continue
                 return Upstream(r.status_code, _headers_of_interest(r.headers), r.content)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-                if attempt >= self.cfg.retries:
-                    raise DfnsUnreachable(
-                        f"cannot reach Dfns at {self.cfg.base_url} for {step}: {type(e).__name__}"
-                    ) from None
-                await asyncio.sleep(self._delay(attempt, None))
-            except httpx.TimeoutException:
-                raise DfnsTimeout(
-                    f"Dfns did not answer {step} within {self.cfg.timeout:g}s; it may or may not have been executed"
-                ) from None
-            except httpx.TransportError as e:
-                raise DfnsUnreachable(
-                    f"connection to Dfns failed during {step} ({type(e).__name__}); "
-                    "it may or may not have been executed"
-                ) from None
         raise AssertionError("unreachable")  # pragma: no cover
 
 

@@ -7,32 +7,27 @@ real request with ``X-DFNS-USERACTION``. The body is serialized once and those e
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
-from collections.abc import Callable, Mapping
-from concurrent.futures import Executor
-from typing import Any, TypeVar
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
 
 from agent.caller import Caller
+from agent.config import DfnsConfig
 from agent.core.policy import UNRESTRICTED, Grant
-from agent.core.service import SigningService, sha256_hex
+from agent.core.records import Action
+from agent.core.service import SigningService
+from agent.dfns import sha256_hex
 from agent.dfnsapi.client import DfnsApi, Upstream, dfns_error
 from agent.errors import BadRequest, DfnsError, DfnsNotConfigured
+from agent.secret import Secret
 
-T = TypeVar("T")
 MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 _PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
 MAX_PATH = 2048
-
-
-async def in_pool(executor: Executor | None, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking token call on the signing threads, or right here when there are none (a fast local
-    token: the hop to a thread costs more than the call)."""
-    if executor is None:
-        return fn(*args, **kwargs)
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(executor, lambda: fn(*args, **kwargs))
 
 
 def serialize_payload(body: Any) -> str:
@@ -47,42 +42,54 @@ def check_path(path: str) -> str:
     return path
 
 
+@dataclass(frozen=True)
+class UserAction:
+    """A user-action token and the exact payload it was signed for (send those bytes as the body)."""
+
+    token: str
+    payload: str
+
+    def to_json(self) -> dict[str, str]:
+        return {"userAction": self.token, "payload": self.payload}
+
+
 class DfnsFlow:
-    def __init__(self, service: SigningService, executor: Executor | None, apis: Mapping[str, DfnsApi]) -> None:
+    """The flow for every credential that has ``[credential.dfns]`` settings, over one pooled HTTP client."""
+
+    def __init__(self, service: SigningService, apis: Mapping[str, DfnsApi]) -> None:
         self._service = service
-        self._executor = executor
         self._apis = dict(apis)
+
+    @classmethod
+    def create(
+        cls, service: SigningService, http: httpx.AsyncClient, settings: Mapping[str, tuple[DfnsConfig, Secret]]
+    ) -> DfnsFlow:
+        """One :class:`DfnsApi` per credential with Dfns settings, each with its bearer token."""
+        return cls(service, {name: DfnsApi(http, cfg, token) for name, (cfg, token) in settings.items()})
 
     def _api(self, credential: str | None, grant: Grant) -> tuple[str, DfnsApi]:
         if credential is None:
-            usable = [n for n in self._apis if grant.credentials is None or n in grant.credentials]
+            usable = [c.name for c in self._service.credentials.usable(grant) if c.name in self._apis]
             if not usable:
                 raise DfnsNotConfigured("no credential you may use has [credential.dfns] settings")
             credential = usable[0]
-        self._service.credential(credential)  # 404 for a name that does not exist at all
-        grant.require_credential(credential)
+        self._service.credentials.resolve(credential, grant)  # 404 for a name that does not exist, 403 if not granted
         api = self._apis.get(credential)
         if api is None:
             raise DfnsNotConfigured(f"credential {credential!r} has no [credential.dfns] settings")
         return credential, api
-
-    async def _in_pool(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await in_pool(self._executor, fn, *args, **kwargs)
 
     async def _user_action(
         self, method: str, path: str, payload: str, credential: str, api: DfnsApi, caller: Caller | None, grant: Grant
     ) -> str:
         bare = path.split("?", 1)[0]
         challenge = await api.init_user_action(method, bare, payload)
-        action = {"method": method, "path": path, "payloadSha256": sha256_hex(payload.encode("utf-8"))}
-        attempt = await self._in_pool(
-            self._service.sign_attempt, challenge, credential, caller=caller, grant=grant, action=action
-        )
-        first_factor = await self._service.finish_async(attempt)
+        action = Action(method, path, sha256_hex(payload.encode("utf-8")))
+        assertion = await self._service.sign(challenge, credential, caller=caller, grant=grant, action=action)
         identifier = challenge.get("challengeIdentifier")
         if not isinstance(identifier, str):
             raise DfnsError("Dfns's /auth/action/init answer has no challengeIdentifier", status=502)
-        return await api.complete_user_action(identifier, first_factor)
+        return await api.complete_user_action(identifier, assertion.to_json())
 
     async def user_action(
         self,
@@ -93,8 +100,8 @@ class DfnsFlow:
         *,
         caller: Caller | None = None,
         grant: Grant | None = None,
-    ) -> dict[str, str]:
-        """Get a user-action token for ``method path body``; returns it with the exact payload to send."""
+    ) -> UserAction:
+        """Get a user-action token for ``method path body``, with the exact payload to send."""
         method = method.upper()
         if method not in MUTATING:
             raise BadRequest(f"{method} requests need no user action; only {', '.join(sorted(MUTATING))} do")
@@ -103,7 +110,7 @@ class DfnsFlow:
         name, api = self._api(credential, grant)
         payload = serialize_payload(body)
         token = await self._user_action(method, path, payload, name, api, caller, grant)
-        return {"userAction": token, "payload": payload}
+        return UserAction(token, payload)
 
     async def request(
         self,
@@ -144,17 +151,16 @@ class DfnsFlow:
         ``/auth/credentials/init`` → sign ``key.create`` + attestation with the new key →
         ``POST /auth/credentials`` with a user action from the existing credential (rotation).
         """
-        self._service.credential(credential)
         grant = grant or UNRESTRICTED
+        self._service.credentials.resolve(credential, grant)
         via_name, api = self._api(via, grant)
         if via_name == credential:
             raise BadRequest("a credential cannot register itself; name an existing credential in 'via'")
         challenge = await api.init_registration()
-        attempt = await self._in_pool(
-            self._service.register_attempt, challenge, credential, credential_name=credential_name, caller=caller
+        registration = await self._service.register(
+            challenge, credential, credential_name=credential_name, caller=caller, grant=grant
         )
-        body = await self._service.finish_async(attempt)
-        payload = serialize_payload(body)
+        payload = serialize_payload(registration.to_json())
         token = await self._user_action("POST", "/auth/credentials", payload, via_name, api, caller, grant)
         answer = await api.send("POST", "/auth/credentials", payload.encode("utf-8"), token)
         if answer.status >= 400:

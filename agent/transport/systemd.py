@@ -74,11 +74,6 @@ def watchdog() -> bool:
     return notify("WATCHDOG=1")
 
 
-def status(text: str) -> bool:
-    """A one-line status shown by ``systemctl status``."""
-    return notify(f"STATUS={text}")
-
-
 def watchdog_interval() -> float | None:
     """Seconds between ``WATCHDOG=1`` pings (half the timeout, as sd_watchdog_enabled advises), or None.
 

@@ -1,0 +1,96 @@
+"""Configured Dfns Key credentials bound to keys on the token, and how a request picks one.
+
+A credential is a name (what callers and the policy say), a Dfns credId and a key; a request names one,
+or the agent picks the first the challenge allows and the caller's grant permits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agent.config import CredentialConfig
+from agent.core.keystore import KeyStore
+from agent.core.policy import Grant
+from agent.dfns import UserActionChallenge, cred_id_for_key
+from agent.errors import CredentialNotAllowed, UnknownCredential
+from agent.token.keys import KeyInfo
+
+
+@dataclass(frozen=True)
+class Credential:
+    name: str
+    cred_id: str
+    key: KeyInfo
+    origin: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "credId": self.cred_id,
+            "keyLabel": self.key.label,
+            "keyId": self.key.id.hex(),
+            "keyType": self.key.type_name,
+            "fingerprint": self.key.fingerprint,
+            "publicKey": self.key.public_pem,
+            "origin": self.origin,
+        }
+
+
+class Credentials:
+    """The agent's credentials by name, in configuration order."""
+
+    def __init__(self, credentials: Sequence[Credential]) -> None:
+        self._by_name = {c.name: c for c in credentials}
+
+    @classmethod
+    def from_config(cls, keys: KeyStore, configs: Sequence[CredentialConfig]) -> Credentials:
+        """Find each credential's key; a missing or ambiguous key is a start-up (or reload) error."""
+        found = []
+        for c in configs:
+            key = keys.find_key(c.key, c.key_id)
+            found.append(Credential(c.name, c.cred_id or cred_id_for_key(key.spki_der), key, c.origin))
+        return cls(found)
+
+    def __iter__(self) -> Iterator[Credential]:
+        return iter(self._by_name.values())
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def get(self, name: str) -> Credential:
+        """The credential called ``name``, else 404 naming the ones there are."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            known = ", ".join(self._by_name) or "none"
+            raise UnknownCredential(f"no credential named {name!r}; configured: {known}") from None
+
+    def resolve(self, name: str, grant: Grant) -> Credential:
+        """``name``, which must exist (404) and be granted (403)."""
+        cred = self.get(name)
+        grant.require_credential(cred.name)
+        return cred
+
+    def usable(self, grant: Grant) -> list[Credential]:
+        return [c for c in self._by_name.values() if grant.allows(c.name)]
+
+    def for_challenge(self, challenge: UserActionChallenge, name: str | None, grant: Grant) -> Credential:
+        """The named credential, which the challenge must allow; else the first allowed one the grant permits."""
+        if name is not None:
+            cred = self.resolve(name, grant)
+            challenge.require_allowed(cred.cred_id, cred.name)
+            return cred
+        usable = self.usable(grant)
+        for cred in usable:
+            if cred.cred_id in challenge.allowed_key_ids:
+                return cred
+        allowed = ", ".join(challenge.allowed_key_ids) or "no Key credentials"
+        mine = ", ".join(f"{c.name} ({c.cred_id})" for c in usable) or "none you may use"
+        raise CredentialNotAllowed(
+            f"none of the agent's credentials is allowed by the challenge: it allows {allowed}; the agent has {mine}"
+        )

@@ -1,0 +1,229 @@
+"""One serving process: log in, find the keys, open the audit log, serve until told to stop.
+
+Each process (the only one, or each pre-forked worker of ``agent/daemon/supervisor.py``) logs in exactly
+once. SIGTERM/SIGINT drain in-flight requests (bounded) and log out; SIGHUP reloads credentials, Dfns
+settings and policy without touching the token session, and a bad config on reload keeps the old one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Callable, Coroutine
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Any, Literal, TextIO
+
+from agent import __version__
+from agent.app.routes import App, Limits
+from agent.app.state import AgentState, Generation
+from agent.config import Config, DfnsConfig, load_config
+from agent.core.audit import AuditLog
+from agent.core.metrics import Metrics
+from agent.core.policy import Policy
+from agent.core.service import SigningService
+from agent.dfnsapi.client import make_http_client
+from agent.dfnsapi.flow import DfnsFlow
+from agent.errors import AgentError, ConfigError
+from agent.paths import audit_path_for
+from agent.secret import Secret, read_secret
+from agent.token import Token
+from agent.transport import systemd
+from agent.transport.http import Server
+
+log = logging.getLogger(__name__)
+
+# Workers keep these blocked until their event loop handles them (see agent/daemon/supervisor.py).
+LOOP_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+
+DfnsSettings = dict[str, tuple[DfnsConfig, Secret]]
+
+
+def read_dfns_tokens(config: Config) -> dict[str, tuple[DfnsConfig, Secret]]:
+    """Each credential's Dfns settings with its bearer token, read once at start-up (never logged)."""
+    return {
+        c.name: (
+            c.dfns,
+            read_secret(c.dfns.token, what=f"Dfns token for credential {c.name!r}", setting="dfns.token_"),
+        )
+        for c in config.credentials
+        if c.dfns is not None
+    }
+
+
+def open_audit(config: Config) -> AuditLog | None:
+    if not config.audit.enabled:
+        log.warning("the audit log is disabled ([audit] enabled = false); signatures are not recorded")
+        return None
+    return AuditLog(audit_path_for(config), flush_on_loop=config.server.sign_threads == 0)
+
+
+def limits_for(config: Config) -> Limits:
+    s = config.server
+    return Limits(
+        max_body=s.max_body_bytes,
+        body_timeout=s.body_timeout,
+        idle_timeout=s.idle_timeout,
+        max_connections=s.max_connections,
+    )
+
+
+def serve_worker(
+    config: Config,
+    pin: Secret,
+    dfns: DfnsSettings,
+    sock: socket.socket,
+    out: TextIO,
+    *,
+    announce: bool,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Log in, find the keys, open the audit log; report ready; serve until SIGTERM/SIGINT."""
+    token: Token | None = None
+    audit: AuditLog | None = None
+    try:
+        token = Token.open(config.token, pin)
+        audit = open_audit(config)
+        metrics = Metrics()
+        token.circuit.on_event = metrics.token_event
+        threads = config.server.sign_threads
+        with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sign") as pool:
+            executor = pool if threads else None
+            service = SigningService.from_config(token, config.credentials, audit, metrics, executor)
+            token.expect_keys([c.key for c in service.credentials])
+            token.start_probe()
+            if announce:
+                _announce(out, sock.getsockname(), token, service, audit, config.server.workers)
+            if ready is not None:
+                ready()
+            _run_loop(_serve_until_signalled(config, service, dfns, sock, token, audit, executor))
+    finally:
+        if token is not None:
+            token.close()
+        if audit is not None:
+            audit.close()
+
+
+def _run_loop(main: Coroutine[Any, Any, None]) -> None:
+    """uvloop when installed (it roughly halves the HTTP layer's cost per request), else asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)
+        return
+    uvloop.run(main)
+
+
+def reload(
+    state: AgentState,
+    config: Config,
+    token: Token,
+    audit: AuditLog | None,
+    flow: Callable[[SigningService, DfnsSettings], DfnsFlow],
+    executor: Executor | None,
+) -> Config:
+    """Apply a re-read config's credentials, Dfns settings and policy; raises (keeping the old) on error."""
+    fresh = load_config(config.path)
+    if fresh.token != config.token:
+        log.warning("token settings changed in %s; restart the agent to apply them", config.path)
+    service = SigningService.from_config(token, fresh.credentials, audit, state.current.service.metrics, executor)
+    if not len(service.credentials):
+        raise ConfigError("no [[credential]] configured")
+    dfns = read_dfns_tokens(fresh)
+    state.replace(Generation(service, flow(service, dfns), Policy(fresh.rules)))
+    token.expect_keys([c.key for c in service.credentials])
+    log.info("reloaded %s: %d credential(s), %d policy rule(s)", fresh.path, len(service.credentials), len(fresh.rules))
+    return fresh
+
+
+async def _serve_until_signalled(
+    config: Config,
+    service: SigningService,
+    dfns: DfnsSettings,
+    sock: socket.socket,
+    token: Token,
+    audit: AuditLog | None,
+    executor: Executor | None,
+) -> None:
+    loop = asyncio.get_running_loop()
+    current = [config]
+    where = systemd.socket_name(sock)  # read it now: the server closes the socket when it stops
+    # The pooled Dfns client belongs to this event loop: made here, closed on the way out.
+    async with make_http_client() as http:
+
+        def flow(service: SigningService, dfns: DfnsSettings) -> DfnsFlow:
+            return DfnsFlow.create(service, http, dfns)
+
+        state = AgentState(Generation(service, flow(service, dfns), Policy(config.rules)))
+        app = App(state, limits_for(config))
+
+        def serving() -> str:
+            return f"serving {len(state.current.service.credentials)} credential(s) on {where}"
+
+        stop = _StopEvent(lambda: systemd.ready(serving()))
+
+        async def on_hup() -> None:
+            systemd.reloading()
+            try:
+                current[0] = await loop.run_in_executor(None, reload, state, current[0], token, audit, flow, executor)
+            except AgentError as e:
+                log.error("reload failed; keeping the previous configuration: %s", e.message)
+            systemd.ready(serving())
+
+        def on_stop() -> None:
+            systemd.stopping()
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_hup()))
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, LOOP_SIGNALS)  # a worker's early signal is delivered now
+        interval = systemd.watchdog_interval()
+        pinger = loop.create_task(_keep_watchdog(interval)) if interval else None
+        server = Server(app.handle, app.limits, on_protocol_error=app.count_protocol_error)
+        try:
+            await server.start(sock)
+            await stop.wait()
+        finally:
+            await server.shutdown(config.server.shutdown_timeout)
+            if pinger is not None:
+                pinger.cancel()
+
+
+class _StopEvent(asyncio.Event):
+    """serve()'s stop event. serve() first waits on it once its site accepts connections: that first wait is
+    when systemd is told READY=1, so a unit ordered after ours finds the agent answering."""
+
+    def __init__(self, on_serving: Callable[[], object]) -> None:
+        super().__init__()
+        self._on_serving: Callable[[], object] | None = on_serving
+
+    async def wait(self) -> Literal[True]:
+        if self._on_serving is not None:
+            hook, self._on_serving = self._on_serving, None
+            hook()
+        return await super().wait()
+
+
+async def _keep_watchdog(interval: float) -> None:
+    """WATCHDOG=1 from the event loop: a wedged loop stops the pings and systemd restarts the agent."""
+    while True:
+        systemd.watchdog()
+        await asyncio.sleep(interval)
+
+
+def _announce(
+    out: TextIO, path: str, token: Token, service: SigningService, audit: AuditLog | None, workers: int
+) -> None:
+    lines = [
+        f"dfns-agent {__version__} listening on {path} ({workers} worker process{'es' if workers > 1 else ''})",
+        f"{token.name}, {len(service.credentials)} credential(s):",
+    ]
+    for c in service.credentials:
+        lines.append(f"  {c.name}: credId {c.cred_id}, key {c.key.label!r} ({c.key.type_name}), {c.key.fingerprint}")
+        lines.append(c.key.public_pem.rstrip("\n"))
+    lines.append(f"audit log: {audit.path if audit else 'disabled'}")
+    lines.append(f"try: curl --unix-socket {path} http://agent/v1/health")
+    out.write("\n".join(lines) + "\n")
+    out.flush()

@@ -1,0 +1,155 @@
+"""Loading a PKCS#11 module for multi-threaded use, and finding its token.
+
+python-pkcs11 calls ``C_Initialize(NULL)``; SoftHSM then turns its mutexes into no-ops while python-pkcs11
+releases the GIL around every call, so two signing threads corrupt its heap. Right after loading we redo
+``C_Finalize`` + ``C_Initialize({flags=CKF_OS_LOCKING_OK})`` through the module's own function list, before
+any session exists (``shared/reference/pkcs11-softhsm.md``). A module is loaded once per process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import pkcs11
+from pkcs11 import exceptions as p11
+
+from agent.config import TokenConfig
+from agent.errors import TokenUnavailable
+
+
+def describe(exc: BaseException) -> str:
+    """A short name for a PKCS#11 error (python-pkcs11's messages are usually empty)."""
+    if isinstance(exc, p11.NoSuchKey):
+        return "NoSuchKey: the key is no longer on the token"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _CK_C_INITIALIZE_ARGS(ctypes.Structure):
+    _fields_ = [
+        ("CreateMutex", ctypes.c_void_p),
+        ("DestroyMutex", ctypes.c_void_p),
+        ("LockMutex", ctypes.c_void_p),
+        ("UnlockMutex", ctypes.c_void_p),
+        ("flags", ctypes.c_ulong),
+        ("pReserved", ctypes.c_void_p),
+    ]
+
+
+class _CK_SESSION_INFO(ctypes.Structure):
+    _fields_ = [
+        ("slotID", ctypes.c_ulong),
+        ("state", ctypes.c_ulong),
+        ("flags", ctypes.c_ulong),
+        ("ulDeviceError", ctypes.c_ulong),
+    ]
+
+
+class _CK_FUNCTION_LIST_HEAD(ctypes.Structure):
+    # CK_VERSION then the first 16 entry points, in the order fixed by the PKCS#11 standard.
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)] + [(f"f{i}", ctypes.c_void_p) for i in range(16)]
+
+
+_CKF_OS_LOCKING_OK = 0x2
+_CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+USER_STATES = frozenset({1, 3})  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
+_RV = ctypes.c_ulong
+_InitFn = ctypes.CFUNCTYPE(_RV, ctypes.c_void_p)
+_SessionInfoFn = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.POINTER(_CK_SESSION_INFO))
+
+
+class RawModule:
+    """The few entry points python-pkcs11 does not expose, reached through ``C_GetFunctionList``."""
+
+    def __init__(self, path: str) -> None:
+        self._dll = ctypes.CDLL(path)  # same dlopen handle python-pkcs11 holds
+        head = ctypes.POINTER(_CK_FUNCTION_LIST_HEAD)()
+        get_list = self._dll.C_GetFunctionList
+        get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_CK_FUNCTION_LIST_HEAD))]
+        get_list.restype = _RV
+        rv = get_list(ctypes.byref(head))
+        if rv != 0:
+            raise TokenUnavailable(f"C_GetFunctionList of {path} failed (CKR 0x{rv:x})")
+        fl = head.contents
+        self.initialize = _InitFn(fl.f0)
+        self.finalize = _InitFn(fl.f1)
+        self.get_session_info = _SessionInfoFn(fl.f15)
+
+    def reinitialize_with_locking(self) -> None:
+        rv = self.finalize(None)
+        if rv != 0:
+            raise TokenUnavailable(f"C_Finalize failed while enabling OS locking (CKR 0x{rv:x})")
+        args = _CK_C_INITIALIZE_ARGS(None, None, None, None, _CKF_OS_LOCKING_OK, None)
+        rv = self.initialize(ctypes.byref(args))
+        if rv not in (0, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+            raise TokenUnavailable(f"C_Initialize with CKF_OS_LOCKING_OK failed (CKR 0x{rv:x})")
+
+    def session_state(self, handle: int) -> int:
+        info = _CK_SESSION_INFO()
+        rv = self.get_session_info(handle, ctypes.byref(info))
+        if rv != 0:
+            raise TokenUnavailable(f"C_GetSessionInfo failed (CKR 0x{rv:x})")
+        return int(info.state)
+
+
+_modules: dict[str, tuple[Any, RawModule]] = {}
+_modules_lock = threading.Lock()
+
+
+def load_module(path: str) -> tuple[Any, RawModule]:
+    """Load a PKCS#11 module once per process, initialized for multi-threaded use."""
+    with _modules_lock:
+        if path in _modules:
+            return _modules[path]
+        if not os.path.isabs(path) or not os.path.isfile(path):
+            raise TokenUnavailable(f"PKCS#11 module {path!r} is not an existing file (give an absolute path)")
+        try:
+            lib = pkcs11.lib(path)
+        except p11.PKCS11Error as e:
+            raise TokenUnavailable(f"cannot load PKCS#11 module {path}: {describe(e)}") from None
+        raw = RawModule(path)
+        raw.reinitialize_with_locking()
+        _modules[path] = (lib, raw)
+        return lib, raw
+
+
+def unload_module(path: str) -> None:
+    with _modules_lock:
+        if _modules.pop(path, None) is not None:
+            pkcs11.unload(path)
+
+
+def find_token(lib: Any, cfg: TokenConfig) -> Any:
+    """The one token that matches the configured label or serial."""
+    try:
+        if cfg.serial is not None:
+            matches = list(_tokens(lib, serial=cfg.serial.encode()))
+            what = f"serial {cfg.serial!r}"
+        else:
+            matches = list(_tokens(lib, label=cfg.label))
+            what = f"label {cfg.label!r}"
+    except p11.PKCS11Error as e:
+        raise TokenUnavailable(f"cannot list tokens of {cfg.module}: {describe(e)}") from None
+    if not matches:
+        available = ", ".join(repr(t.label) for t in _tokens(lib)) or "none"
+        raise TokenUnavailable(f"no token with {what} in {cfg.module}; tokens present: {available}")
+    if len(matches) > 1:
+        raise TokenUnavailable(f"{len(matches)} tokens have {what}; select the token by serial instead")
+    return matches[0]
+
+
+def _tokens(lib: Any, label: str | None = None, serial: bytes | None = None) -> Iterator[Any]:
+    for slot in lib.get_slots(token_present=True):
+        try:
+            tok = slot.get_token()
+        except (p11.TokenNotPresent, p11.TokenNotRecognised):
+            continue
+        if label is not None and tok.label != label:
+            continue
+        if serial is not None and tok.serial != serial:
+            continue
+        yield tok
