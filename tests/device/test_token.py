@@ -27,8 +27,10 @@ from agent.dev.testing import (
     wait_until,
 )
 from agent.errors import KeyExists, KeyNotFound, TokenUnavailable
+from agent.health import TokenHealth, TokenState
 from agent.secret import Secret
-from agent.token.device import KeyKind, Token, unload_module
+from agent.token import KeyKind, Token, unload_module
+from agent.token import module as token_module
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +46,7 @@ def token(template_token: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 
 
 def test_token_is_present_and_logged_in(token: Token) -> None:
-    assert token.health() == {"state": "ok", "present": True, "logged_in": True, "reconnects": 0}
+    assert token.health() == TokenHealth(TokenState.OK, present=True, logged_in=True, reconnects=0)
     assert token.identity.label == TOKEN_LABEL
     assert token.identity.manufacturer == "SoftHSM project"
 
@@ -149,7 +151,7 @@ def test_threads_sign_concurrently_without_crashing(token: Token) -> None:
 
 
 def _fail_first(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> dict[str, int]:
-    real = agent_token._sign_with
+    real = agent_token.sign_with
     calls = {"n": 0}
 
     def flaky(priv: Any, kind: KeyKind, message: bytes) -> bytes:
@@ -158,15 +160,15 @@ def _fail_first(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> dict[s
             raise error
         return real(priv, kind, message)
 
-    monkeypatch.setattr(agent_token, "_sign_with", flaky)
+    monkeypatch.setattr(agent_token, "sign_with", flaky)
     return calls
 
 
 def _restore(token: Token, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.undo()
-    if token.state != "ok":
-        token.state = "degraded"
-        token._fault("test cleanup")
+    if token.state is not TokenState.OK:
+        token.circuit.state = TokenState.DEGRADED  # from down too: recover the shared token for the next test
+        token.circuit.fault("test cleanup")
         wait_until(lambda: token.state == "ok", 15, "token state ok")
 
 
@@ -213,35 +215,35 @@ class _LockedPin:
 def test_pin_locked_on_relogin_is_down_and_never_retried(token: Token, monkeypatch: pytest.MonkeyPatch) -> None:
     key = token.find_key(key_label("ed25519"))
     token.expect_keys([key])
-    real_find = agent_token.find_token
+    real_find = token_module.find_token
     seen: list[_LockedPin] = []
 
     def find(lib: Any, cfg: Any) -> Any:
         seen.append(_LockedPin(real_find(lib, cfg)))
         return seen[-1]
 
-    monkeypatch.setattr(agent_token, "find_token", find)
-    token._fault("test: the device dropped the session")
+    monkeypatch.setattr(token_module, "find_token", find)
+    token.circuit.fault("test: the device dropped the session")
     wait_until(lambda: token.state == "down", 15, "token state down")
     assert token.reason is not None and "PinLocked" in token.reason
     time.sleep(0.5)
     assert sum(t.logins for t in seen) == 1, "a locked PIN must not be tried again"
     with pytest.raises(TokenUnavailable, match="PinLocked"):
         token.sign(key, b"m")
-    assert token.health()["state"] == "down"
+    assert token.health().state is TokenState.DOWN
     _restore(token, monkeypatch)
 
 
 def test_a_different_token_is_refused_after_reconnect(token: Token, monkeypatch: pytest.MonkeyPatch) -> None:
     key = token.find_key(key_label("ed25519"))
     token.expect_keys([key])
-    real_find = agent_token.find_token
+    real_find = token_module.find_token
 
     class OtherSerial(_LockedPin):
         serial = b"ffffffffffffffff"
 
-    monkeypatch.setattr(agent_token, "find_token", lambda lib, cfg: OtherSerial(real_find(lib, cfg)))
-    token._fault("test: reconnect")
+    monkeypatch.setattr(token_module, "find_token", lambda lib, cfg: OtherSerial(real_find(lib, cfg)))
+    token.circuit.fault("test: reconnect")
     wait_until(lambda: token.state == "down", 15, "token state down")
     assert token.reason is not None and "serial ffffffffffffffff" in token.reason
     with pytest.raises(TokenUnavailable):

@@ -4,15 +4,16 @@
 from __future__ import annotations
 
 from agent.core.metrics import Metrics
+from agent.core.records import Outcome
 from agent.dev.testing import samples_of, total
 
 
 def test_sign_outcomes_count_per_label_set_in_process() -> None:
     metrics = Metrics()
     for _ in range(3):
-        metrics.sign_outcome("a", "p256", "ok", 0.003)
-    metrics.sign_outcome("a", "p256", "refused", None)
-    metrics.sign_outcome("b", "ed25519", "ok", 0.0004)
+        metrics.sign_outcome("a", "p256", Outcome.OK, 0.003)
+    metrics.sign_outcome("a", "p256", Outcome.REFUSED, None)
+    metrics.sign_outcome("b", "ed25519", Outcome.OK, 0.0004)
     samples = samples_of(metrics.render()[0].decode())
     assert total(samples, "dfns_agent_signatures_total", credential="a", outcome="ok") == 3
     assert total(samples, "dfns_agent_signatures_total", credential="a", outcome="refused") == 1

@@ -19,6 +19,16 @@ from agent.core.policy import Policy
 from agent.errors import Forbidden, RateLimited
 
 
+class Fields:
+    """Any record the log may be handed (the agent hands it ``AuditRecord``s): these tests probe the log itself."""
+
+    def __init__(self, **fields: object) -> None:
+        self.fields = fields
+
+    def to_json(self) -> dict[str, object]:
+        return self.fields
+
+
 def test_policy_default_admits_own_uid_and_root_only() -> None:
     policy = Policy(own_uid=1000)
     assert policy.check(Caller(1000, 1000, 1, None), "sign").rule is None
@@ -83,8 +93,8 @@ def test_a_record_that_cannot_be_encoded_fails_closed(tmp_path: Path) -> None:
         circular: dict[str, object] = {}
         circular["self"] = circular
         with pytest.raises(AuditUnavailable, match="signature withheld"):
-            log.record(event="sign", data=circular)
-        log.record(event="sign", data="fine")  # the log recovers for the next record
+            log.record(Fields(event="sign", data=circular))
+        log.record(Fields(event="sign", data="fine"))  # the log recovers for the next record
         assert log.healthy and verify(tmp_path / "audit.jsonl").records == 1
     finally:
         log.close()
@@ -103,7 +113,7 @@ def test_a_failed_group_commit_off_the_loop_withholds_every_signature_of_the_bat
             read_only = os.open(path, os.O_RDONLY)
             os.close(log._fd)
             log._fd = read_only  # the next write fails with EBADF, as a yanked disk would fail it
-            records = (log.record_async(event="sign", i=i) for i in range(4))
+            records = (log.record_async(Fields(event="sign", i=i)) for i in range(4))
             return await asyncio.gather(*records, return_exceptions=True)
         finally:
             log.close()
@@ -117,13 +127,13 @@ def test_audit_lines_have_one_format_on_the_thread_and_the_event_loop_path(tmp_p
     path = tmp_path / "audit.jsonl"
     odd = {"who": "zoë ✓", "path": tmp_path, "n": 1.5, "none": None, "nested": {"a": [1, "b"]}}
     log = AuditLog(path)
-    log.record(event="thread", **odd)
+    log.record(Fields(event="thread", **odd))
     log.close()
 
     async def on_loop() -> None:
         loop_log = AuditLog(path, flush_on_loop=True)  # continues the chain another instance wrote
         try:
-            await asyncio.gather(*(loop_log.record_async(event="loop", i=i, **odd) for i in range(5)))
+            await asyncio.gather(*(loop_log.record_async(Fields(event="loop", i=i, **odd)) for i in range(5)))
         finally:
             loop_log.close()
 
