@@ -17,21 +17,6 @@ from datetime import datetime, timezone
 _HEADER_LOGGERS = ("hpack", "h2")
 
 
-class _ClientProtocolErrors(logging.Filter):
-    """aiohttp (the dev-dfns server) logs every malformed request (the client's fault, already answered 400)
-    at ERROR with a traceback; that lets anyone flood the log. Keep one debug line instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        from aiohttp.http_exceptions import HttpProcessingError
-
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            record.msg, record.args, record.exc_info, record.exc_text = f"bad request: {exc.message}", (), None, None
-            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
-        return True
-
-
 _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
 
 
@@ -72,6 +57,5 @@ def configure(verbose: bool = False, *, fmt: str = "text", level: str | None = N
     logging.basicConfig(level=chosen, handlers=[handler], force=True)
     for name in _HEADER_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    logging.getLogger("aiohttp.server").addFilter(_ClientProtocolErrors())
     if not verbose:
         logging.getLogger("httpx").setLevel(logging.WARNING)

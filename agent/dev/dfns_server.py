@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
@@ -841,6 +842,27 @@ class DevDfns:
 # Serving
 
 
+class ClientProtocolErrors(logging.Filter):
+    """aiohttp logs every malformed request (the client's fault, already answered 400) at ERROR with a
+    traceback; that lets anyone flood the log. Keep one debug line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            record.msg, record.args, record.exc_info, record.exc_text = f"bad request: {exc.message}", (), None, None
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+_CLIENT_PROTOCOL_ERRORS = ClientProtocolErrors()
+
+
+def install_log_filter() -> None:
+    """Put :class:`ClientProtocolErrors` on aiohttp's server logger (once, however often it is called)."""
+    logging.getLogger("aiohttp.server").addFilter(_CLIENT_PROTOCOL_ERRORS)
+
+
 class DevDfnsServer:
     """Runs a DevDfns on 127.0.0.1 in a background thread with its own event loop (for tests and the CLI)."""
 
@@ -857,6 +879,7 @@ class DevDfnsServer:
         """Start serving and return the base URL (with the real port when ``port`` was 0)."""
         if self._thread is not None:
             raise RuntimeError("server already started")
+        install_log_filter()
         ready = threading.Event()
         failure: list[BaseException] = []
         loop = asyncio.new_event_loop()
@@ -931,6 +954,7 @@ def run(
     A token file that already exists in ``tokens_dir`` is reused, so an agent config that names it keeps
     working across restarts of this server.
     """
+    install_log_filter()
     dfns = DevDfns()
     tokens_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     accounts: list[tuple[ServiceAccount, Path]] = []

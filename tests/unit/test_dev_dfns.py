@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -580,3 +582,25 @@ def test_create_service_account_validates() -> None:
 
 # ------------------------------------------------------------------------------------------------------
 # The CLI entry point
+
+
+# ------------------------------------------------------------------------------------------------------
+# Logging
+
+
+def test_malformed_requests_are_one_debug_line_not_an_error_with_a_traceback(
+    base_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The server's own log filter (agent/dev, not agent/logs.py) keeps a client's garbage out of ERROR."""
+    host, port = base_url.removeprefix("http://").rsplit(":", 1)
+    with caplog.at_level(logging.DEBUG, logger="aiohttp.server"):
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"NOT A REQUEST\x00\r\n\r\n")
+            assert s.recv(4096).split(b" ", 2)[1] == b"400"
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not any(r.name == "aiohttp.server" for r in caplog.records):
+            time.sleep(0.01)
+    server = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert server, "aiohttp logged nothing about the malformed request"
+    assert all(r.levelno == logging.DEBUG and r.exc_info is None for r in server), server
+    assert all(r.getMessage().startswith("bad request: ") for r in server)

@@ -1,0 +1,86 @@
+"""What ``pip install dfns-agent`` gets: the wheel carries the product, not the dev tooling.
+
+The wheel is built from a temporary copy of the checkout (``pip wheel --no-deps --no-build-isolation``, so
+no network and no ``build/`` left in the checkout), with the build backend of the dev install.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.dev.testing import ROOT
+
+# What a checkout holds besides the sources: environments, caches, build output, the dev token.
+NOT_SOURCES = shutil.ignore_patterns(
+    ".git", ".venv", ".dev", "build", "dist", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis", "node_modules"
+)
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Iterator[zipfile.ZipFile]:
+    work = tmp_path_factory.mktemp("wheel")
+    before = sorted(p.name for p in ROOT.iterdir())
+    shutil.copytree(ROOT, work / "src", ignore=NOT_SOURCES)
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(work / "out"), "."],
+        cwd=work / "src",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert sorted(p.name for p in ROOT.iterdir()) == before, "building the wheel left something in the checkout"
+    (built,) = (work / "out").glob("dfns_agent-*.whl")
+    with zipfile.ZipFile(built) as z:
+        yield z
+
+
+def metadata(wheel: zipfile.ZipFile, name: str) -> str:
+    (path,) = [n for n in wheel.namelist() if n.endswith(f".dist-info/{name}")]
+    return wheel.read(path).decode()
+
+
+def test_the_wheel_has_the_agent_but_not_the_dev_area(wheel: zipfile.ZipFile) -> None:
+    names = wheel.namelist()
+    assert "agent/__init__.py" in names and "agent/cli/main.py" in names
+    assert [n for n in names if n.startswith("agent/dev/")] == []
+    assert [n for n in names if n.split("/")[0] in ("tests", "bench")] == []
+
+
+def test_installing_the_wheel_does_not_pull_aiohttp(wheel: zipfile.ZipFile) -> None:
+    """aiohttp serves only the dev Dfns server: it is required by the ``dev`` extra and nothing else."""
+    meta = email.parser.Parser().parsestr(metadata(wheel, "METADATA"))
+    requires = meta.get_all("Requires-Dist") or []
+    assert any(r.startswith("httpx") for r in requires)  # the runtime dependencies are there
+    aiohttp = [r for r in requires if r.lower().startswith("aiohttp")]
+    assert aiohttp, "the dev extra lost aiohttp"
+    assert all(r.split(";", 1)[1].strip() == 'extra == "dev"' for r in aiohttp if ";" in r), aiohttp
+    assert all(";" in r for r in aiohttp), f"aiohttp is a dependency of the product: {aiohttp}"
+
+
+def test_the_console_script_is_declared(wheel: zipfile.ZipFile) -> None:
+    entry_points = metadata(wheel, "entry_points.txt")
+    assert "[console_scripts]" in entry_points
+    assert "dfns-agent = agent.cli.main:main" in entry_points
+
+
+def test_the_checkout_still_imports_the_dev_area_from_its_editable_install(tmp_path: Path) -> None:
+    """agent.dev is left out of the wheel only: the editable dev install (run from elsewhere) still has it."""
+    code = "import agent.dev.dfns_server, agent.dev.softhsm, agent.dev.testing as t; print(t.ROOT)"
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()) == ROOT
