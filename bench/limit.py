@@ -77,7 +77,7 @@ def _sign_loop(conn: Connection, job: LimitJob) -> None:
 
         from agent.config import TokenConfig
         from agent.secret import Secret
-        from agent.token.device import Token
+        from agent.token import Token
 
         cfg = TokenConfig(module=job.module, label=job.token_label, module_env={"SOFTHSM2_CONF": job.softhsm_conf})
         messages = [client_data(make_challenge("")["challenge"]) for _ in range(4096)]

@@ -55,7 +55,7 @@ def make_challenge(cred_id: str) -> dict[str, Any]:
 
 def client_data(challenge: str) -> bytes:
     """The exact bytes the agent signs for ``challenge`` (its own builder), so every contender signs the same size."""
-    from agent.dfns.protocol import client_data as build
+    from agent.dfns import client_data as build
 
     return build(challenge, "key.get")
 

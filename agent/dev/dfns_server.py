@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from agent.dfns.protocol import KEY_CREATE, KEY_GET, b64url, b64url_decode, credential_fingerprint
+from agent.dfns import KEY_CREATE, KEY_GET, b64url, b64url_decode, credential_fingerprint
 
 __all__ = ["DevDfns", "DevDfnsServer", "ServiceAccount", "run"]
 

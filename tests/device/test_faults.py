@@ -34,7 +34,7 @@ from agent.dev.testing import (
     verify_signature,
     wait_until,
 )
-from agent.dfns.protocol import KEY_GET, client_data
+from agent.dfns import KEY_GET, client_data
 
 KINDS_UNDER_LOAD = ["ed25519", "p256"]
 

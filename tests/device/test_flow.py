@@ -376,7 +376,7 @@ def test_dev_dfns_command_uses_the_agents_default_cred_id(template_keys: dict[st
 
     from cryptography.hazmat.primitives import serialization
 
-    from agent.dfns.protocol import cred_id_for_key
+    from agent.dfns import cred_id_for_key
 
     pem = tmp_path / "k.pem"
     pem.write_text(template_keys[SPARE_KEY])

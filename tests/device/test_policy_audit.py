@@ -29,7 +29,7 @@ from agent.dev.testing import (
     verify_signature,
     wait_until,
 )
-from agent.dfns.protocol import KEY_GET, client_data
+from agent.dfns import KEY_GET, client_data
 
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -1,4 +1,4 @@
-"""Pure protocol tests for agent.dfns.protocol (dfns-protocol.md §2, §3, §4.2), using software keys, no PKCS#11."""
+"""Pure protocol tests for agent/dfns/ (dfns-protocol.md §2, §3, §4.2), using software keys, no PKCS#11."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+from typing import Any
 
 import pytest
 from cryptography.exceptions import InvalidSignature
@@ -13,19 +14,21 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 
-from agent.dfns.protocol import (
+from agent.dfns import (
     KEY_CREATE,
     KEY_GET,
     MAX_CHALLENGE_LEN,
+    ClientData,
+    CredentialInfo,
+    KeyAssertion,
+    Registration,
     RegistrationChallenge,
+    Signer,
     UserActionChallenge,
     b64url,
     b64url_decode,
     client_data,
     credential_fingerprint,
-    key_assertion,
-    sign_registration,
-    sign_user_action,
 )
 from agent.errors import BadRequest, CredentialNotAllowed
 
@@ -40,7 +43,7 @@ _MISSING = object()
 
 
 # --------------------------------------------------------------------------------------------------------------
-# A software signer implementing agent.dfns.protocol.Signer with the encodings of §3.
+# A software signer implementing agent.dfns.Signer with the encodings of §3.
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -338,8 +341,41 @@ def test_require_allowed_says_no_key_credentials_when_none_allowed() -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# sign_user_action (§1.3, §3)
+# The firstFactor of a user action (§1.3, §3), as it goes on the wire
 # --------------------------------------------------------------------------------------------------------------
+
+
+def sign_user_action(ch: UserActionChallenge, cred_id: str, signer: Signer, *, origin: str | None = None) -> Any:
+    return KeyAssertion.sign(ClientData.for_user_action(ch, origin), cred_id, signer).to_json()
+
+
+def key_assertion(cred_id: str, data: bytes, signature: bytes) -> Any:
+    return KeyAssertion(cred_id, ClientData(data), signature).to_json()
+
+
+def sign_registration(ch: RegistrationChallenge, cred_id: str, signer: Signer, *, origin: str | None = None) -> Any:
+    return CredentialInfo.sign(ClientData.for_registration(ch, origin), cred_id, signer).to_json()
+
+
+def test_client_data_carries_its_wire_forms() -> None:
+    data = ClientData.build(SPEC_CHALLENGE, KEY_GET)
+    assert data.raw == client_data(SPEC_CHALLENGE, KEY_GET)
+    assert data.b64url == SPEC_CLIENT_DATA_B64
+    assert data.sha256 == hashlib.sha256(data.raw).digest() and data.sha256_hex == hashlib.sha256(data.raw).hexdigest()
+    assert ClientData.for_user_action(UserActionChallenge.parse(action_init_body())) == data
+
+
+def test_registration_body_names_the_credential_and_keeps_the_challenge_identifier(signer: SoftwareSigner) -> None:
+    ch = RegistrationChallenge.parse(credentials_init_body())
+    info = CredentialInfo.sign(ClientData.for_registration(ch), "bmV3", signer)
+    body = Registration(info, "hsm-2027", ch.challenge_identifier).to_json()
+    assert body == {
+        "credentialKind": "Key",
+        "credentialInfo": info.to_json(),
+        "credentialName": "hsm-2027",
+        "challengeIdentifier": ch.challenge_identifier,
+    }
+    assert "challengeIdentifier" not in Registration(info, "x", None).to_json()
 
 
 def test_software_signer_encodings(signer: SoftwareSigner) -> None:
@@ -469,7 +505,7 @@ def test_sign_registration(signer: SoftwareSigner) -> None:
     assert attestation["publicKey"] == signer.public_key_pem
     assert re.fullmatch(r"[0-9a-f]+", attestation["signature"])  # lowercase hex
 
-    # Rebuild the fingerprint the way the server does (§4.2 c) — independently of agent.dfns.protocol.
+    # Rebuild the fingerprint the way the server does (§4.2 c) — independently of agent/dfns/.
     fingerprint = (
         '{"clientDataHash":"'
         + hashlib.sha256(data).hexdigest()
