@@ -54,6 +54,7 @@ def test_keys_generate_list_public(token_env: TokenEnv) -> None:
     listed = {k["label"]: k for k in json.loads(cli(token_env, "keys", "list", "--json").stdout)}
     assert set(listed) == {key_label(k) for k in KINDS} | {SPARE_KEY, "cli-new"}
     assert listed["cli-new"]["sensitive"] is True and listed["cli-new"]["extractable"] is False
+    assert listed["cli-new"]["alwaysSensitive"] is True and listed["cli-new"]["neverExtractable"] is True
 
     pem = cli(token_env, "keys", "public", "--label", "cli-new")
     assert pem.returncode == 0

@@ -36,7 +36,7 @@ def list_keys(obj: Context, as_json: bool) -> None:
     with obj.open_token() as token:
         found = token.keys()
     if as_json:
-        click.echo(json.dumps([k.describe() for k in found], indent=2))
+        click.echo(json.dumps([k.to_json() for k in found], indent=2))
         return
     if not found:
         click.echo("no private keys on the token")

@@ -98,7 +98,8 @@ class KeyInfo:
         """``sha256:`` + hex SHA-256 of the SubjectPublicKeyInfo DER."""
         return "sha256:" + hashlib.sha256(self.spki_der).hexdigest()
 
-    def describe(self) -> dict[str, Any]:
+    def to_json(self) -> dict[str, Any]:
+        """As ``dfns-agent keys list --json`` prints it (camelCase, like every JSON the agent writes)."""
         return {
             "label": self.label,
             "id": self.id.hex(),
@@ -106,8 +107,8 @@ class KeyInfo:
             "fingerprint": self.fingerprint if self.public_key is not None else None,
             "sensitive": self.sensitive,
             "extractable": self.extractable,
-            "always_sensitive": self.always_sensitive,
-            "never_extractable": self.never_extractable,
+            "alwaysSensitive": self.always_sensitive,
+            "neverExtractable": self.never_extractable,
         }
 
 
