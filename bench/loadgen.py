@@ -55,9 +55,9 @@ def make_challenge(cred_id: str) -> dict[str, Any]:
 
 def client_data(challenge: str) -> bytes:
     """The exact bytes the agent signs for ``challenge`` (its own builder), so every contender signs the same size."""
-    from agent.dfns import client_data as build
+    from agent.dfns import KEY_GET, ClientData
 
-    return build(challenge, "key.get")
+    return ClientData.build(challenge, KEY_GET).raw
 
 
 def http_request(method: str, target: str, body: bytes = b"") -> bytes:

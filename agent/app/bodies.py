@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent.dfnsapi.flow import DfnsCall
 from agent.errors import BadRequest
 
 
@@ -87,25 +88,16 @@ class RegisterBody:
         )
 
 
-@dataclass(frozen=True)
-class FlowBody:
+def dfns_call(raw: bytes) -> DfnsCall:
     """``POST /v1/user-action`` and ``/v1/request``: one Dfns call, by method, path and body."""
-
-    method: str
-    path: str
-    body: Any
-    credential: str | None
-
-    @classmethod
-    def parse(cls, raw: bytes) -> FlowBody:
-        body = json_object(raw)
-        _check_fields(body, {"method", "path"}, {"body", "credential"})
-        method, path = body["method"], body["path"]
-        if not isinstance(method, str) or not method.isalpha():
-            raise BadRequest("method must be an HTTP method name such as POST")
-        if not isinstance(path, str):
-            raise BadRequest("path must be a string")
-        return cls(method.upper(), path, body.get("body"), _optional_str(body, "credential"))
+    body = json_object(raw)
+    _check_fields(body, {"method", "path"}, {"body", "credential"})
+    method, path = body["method"], body["path"]
+    if not isinstance(method, str) or not method.isalpha():
+        raise BadRequest("method must be an HTTP method name such as POST")
+    if not isinstance(path, str):
+        raise BadRequest("path must be a string")
+    return DfnsCall(method.upper(), path, body.get("body"), _optional_str(body, "credential"))
 
 
 @dataclass(frozen=True)

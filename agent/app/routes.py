@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from agent.app import openapi
-from agent.app.bodies import FlowBody, RegisterBody, RegisterCredentialBody, SignBody
+from agent.app.bodies import RegisterBody, RegisterCredentialBody, SignBody, dfns_call
 from agent.app.state import AgentState, Generation
 from agent.caller import Caller
 from agent.core.policy import Endpoint as PolicyEndpoint
@@ -154,20 +154,15 @@ async def register(call: _Call) -> Response:
 
 
 async def user_action(call: _Call) -> Response:
-    body = FlowBody.parse(call.request.body)
-    grant = call.check(PolicyEndpoint.DFNS, body.credential, Action(body.method, body.path))
-    result = await call.now.flow.user_action(
-        body.method, body.path, body.body, body.credential, caller=call.caller, grant=grant
-    )
-    return json_response(result.to_json())
+    dfns = dfns_call(call.request.body)
+    grant = call.check(PolicyEndpoint.DFNS, dfns.credential, dfns.action)
+    return json_response((await call.now.flow.user_action(dfns, caller=call.caller, grant=grant)).to_json())
 
 
 async def dfns_request(call: _Call) -> Response:
-    body = FlowBody.parse(call.request.body)
-    grant = call.check(PolicyEndpoint.DFNS, body.credential, Action(body.method, body.path))
-    up = await call.now.flow.request(
-        body.method, body.path, body.body, body.credential, caller=call.caller, grant=grant
-    )
+    dfns = dfns_call(call.request.body)
+    grant = call.check(PolicyEndpoint.DFNS, dfns.credential, dfns.action)
+    up = await call.now.flow.request(dfns, caller=call.caller, grant=grant)
     headers = {k: v for k, v in up.headers.items() if k.lower() != "content-type"}
     headers[UPSTREAM_HEADER] = "dfns"
     content_type = next((v for k, v in up.headers.items() if k.lower() == "content-type"), "application/octet-stream")

@@ -43,6 +43,21 @@ def check_path(path: str) -> str:
 
 
 @dataclass(frozen=True)
+class DfnsCall:
+    """One Dfns API call a client asks the agent to make (or to get a user action for)."""
+
+    method: str  # upper case
+    path: str
+    body: Any = None
+    credential: str | None = None  # whose Dfns identity; None: the first with Dfns settings the caller may use
+
+    @property
+    def action(self) -> Action:
+        """What the policy and the audit record see of it (the payload digest comes once it is serialized)."""
+        return Action(self.method, self.path)
+
+
+@dataclass(frozen=True)
 class UserAction:
     """A user-action token and the exact payload it was signed for (send those bytes as the body)."""
 
@@ -92,41 +107,21 @@ class DfnsFlow:
         return await api.complete_user_action(identifier, assertion.to_json())
 
     async def user_action(
-        self,
-        method: str,
-        path: str,
-        body: Any,
-        credential: str | None,
-        *,
-        caller: Caller | None = None,
-        grant: Grant | None = None,
+        self, call: DfnsCall, *, caller: Caller | None = None, grant: Grant = UNRESTRICTED
     ) -> UserAction:
-        """Get a user-action token for ``method path body``, with the exact payload to send."""
-        method = method.upper()
+        """Get a user-action token for the call, with the exact payload to send."""
+        method, path = call.method, check_path(call.path)
         if method not in MUTATING:
             raise BadRequest(f"{method} requests need no user action; only {', '.join(sorted(MUTATING))} do")
-        check_path(path)
-        grant = grant or UNRESTRICTED
-        name, api = self._api(credential, grant)
-        payload = serialize_payload(body)
+        name, api = self._api(call.credential, grant)
+        payload = serialize_payload(call.body)
         token = await self._user_action(method, path, payload, name, api, caller, grant)
         return UserAction(token, payload)
 
-    async def request(
-        self,
-        method: str,
-        path: str,
-        body: Any,
-        credential: str | None,
-        *,
-        caller: Caller | None = None,
-        grant: Grant | None = None,
-    ) -> Upstream:
+    async def request(self, call: DfnsCall, *, caller: Caller | None = None, grant: Grant = UNRESTRICTED) -> Upstream:
         """Make the real Dfns call, with a user action when it mutates. Dfns's answer comes back as is."""
-        method = method.upper()
-        check_path(path)
-        grant = grant or UNRESTRICTED
-        name, api = self._api(credential, grant)
+        method, path, body = call.method, check_path(call.path), call.body
+        name, api = self._api(call.credential, grant)
         if method == "GET":
             if body is not None:
                 raise BadRequest("a GET request has no body")
@@ -144,14 +139,13 @@ class DfnsFlow:
         credential_name: str | None,
         *,
         caller: Caller | None = None,
-        grant: Grant | None = None,
+        grant: Grant = UNRESTRICTED,
     ) -> Any:
         """Register ``credential``'s key as a new Dfns Key credential, user-action signed by ``via``.
 
         ``/auth/credentials/init`` → sign ``key.create`` + attestation with the new key →
         ``POST /auth/credentials`` with a user action from the existing credential (rotation).
         """
-        grant = grant or UNRESTRICTED
         self._service.credentials.resolve(credential, grant)
         via_name, api = self._api(via, grant)
         if via_name == credential:
