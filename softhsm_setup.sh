@@ -84,6 +84,8 @@ case "${1:-setup}" in
     "$VENV/bin/ruff" check agent tests bench
     say "mypy"
     "$VENV/bin/mypy" --no-error-summary
+    say "import rule (.importlinter)"
+    "$VENV/bin/lint-imports" --no-cache
     say "pytest"
     exec "$VENV/bin/python" -m pytest "$@" ;;
   *)
