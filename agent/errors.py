@@ -3,6 +3,23 @@
 Every error a client can see carries a stable machine-readable ``code``, a human ``message`` and the
 HTTP status it maps to, so the server turns any of them into ``{"error": {"code", "message"}}`` without a
 lookup table, and the CLI can print the same words. Messages never contain a PIN or a bearer token.
+
+    AgentError (internal_error, 500)
+    ├── ConfigError (config_error), SecretError (secret_error), ListenError (listen_error)   start-up
+    ├── BadRequest (invalid_request, invalid_json, invalid_challenge: 400)
+    ├── NotFound (not_found, 404) └── UnknownCredential (unknown_credential)
+    ├── CredentialNotAllowed (credential_not_allowed, 422)
+    ├── Forbidden (forbidden, 403) └── RateLimited (rate_limited, 429)                        policy
+    ├── AuditUnavailable (audit_unavailable, 503)                                              fail closed
+    ├── TokenError (token_error, 503)                                                          PKCS#11
+    │   ├── TokenUnavailable (token_unavailable) └── CircuitOpen
+    │   ├── PinRejected (pin_incorrect), PinLocked (pin_locked), IdentityMismatch (token_identity_changed)
+    │   └── KeyNotFound (key_not_found, 404), KeyExists (key_exists, 409), UnsupportedKey (unsupported_key, 422)
+    └── DfnsError (dfns_error, Dfns's status), DfnsUnreachable (502), DfnsTimeout (504),
+        DfnsNotConfigured (dfns_not_configured, 422)                                           Dfns
+
+Outside it, on purpose: :class:`agent.client.AgentClientError` is what a *client* of the agent raises for
+the agent's answer (it carries the code the agent sent), and the dev area has its own.
 """
 
 from __future__ import annotations
