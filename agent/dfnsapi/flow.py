@@ -82,9 +82,12 @@ class DfnsFlow:
         """One :class:`DfnsApi` per credential with Dfns settings, each with its bearer token."""
         return cls(service, {name: DfnsApi(http, cfg, token) for name, (cfg, token) in settings.items()})
 
-    def _api(self, credential: str | None, grant: Grant) -> tuple[str, DfnsApi]:
+    def _api(self, credential: str | None, grant: Grant, *, besides: str | None = None) -> tuple[str, DfnsApi]:
+        """The named credential's Dfns identity, else the first one the grant allows (other than ``besides``)."""
         if credential is None:
-            usable = [c.name for c in self._service.credentials.usable(grant) if c.name in self._apis]
+            usable = [
+                c.name for c in self._service.credentials.usable(grant) if c.name in self._apis and c.name != besides
+            ]
             if not usable:
                 raise DfnsNotConfigured("no credential you may use has [credential.dfns] settings")
             credential = usable[0]
@@ -147,7 +150,7 @@ class DfnsFlow:
         ``POST /auth/credentials`` with a user action from the existing credential (rotation).
         """
         self._service.credentials.resolve(credential, grant)
-        via_name, api = self._api(via, grant)
+        via_name, api = self._api(via, grant, besides=credential)
         if via_name == credential:
             raise BadRequest("a credential cannot register itself; name an existing credential in 'via'")
         challenge = await api.init_registration()

@@ -436,12 +436,6 @@ def test_a_credential_cannot_register_itself(world: World) -> None:
     assert world.dfns.requests == [] and world.store.signatures == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="register_credential with via=None picks the first credential with Dfns settings even when it is "
-    "the one being registered, then refuses 'a credential cannot register itself' although another credential "
-    "(ops) could sign the user action",
-)
 def test_register_credential_without_via_picks_another_credential(world: World) -> None:
     answer = world.run(lambda flow: flow.register_credential("main", None, "main again"))
     assert answer["credentialName"] == "main again"
