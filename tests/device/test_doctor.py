@@ -8,26 +8,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from conftest import MODULE, PIN, ROOT, TOKEN_LABEL, AgentProcess, TokenEnv, key_label
-
 from agent.dev.dfns_server import DevDfns, DevDfnsServer
+from agent.dev.testing import PIN, ROOT, TOKEN_LABEL, AgentProcess, TokenEnv, key_label, run_cli, softhsm_module
 
-
-def doctor_argv(config: Path) -> list[str]:
-    """The doctor's command line, as a user runs it."""
-    return [sys.executable, "-m", "agent", "--config", str(config), "doctor"]
+MODULE = softhsm_module()
 
 
 def run_doctor(te: TokenEnv, config: Path | None = None) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(
-        doctor_argv(config or te.config),
-        env=te.env(),
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-    )
+    r = run_cli(te, "--config", str(config or te.config), "doctor", config=False, timeout=60)
     assert PIN not in r.stdout + r.stderr, "the PIN appeared in the doctor's output"
     assert not r.stderr.strip(), r.stderr
     return r

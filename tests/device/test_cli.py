@@ -9,7 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import (
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from agent.dev.testing import (
     KINDS,
     PIN,
     ROOT,
@@ -20,21 +23,12 @@ from conftest import (
     cred_id_for,
     key_label,
     make_challenge,
+    run_cli,
 )
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 
 def cli(te: TokenEnv, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    r = subprocess.run(
-        [sys.executable, "-m", "agent", "--config", str(te.config), *args],
-        env=te.env(),
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-    )
+    r = run_cli(te, *args, input=stdin, timeout=60)
     assert PIN not in r.stdout + r.stderr
     return r
 
