@@ -31,12 +31,17 @@ from typing import Any, TextIO
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature, encode_dss_signature
 
-from agent.dfns import KEY_CREATE, KEY_GET, b64url, b64url_decode, credential_fingerprint
+from agent.dfns import (
+    KEY_CREATE,
+    KEY_GET,
+    PublicKey,
+    b64url,
+    b64url_decode,
+    credential_fingerprint,
+    load_public_key,
+    verify_signature,
+)
 
 __all__ = ["DevDfns", "DevDfnsServer", "ServiceAccount", "run"]
 
@@ -63,7 +68,6 @@ _NETWORK_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]{0,63}$")
 _AMOUNT_RE = re.compile(r"^[0-9]{1,78}$")
 _HEX_RE = re.compile(r"^(?:[0-9a-fA-F]{2})+$")
 
-VerifyKey = ed25519.Ed25519PublicKey | ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 Handler = Callable[["_Call"], web.Response]
 
 
@@ -94,7 +98,7 @@ class _Credential:
     user_id: str
     name: str
     public_key_pem: str
-    key: VerifyKey
+    key: PublicKey
     date_created: str
     active: bool = True
 
@@ -247,57 +251,6 @@ def _error_body(status: int, message: str) -> dict[str, Any]:
 
 def _error(status: int, message: str) -> web.Response:
     return web.json_response(_error_body(status, message), status=status)
-
-
-def load_public_key(pem: str) -> VerifyKey:
-    """Parse a PEM public key of a kind Dfns accepts for Key credentials (§3), else :class:`ValueError`."""
-    try:
-        key = serialization.load_pem_public_key(pem.encode("utf-8"))
-    except (ValueError, TypeError, UnicodeError) as e:
-        raise ValueError("publicKey is not a PEM public key") from e
-    if isinstance(key, ed25519.Ed25519PublicKey):
-        return key
-    if isinstance(key, ec.EllipticCurvePublicKey):
-        if not isinstance(key.curve, (ec.SECP256R1, ec.SECP256K1)):
-            raise ValueError(f"unsupported elliptic curve {key.curve.name}; use P-256, secp256k1 or Ed25519")
-        return key
-    if isinstance(key, rsa.RSAPublicKey):
-        if key.key_size < 2048:
-            raise ValueError("RSA keys must be at least 2048 bits")
-        return key
-    raise ValueError("unsupported public key type; use Ed25519, ECDSA P-256/secp256k1 or RSA")
-
-
-def _hash_for(algorithm: Any) -> hashes.HashAlgorithm | None:
-    """The digest named by an optional ``algorithm`` field (§3/§4.2 d); None when the name is unknown."""
-    if algorithm is None or algorithm in ("SHA256", "RSA-SHA256", "sha256"):
-        return hashes.SHA256()
-    if algorithm in ("SHA512", "RSA-SHA512", "sha512"):
-        return hashes.SHA512()
-    return None
-
-
-def verify_signature(key: VerifyKey, signature: bytes, message: bytes, algorithm: Any = None) -> bool:
-    """Verify as Dfns does (Node ``crypto.verify`` defaults): pure Ed25519, DER ECDSA, RSA PKCS#1 v1.5."""
-    digest = _hash_for(algorithm)
-    if digest is None:
-        return False
-    try:
-        if isinstance(key, ed25519.Ed25519PublicKey):
-            if len(signature) != 64:
-                return False
-            key.verify(signature, message)
-        elif isinstance(key, ec.EllipticCurvePublicKey):
-            # Only strict DER: a raw r||s signature (what an HSM returns) must be rejected, as Dfns does.
-            r, s = decode_dss_signature(signature)
-            if encode_dss_signature(r, s) != signature:
-                return False
-            key.verify(signature, message, ec.ECDSA(digest))
-        else:
-            key.verify(signature, message, padding.PKCS1v15(), digest)
-    except (InvalidSignature, ValueError):
-        return False
-    return True
 
 
 def _decode_b64url(text: Any) -> bytes | None:
