@@ -18,6 +18,7 @@ import pytest
 from agent.core.audit import GENESIS, verify
 from agent.dev.testing import (
     KINDS,
+    PIN,
     ROOT,
     AgentProcess,
     TokenEnv,
@@ -176,7 +177,8 @@ def test_every_signature_is_audited_and_verifiable(
     refused = [r for r in records if r["outcome"] == "refused"]
     assert len(refused) == 1 and refused[0]["code"] == "credential_not_allowed"
     text = token_env.audit_file.read_text()
-    assert "pin" not in text.lower()
+    # No PIN, and no field about one: "pin" as a substring would also match random base64 (challenges).
+    assert PIN not in text and not any("pin" in field.lower() for r in records for field in r)
     assert verify(token_env.audit_file).ok
     assert stat_mode(token_env.audit_file) == 0o600
 
