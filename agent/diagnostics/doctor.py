@@ -7,9 +7,10 @@ fix for each failure, so one run shows everything that needs attention. It never
 ``agent/cli/doctor.py``'s.
 
 It is careful in the ways the agent is: the PIN is tried at most once, neither the PIN nor a Dfns bearer
-token is ever part of a result, and nothing is written (no socket is bound, no audit record is made).
-Checks that cannot run because one they depend on failed (module → token → PIN → keys) are skipped, not
-failed. The checks themselves live in ``agent/diagnostics/*_checks.py`` and ``dfns_check.py``.
+token is ever part of a result (a token is sent only to its credential's Dfns, in one read-only call), and
+nothing is written (no socket is bound, no audit record is made). Checks that cannot run because one they
+depend on failed (module → token → PIN → keys) are skipped, not failed. The checks themselves live in
+``agent/diagnostics/*_checks.py`` and ``dfns_check.py``.
 
 PKCS#11 modules are loaded once per process (``agent/token/module.py`` caches them by path), so the doctor
 is meant to run in its own process, as the CLI command does.
@@ -24,12 +25,12 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
-from agent.config import Config
+from agent.config import Config, CredentialConfig
 from agent.diagnostics.config_checks import check_config_summary, load
 from agent.diagnostics.dfns_check import check_dfns_url, dfns_http_client
 from agent.diagnostics.path_checks import check_audit, check_socket
 from agent.diagnostics.results import Check, failed, skipped
-from agent.diagnostics.secret_checks import check_dfns_token, check_pin_source
+from agent.diagnostics.secret_checks import check_pin_source, read_dfns_token
 from agent.diagnostics.token_checks import (
     PinResult,
     check_credentials_present,
@@ -38,6 +39,7 @@ from agent.diagnostics.token_checks import (
     check_pin,
     check_token,
 )
+from agent.secret import Secret
 from agent.token import Token
 
 R = TypeVar("R")
@@ -86,11 +88,12 @@ def run(config_path: str | None, *, socket_override: str | None = None) -> Gener
             if pin_source is not None:
                 yield pin_source
         yield _safely("audit log", lambda: check_audit(config.audit))
+        tokens: dict[str, Secret] = {}  # credential name -> its Dfns token, for check 7 only
         for cred in config.credentials:
             if cred.dfns is not None:
-                yield _safely(f"dfns token {cred.name}", partial(check_dfns_token, cred))
-        # 7: Dfns, only for credentials that talk to it.
-        yield from _dfns_checks(config)
+                yield _safely(f"dfns token {cred.name}", partial(_read_token, cred, tokens))
+        # 7: Dfns, only for credentials that talk to it; with their tokens when they could be read.
+        yield from _dfns_checks(config, tokens)
     finally:
         if token is not None:
             token.close()  # logs out
@@ -104,20 +107,29 @@ def _key_checks(config: Config, token: Token) -> Iterator[Check]:
         yield _safely(f"key {cred.name}", partial(check_key, token, cred))
 
 
-def _dfns_checks(config: Config) -> Iterator[Check]:
+def _read_token(cred: CredentialConfig, tokens: dict[str, Secret]) -> Check:
+    check, token = read_dfns_token(cred)
+    if token is not None:
+        tokens[cred.name] = token
+    return check
+
+
+def _dfns_checks(config: Config, tokens: dict[str, Secret]) -> Iterator[Check]:
     creds = [c for c in config.credentials if c.dfns is not None]
     if not creds:
         return
-    answers: dict[str, Check] = {}  # one request per distinct URL: a dead host should cost its timeout once
+    # One request per distinct URL and token source: a dead host should cost its timeout once.
+    answers: dict[tuple[str, str | None], Check] = {}
     with dfns_http_client() as http:
         for cred in creds:
             assert cred.dfns is not None
-            url = cred.dfns.base_url
-            if url in answers:
-                yield replace(answers[url], name=f"dfns {cred.name}", warnings=())
+            url, token = cred.dfns.base_url, tokens.get(cred.name)
+            key = (url, token.source if token is not None else None)
+            if key in answers:
+                yield replace(answers[key], name=f"dfns {cred.name}", warnings=())
             else:
-                answers[url] = _safely(f"dfns {cred.name}", partial(check_dfns_url, http, cred.name, url))
-                yield answers[url]
+                answers[key] = _safely(f"dfns {cred.name}", partial(check_dfns_url, http, cred.name, url, token))
+                yield answers[key]
 
 
 def _socket_path(config: Config, override: str | None) -> Path:

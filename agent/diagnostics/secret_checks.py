@@ -12,7 +12,7 @@ import stat
 from agent.config import CredentialConfig, SecretSource
 from agent.diagnostics.results import Check, failed, passed
 from agent.errors import SecretError
-from agent.secret import read_secret, read_secret_file
+from agent.secret import Secret, read_secret, read_secret_file
 
 PIN_KEYS = ("[token.pin] file", "[token.pin] env")
 DFNS_KEYS = ("[credential.dfns] token_file", "[credential.dfns] token_env")
@@ -54,10 +54,16 @@ def check_pin_source(source: SecretSource) -> Check | None:
 
 def check_dfns_token(cred: CredentialConfig) -> Check:
     """The bearer token's source is there and safe; the token itself is read and dropped, never shown."""
+    return read_dfns_token(cred)[0]
+
+
+def read_dfns_token(cred: CredentialConfig) -> tuple[Check, Secret | None]:
+    """:func:`check_dfns_token`, and the token when it could be read (for the doctor's authenticated Dfns
+    call; it never goes into a result)."""
     assert cred.dfns is not None
     name = f"dfns token {cred.name}"
     try:
         secret = read_secret(cred.dfns.token, what=f"Dfns token for credential {cred.name!r}", setting="dfns.token_")
     except SecretError as e:
-        return failed(name, e.message, secret_fix(cred.dfns.token, "Dfns token", DFNS_KEYS, prompt=False))
-    return passed(name, f"from {secret.source}")
+        return failed(name, e.message, secret_fix(cred.dfns.token, "Dfns token", DFNS_KEYS, prompt=False)), None
+    return passed(name, f"from {secret.source}"), secret

@@ -213,7 +213,7 @@ def _dfns_credential(te: TokenEnv, base_url: str) -> str:
     )
 
 
-def test_dfns_unreachable(token_env: TokenEnv, short_dir: Path) -> None:
+def test_dfns_unreachable_on_loopback_says_nothing_is_listening(token_env: TokenEnv, short_dir: Path) -> None:
     token_env.write_config(
         server=socket_conf(short_dir), extra_credentials=_dfns_credential(token_env, "http://127.0.0.1:9")
     )
@@ -223,18 +223,101 @@ def test_dfns_unreachable(token_env: TokenEnv, short_dir: Path) -> None:
     assert line(r.stdout, "dfns token flow")[0] == "✓"
     mark, text = line(r.stdout, "dfns flow")
     assert mark == "✗" and "127.0.0.1:9" in text
-    assert "HTTPS_PROXY" in text and "DNS" in text and "RestrictAddressFamilies" in text and "AF_INET6" in text
+    assert "nothing is listening on 127.0.0.1:9" in text and "./softhsm_setup.sh dev-dfns" in text, text
+    assert "HTTPS_PROXY" not in text and "DNS" not in text, text
     assert checks(r.stdout)[-1][1] == "dfns flow"  # the last step
 
 
-def test_dfns_reachable(token_env: TokenEnv, short_dir: Path) -> None:
-    with DevDfnsServer(DevDfns()) as server:
+def test_dfns_failing_otherwise_gives_network_advice(token_env: TokenEnv, short_dir: Path) -> None:
+    """A host that accepts and hangs up (not a refusal): DNS, proxy and systemd advice, as for a remote host."""
+    import socket
+    import threading
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    stop = threading.Event()
+
+    def hang_up() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            conn.close()
+
+    thread = threading.Thread(target=hang_up, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        token_env.write_config(server=socket_conf(short_dir), extra_credentials=_dfns_credential(token_env, url))
+        r = run_doctor(token_env)
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(timeout=5)
+    mark, text = line(r.stdout, "dfns flow")
+    assert r.returncode == 1 and mark == "✗", r.stdout
+    assert "HTTPS_PROXY" in text and "DNS" in text and "RestrictAddressFamilies" in text and "AF_INET6" in text
+    assert "nothing is listening" not in text
+
+
+def _public_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    public = Ed25519PrivateKey.generate().public_key()
+    return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
+
+
+def test_dfns_reachable_and_token_accepted(token_env: TokenEnv, short_dir: Path) -> None:
+    dfns = DevDfns()
+    dfns.create_service_account("doctor", _public_pem(), token="secret-bearer-token-123")
+    with DevDfnsServer(dfns) as server:
         token_env.write_config(server=socket_conf(short_dir), extra_credentials=_dfns_credential(token_env, server.url))
         r = run_doctor(token_env)
     assert r.returncode == 0, r.stdout
     assert "secret-bearer-token-123" not in r.stdout
     mark, text = line(r.stdout, "dfns flow")
-    assert mark == "✓" and "answered HTTP" in text
+    assert mark == "✓" and "reachable and accepts the token" in text, text
+    # One authenticated read, nothing that changes state.
+    assert dfns.requests == [{"method": "GET", "path": "/auth/credentials", "user_action": False}], dfns.requests
+
+
+def test_dfns_rejecting_the_token_fails(token_env: TokenEnv, short_dir: Path) -> None:
+    with DevDfnsServer(DevDfns()) as server:  # knows no token at all: 401
+        token_env.write_config(server=socket_conf(short_dir), extra_credentials=_dfns_credential(token_env, server.url))
+        r = run_doctor(token_env)
+    assert r.returncode == 1, r.stdout
+    assert "secret-bearer-token-123" not in r.stdout
+    mark, text = line(r.stdout, "dfns flow")
+    assert mark == "✗" and "reachable but rejected the token" in text and "HTTP 401" in text, text
+    assert f"fix: the token from file {token_env.dir / 'dfns.token'} is wrong or expired" in text, text
+
+
+def test_dfns_refusing_the_token_fails(token_env: TokenEnv, short_dir: Path) -> None:
+    dfns = DevDfns()
+    dfns.create_service_account("doctor", _public_pem(), token="secret-bearer-token-123")
+    dfns.inject_fault("/auth/credentials", method="GET", status=403)
+    with DevDfnsServer(dfns) as server:
+        token_env.write_config(server=socket_conf(short_dir), extra_credentials=_dfns_credential(token_env, server.url))
+        r = run_doctor(token_env)
+    mark, text = line(r.stdout, "dfns flow")
+    assert r.returncode == 1 and mark == "✗" and "refused the token" in text and "HTTP 403" in text, text
+    assert "not allowed to read /auth/credentials" in text, text
+
+
+def test_dfns_without_a_readable_token_is_only_probed(token_env: TokenEnv, short_dir: Path) -> None:
+    dfns = DevDfns()
+    with DevDfnsServer(dfns) as server:
+        extra = _dfns_credential(token_env, server.url)
+        (token_env.dir / "dfns.token").chmod(0o644)  # refused as a source: no token to send
+        token_env.write_config(server=socket_conf(short_dir), extra_credentials=extra)
+        r = run_doctor(token_env)
+    assert line(r.stdout, "dfns token flow")[0] == "✗"
+    mark, text = line(r.stdout, "dfns flow")
+    assert mark == "✓" and "reachable; token not checked" in text, text
+    assert dfns.requests == [{"method": "GET", "path": "/", "user_action": False}], dfns.requests
 
 
 def test_missing_dfns_token(token_env: TokenEnv, short_dir: Path) -> None:
