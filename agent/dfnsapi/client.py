@@ -24,6 +24,7 @@ import httpx
 
 from agent import __version__
 from agent.config import DfnsConfig
+from agent.dfns import KeyAssertion
 from agent.errors import DfnsError, DfnsTimeout, DfnsUnreachable
 from agent.secret import Secret
 
@@ -164,10 +165,10 @@ class DfnsApi:
     async def init_registration(self) -> dict[str, Any]:
         return await self._create_challenge("/auth/credentials/init", {"kind": "Key"})
 
-    async def complete_user_action(self, challenge_identifier: str, first_factor: dict[str, Any]) -> str:
+    async def complete_user_action(self, challenge_identifier: str, assertion: KeyAssertion) -> str:
         """Trade the signed challenge for a user-action token. Never retried: the challenge is spent."""
         step = "POST /auth/action"
-        body = {"challengeIdentifier": challenge_identifier, "firstFactor": first_factor}
+        body = {"challengeIdentifier": challenge_identifier, "firstFactor": assertion.to_json()}
         with self._mapped(step):
             r = await self._http.post(
                 self.cfg.base_url + "/auth/action", json=body, headers=self._headers(), timeout=self._timeout

@@ -107,7 +107,7 @@ class DfnsFlow:
         identifier = challenge.get("challengeIdentifier")
         if not isinstance(identifier, str):
             raise DfnsError("Dfns's /auth/action/init answer has no challengeIdentifier", status=502)
-        return await api.complete_user_action(identifier, assertion.to_json())
+        return await api.complete_user_action(identifier, assertion)
 
     async def user_action(
         self, call: DfnsCall, *, caller: Caller | None = None, grant: Grant = UNRESTRICTED

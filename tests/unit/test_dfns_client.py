@@ -12,6 +12,7 @@ import httpx
 import pytest
 
 from agent.config import DfnsConfig
+from agent.dfns import ClientData, KeyAssertion
 from agent.dfnsapi import client as client_module
 from agent.dfnsapi.client import DfnsApi, Upstream, mapped_errors
 from agent.errors import AgentError, DfnsError, DfnsTimeout, DfnsUnreachable
@@ -94,8 +95,11 @@ def init_action(api: DfnsApi) -> Awaitable[dict[str, Any]]:
     return api.init_user_action("POST", "/wallets", '{"network":"EthereumSepolia"}')
 
 
+ASSERTION = KeyAssertion("c", ClientData(b'{"challenge":"abc","type":"key.get"}'), b"\x01\x02")
+
+
 def complete(api: DfnsApi) -> Awaitable[str]:
-    return api.complete_user_action("eyJ0.id", {"kind": "Key", "credentialAssertion": {"credId": "c"}})
+    return api.complete_user_action("eyJ0.id", ASSERTION)
 
 
 def send_post(api: DfnsApi) -> Awaitable[Upstream]:
@@ -204,7 +208,10 @@ def test_complete_user_action_returns_the_token_and_sends_the_first_factor() -> 
     assert str(request.url) == f"{BASE}/auth/action"
     assert json.loads(request.content) == {
         "challengeIdentifier": "eyJ0.id",
-        "firstFactor": {"kind": "Key", "credentialAssertion": {"credId": "c"}},
+        "firstFactor": {
+            "kind": "Key",
+            "credentialAssertion": {"credId": "c", "clientData": ASSERTION.client_data.b64url, "signature": "AQI"},
+        },
     }
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
 
