@@ -63,7 +63,10 @@ class AgentClient:
             return self._http.request(method, path, json=body)
         except httpx.TransportError as e:
             raise AgentClientError(
-                0, "agent_unreachable", f"cannot reach the agent at {self.socket_path}: {e}"
+                0,
+                "agent_unreachable",
+                f"cannot reach the agent at {self.socket_path}: {e}; start it with `dfns-agent serve`, or point "
+                "this client at the socket it listens on (--socket, or [server] socket in the config)",
             ) from None
 
     def _call(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (200,)) -> dict[str, Any]:

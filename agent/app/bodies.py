@@ -30,13 +30,58 @@ def json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _check_fields(body: Mapping[str, Any], required: set[str], optional: set[str]) -> None:
+# Fields of the /auth/action/init and /auth/credentials/init answers: a body holding them at the top level is
+# a challenge posted as is, not wrapped in {"challenge": …} (the CLI's input is the bare challenge).
+_CHALLENGE_FIELDS = frozenset(
+    {"allowCredentials", "challengeIdentifier", "externalAuthenticationUrl", "supportedCredentialKinds"}
+    | {"userVerification", "attestation", "pubKeyCredParams", "rp", "user", "kind"}
+)
+
+SIGN_SHAPE = '{"challenge": <the answer of POST /auth/action/init>, "credential"?: name}'
+REGISTER_SHAPE = (
+    '{"challenge": <the answer of POST /auth/credentials/init>, "credential": name, "credId"?, "credentialName"?}'
+)
+CALL_SHAPE = '{"method", "path", "body"?, "credential"?}'
+REGISTER_CREDENTIAL_SHAPE = '{"credential": name, "via"?: name, "credentialName"?}'
+
+
+def _check_fields(
+    body: Mapping[str, Any], required: set[str], optional: set[str], shape: str, init: str | None = None
+) -> None:
+    """Exactly the known fields; an error says what the body should be (``shape``) and, for a body that is
+    the ``init`` answer itself rather than wrapped in ``{"challenge": …}``, says so."""
     missing = sorted(required - set(body))
-    if missing:
-        raise BadRequest(f"missing field(s): {', '.join(missing)}")
     unknown = sorted(set(body) - required - optional)
-    if unknown:
-        raise BadRequest(f"unknown field(s): {', '.join(unknown)}")
+    if not missing and not unknown:
+        return
+    problem = f"missing field(s): {', '.join(missing)}" if missing else f"unknown field(s): {', '.join(unknown)}"
+    hint = f"; the body is {shape}"
+    if init is not None and _CHALLENGE_FIELDS & set(body):
+        hint += f': this looks like the {init} answer itself: send it as {{"challenge": <it>}}'
+    raise BadRequest(problem + hint)
+
+
+def _challenge_object(body: Mapping[str, Any], init: str, shape: str) -> object:
+    """The ``challenge`` field, which must be the init answer (an object), not its challenge string."""
+    challenge = body["challenge"]
+    if not isinstance(challenge, Mapping):
+        raise BadRequest(
+            f"challenge must be the JSON object {init} returned, not {_json_type(challenge)}; the body is {shape}",
+            code="invalid_challenge",
+        )
+    return challenge
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    return "null"
 
 
 def _optional_str(body: Mapping[str, Any], key: str) -> str | None:
@@ -63,8 +108,8 @@ class SignBody:
     @classmethod
     def parse(cls, raw: bytes) -> SignBody:
         body = json_object(raw)
-        _check_fields(body, {"challenge"}, {"credential"})
-        return cls(body["challenge"], _optional_str(body, "credential"))
+        _check_fields(body, {"challenge"}, {"credential"}, SIGN_SHAPE, "/auth/action/init")
+        return cls(_challenge_object(body, "/auth/action/init", SIGN_SHAPE), _optional_str(body, "credential"))
 
 
 @dataclass(frozen=True)
@@ -79,9 +124,11 @@ class RegisterBody:
     @classmethod
     def parse(cls, raw: bytes) -> RegisterBody:
         body = json_object(raw)
-        _check_fields(body, {"challenge", "credential"}, {"credId", "credentialName"})
+        _check_fields(
+            body, {"challenge", "credential"}, {"credId", "credentialName"}, REGISTER_SHAPE, "/auth/credentials/init"
+        )
         return cls(
-            body["challenge"],
+            _challenge_object(body, "/auth/credentials/init", REGISTER_SHAPE),
             _required_str(body, "credential"),
             _optional_str(body, "credId"),
             _optional_str(body, "credentialName"),
@@ -91,7 +138,7 @@ class RegisterBody:
 def dfns_call(raw: bytes) -> DfnsCall:
     """``POST /v1/user-action`` and ``/v1/request``: one Dfns call, by method, path and body."""
     body = json_object(raw)
-    _check_fields(body, {"method", "path"}, {"body", "credential"})
+    _check_fields(body, {"method", "path"}, {"body", "credential"}, CALL_SHAPE)
     method, path = body["method"], body["path"]
     if not isinstance(method, str) or not method.isalpha():
         raise BadRequest("method must be an HTTP method name such as POST")
@@ -111,5 +158,5 @@ class RegisterCredentialBody:
     @classmethod
     def parse(cls, raw: bytes) -> RegisterCredentialBody:
         body = json_object(raw)
-        _check_fields(body, {"credential"}, {"via", "credentialName"})
+        _check_fields(body, {"credential"}, {"via", "credentialName"}, REGISTER_CREDENTIAL_SHAPE)
         return cls(_required_str(body, "credential"), _optional_str(body, "via"), _optional_str(body, "credentialName"))

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from agent.cli.util import CliError
+
 
 @click.command("dev-dfns")
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -37,8 +39,9 @@ def dev_dfns(host: str, port: int, accounts: tuple[str, ...], tokens_dir: str) -
     try:
         from agent.dev.dfns_server import run
     except ImportError as e:
-        raise click.ClickException(
-            f"dev-dfns belongs to the development install: pip install -e '.[dev]' from a checkout ({e})"
+        raise CliError(
+            "not_installed",
+            f"dev-dfns belongs to the development install: pip install -e '.[dev]' from a checkout ({e})",
         ) from None
 
     parsed: list[tuple[str, Path, str | None]] = []

@@ -13,34 +13,40 @@ import click
 
 from agent import __version__, logs
 from agent.cli import audit, dev, doctor, keys, remote
-from agent.cli.util import Context, socket_option
+from agent.cli.util import CONFIG_HELP, CliError, Context, add_config_option, socket_option
 from agent.client import AgentClientError
 from agent.errors import AgentError, ConfigError
 
 
 class _Group(click.Group):
-    """The one error handler: the agent's own errors and a running agent's refusals become one clear line
-    on stderr and a non-zero exit (2 for a config error, as for a usage error; else 1)."""
+    """The one error handler: the agent's own errors, a running agent's refusals and input a command cannot
+    use become one line on stderr, ``dfns-agent: CODE: MESSAGE``, and a non-zero exit (2 for a config error,
+    as for a usage error; else 1)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except AgentError as e:
-            click.echo(f"dfns-agent: error: {e.message}", err=True)
+            _error(e.code, e.message)
             ctx.exit(2 if isinstance(e, ConfigError) else 1)
         except AgentClientError as e:
-            click.echo(f"dfns-agent: {e.code}: {e.message}", err=True)
+            _error(e.code, e.message)
             ctx.exit(1)
+        except CliError as e:
+            _error(e.code, e.message)
+            ctx.exit(e.exit_code)
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        add_config_option(cmd)  # `dfns-agent serve --config X` works as `dfns-agent --config X serve`
+        super().add_command(cmd, name)
+
+
+def _error(code: str, message: str) -> None:
+    click.echo(f"dfns-agent: {code}: {message}", err=True)
 
 
 @click.group(cls=_Group)
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False),
-    help="Agent config (TOML). Default: $DFNS_AGENT_CONFIG, ~/.config/dfns-agent/agent.toml, "
-    "/etc/dfns-agent/agent.toml.",
-)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help=CONFIG_HELP)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
 @click.version_option(__version__, prog_name="dfns-agent")
 @click.pass_context

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from agent.cli.util import Context, socket_option, yes
+from agent.cli.util import CliError, Context, socket_option, yes
 
 
 @click.command()
@@ -25,7 +25,7 @@ def sign(obj: Context, credential: str | None, socket_path: str | None) -> None:
     try:
         challenge = json.load(sys.stdin)
     except ValueError as e:
-        raise click.ClickException(f"stdin is not JSON: {e}") from None
+        raise CliError("invalid_json", f"stdin is not JSON ({e}); give the /auth/action/init answer") from None
     with obj.client(socket_path) as client:
         result = client.sign(challenge, credential)
     click.echo(json.dumps(result))
@@ -43,7 +43,7 @@ def _read_data(data: str | None) -> Any:
     try:
         return json.loads(text)
     except ValueError as e:
-        raise click.BadParameter(f"not JSON: {e}", param_hint="--data") from None
+        raise CliError("invalid_json", f"--data is not JSON: {e}", exit_code=2) from None
 
 
 @click.command()

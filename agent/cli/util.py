@@ -52,9 +52,54 @@ class Context:
         return socket_path_for(self.config)
 
 
+CONFIG_HELP = (
+    "Agent config (TOML). Default: $DFNS_AGENT_CONFIG, ~/.config/dfns-agent/agent.toml, /etc/dfns-agent/agent.toml."
+)
+
+
+def _set_config_path(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is None:
+        return
+    obj = ctx.find_object(Context)
+    if obj is None:  # a command run on its own, outside the group
+        ctx.obj = Context(value)
+    else:
+        obj.config_path = value
+
+
+def config_option() -> click.Option:
+    """``--config PATH`` after a command (``dfns-agent serve --config X``): the group's option, accepted there
+    too; it sets the context's config path, and wins over one given before the command."""
+    return click.Option(
+        ["--config"],
+        type=click.Path(dir_okay=False),
+        expose_value=False,
+        callback=_set_config_path,
+        help=CONFIG_HELP.replace("Agent config (TOML).", "Agent config (TOML), as before the command."),
+    )
+
+
+def add_config_option(command: click.Command) -> None:
+    """Give ``command`` (and, for a group, each of its subcommands) the shared ``--config``."""
+    if not any(isinstance(p, click.Option) and "--config" in p.opts for p in command.params):
+        command.params.append(config_option())
+    if isinstance(command, click.Group):
+        for sub in command.commands.values():
+            add_config_option(sub)
+
+
 def socket_option(help: str = "Agent socket path.") -> Callable[[F], F]:  # noqa: A002 - click's own name
     """``--socket PATH``, passed to the command as ``socket_path``."""
     return click.option("--socket", "socket_path", type=click.Path(dir_okay=False), help=help)
+
+
+class CliError(Exception):
+    """Input a command cannot use (stdin that is not JSON, …): printed by the group in ``main.py`` in the same
+    style as the agent's own errors, ``dfns-agent: CODE: MESSAGE``."""
+
+    def __init__(self, code: str, message: str, *, exit_code: int = 1) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.exit_code = code, message, exit_code
 
 
 def yes(flag: bool) -> str:

@@ -105,8 +105,12 @@ def load_module(path: str) -> tuple[Any, RawModule]:
     with _modules_lock:
         if path in _modules:
             return _modules[path]
-        if not os.path.isabs(path) or not os.path.isfile(path):
-            raise TokenUnavailable(f"PKCS#11 module {path!r} is not an existing file (give an absolute path)")
+        if not os.path.isabs(path):
+            raise TokenUnavailable(f"PKCS#11 module {path!r} is a relative path; give the module's absolute path")
+        if not os.path.exists(path):
+            raise TokenUnavailable(f"PKCS#11 module {path} does not exist")
+        if not os.path.isfile(path):
+            raise TokenUnavailable(f"PKCS#11 module {path} is not a regular file")
         try:
             lib = pkcs11.lib(path)
         except p11.PKCS11Error as e:

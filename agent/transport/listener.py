@@ -76,7 +76,10 @@ def bind_unix_socket(path: Path, *, backlog: int = 512) -> socket.socket:
         if not stat.S_ISSOCK(st.st_mode):
             raise ListenError(f"{path} exists and is not a socket; not replacing it")
         if _agent_answers(path):
-            raise ListenError(f"another agent is already listening on {path}")
+            raise ListenError(
+                f"another agent is already listening on {path}: stop it first (`dfns-agent status --socket {path}` "
+                "shows it), or give this one another socket with --socket or [server] socket"
+            )
         os.unlink(path)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old = os.umask(0o177)

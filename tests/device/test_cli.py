@@ -222,3 +222,10 @@ def test_status_reports_health_credentials_and_signatures(agent: AgentProcess) -
 def test_status_without_an_agent(token_env: TokenEnv, short_dir: Path) -> None:
     r = cli(token_env, "status", "--socket", str(short_dir / "none.sock"))
     assert r.returncode == 1 and "agent_unreachable" in r.stderr
+
+
+def test_config_after_the_command(token_env: TokenEnv) -> None:
+    """``dfns-agent keys list --config X`` is ``dfns-agent --config X keys list``."""
+    r = run_cli(token_env, "keys", "list", "--config", str(token_env.config), config=False, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert key_label("ed25519") in r.stdout
