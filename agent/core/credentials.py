@@ -14,7 +14,7 @@ from agent.config import CredentialConfig
 from agent.core.keystore import KeyStore
 from agent.core.policy import Grant
 from agent.dfns import UserActionChallenge, cred_id_for_key
-from agent.errors import CredentialNotAllowed, UnknownCredential
+from agent.errors import ConfigError, CredentialNotAllowed, UnknownCredential
 from agent.token.keys import KeyInfo
 
 
@@ -46,11 +46,13 @@ class Credentials:
 
     @classmethod
     def from_config(cls, keys: KeyStore, configs: Sequence[CredentialConfig]) -> Credentials:
-        """Find each credential's key; a missing or ambiguous key is a start-up (or reload) error."""
+        """Find each credential's key; a missing or ambiguous key is a start-up (or reload) error, and so
+        are two credentials with the same effective credId (see :func:`_refuse_shared_cred_ids`)."""
         found = []
         for c in configs:
             key = keys.find_key(c.key, c.key_id)
             found.append(Credential(c.name, c.cred_id or cred_id_for_key(key.spki_der), key, c.origin))
+        _refuse_shared_cred_ids(found, configs)
         return cls(found)
 
     def __iter__(self) -> Iterator[Credential]:
@@ -58,6 +60,9 @@ class Credentials:
 
     def __len__(self) -> int:
         return len(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
 
     def names(self) -> list[str]:
         return list(self._by_name)
@@ -93,4 +98,32 @@ class Credentials:
         mine = ", ".join(f"{c.name} ({c.cred_id})" for c in usable) or "none you may use"
         raise CredentialNotAllowed(
             f"none of the agent's credentials is allowed by the challenge: it allows {allowed}; the agent has {mine}"
+        )
+
+
+def _refuse_shared_cred_ids(found: Sequence[Credential], configs: Sequence[CredentialConfig]) -> None:
+    """Two credentials with the same effective credId are always ambiguous: Dfns knows one credential per
+    credId, and which of the two (with its own origin, so its own clientData form) an auto-picked signature
+    uses would depend on the order of the config. The usual cause is two credentials on one key without
+    ``cred_id``: both get the credId derived from the key."""
+    first: dict[str, tuple[Credential, CredentialConfig]] = {}
+    for cred, config in zip(found, configs, strict=True):
+        if cred.cred_id not in first:
+            first[cred.cred_id] = (cred, config)
+            continue
+        other, other_config = first[cred.cred_id]
+        pair = f"credentials {other.name!r} and {cred.name!r}"
+        if other_config.cred_id is None and config.cred_id is None:
+            why = (
+                f"both use key {cred.key.label!r} without a cred_id, so both get the credId derived from that key "
+                f"({cred.cred_id})"
+            )
+        elif other_config.cred_id is None or config.cred_id is None:
+            why = f"have the same credId {cred.cred_id} (one set by cred_id, the other derived from the same key)"
+        else:
+            why = f"both set cred_id = {cred.cred_id!r}"
+        raise ConfigError(
+            f"{pair} {why}; Dfns knows one credential per credId, and which of them signs a challenge that "
+            f"allows it would depend on the order of the config. Give each an explicit, distinct cred_id "
+            f"(the credId Dfns registered for it), or remove one of them"
         )
