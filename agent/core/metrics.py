@@ -20,6 +20,11 @@ from agent.token.recovery import TokenEvent
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 
+# The credential (and key_type) label of a signing attempt that names no configured credential: none was
+# named and none of the agent's was allowed, or the name is not configured. Fixed, so that the names callers
+# send never become series of their own.
+NO_CREDENTIAL = ""
+
 
 def prepare() -> Path:
     """A private, empty directory for this agent run's metric files; set in the environment for workers."""
@@ -48,7 +53,8 @@ class Metrics:
 
         self.signatures = Counter(
             "dfns_agent_signatures",
-            "Signing attempts that reached a credential, by outcome (ok, refused, error).",
+            "Signing attempts that reached credential selection, by credential (empty when the request named "
+            "none or an unknown one), key type and outcome (ok, refused, error).",
             ["credential", "key_type", "outcome"],
             registry=None,
         )

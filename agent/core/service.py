@@ -22,7 +22,7 @@ from agent.config import CredentialConfig
 from agent.core.audit import AuditLog
 from agent.core.credentials import Credential, Credentials
 from agent.core.keystore import KeyStore
-from agent.core.metrics import Metrics
+from agent.core.metrics import NO_CREDENTIAL, Metrics
 from agent.core.policy import UNRESTRICTED, Grant
 from agent.core.records import Action, AuditRecord, Event, Outcome
 from agent.dfns import (
@@ -56,12 +56,24 @@ class _KeySigner:
         return self._key.public_pem
 
 
-def _outcome(record: AuditRecord, error: AgentError | None) -> Outcome | None:
+class _Attempt:
+    """What one signing attempt learned besides its audit record: whether it got as far as choosing a
+    credential (a named one, or the auto-pick), which makes it worth a record and a count even if refused."""
+
+    __slots__ = ("selecting",)
+
+    def __init__(self) -> None:
+        self.selecting = False
+
+
+def _outcome(attempt: _Attempt, error: AgentError | None) -> Outcome | None:
     """How an attempt ended, or None when it is not worth a record or a count: a bad request that never
-    reached a credential, or a fail-fast answer while the token recovers (logged once, not per request)."""
+    reached credential selection, or a fail-fast answer while the token recovers (logged once, not per
+    request). Every attempt that reached credential selection counts, refused ones too (an unknown name,
+    a credential the challenge or the grant does not allow, none of the agent's allowed)."""
     if error is None:
         return Outcome.OK
-    if isinstance(error, CircuitOpen) or (record.credential is None and error.status < 500):
+    if isinstance(error, CircuitOpen) or (not attempt.selecting and error.status < 500):
         return None
     return Outcome.REFUSED if error.status < 500 else Outcome.ERROR
 
@@ -113,6 +125,7 @@ class SigningService:
     ) -> KeyAssertion:
         """Sign an ``/auth/action/init`` challenge; the result is ``firstFactor`` for ``POST /auth/action``."""
         record = AuditRecord(Event.SIGN, caller, agent_pid=os.getpid(), action=action)
+        attempt = _Attempt()
 
         def work() -> KeyAssertion:
             parsed = UserActionChallenge.parse(challenge)
@@ -120,6 +133,7 @@ class SigningService:
             if parsed.challenge_identifier is not None:
                 record.challenge_identifier_sha256 = sha256_hex(parsed.challenge_identifier.encode())
             record.credential = credential
+            attempt.selecting = True
             cred = self._credentials.for_challenge(parsed, credential, grant)
             self._note(record, cred, cred.cred_id)
             data = ClientData.for_user_action(parsed, cred.origin)
@@ -130,7 +144,7 @@ class SigningService:
             record.signature = b64url(assertion.signature)
             return assertion
 
-        return await self._attempt(record, work)
+        return await self._attempt(record, attempt, work)
 
     async def register(
         self,
@@ -145,10 +159,13 @@ class SigningService:
         """Sign an ``/auth/credentials/init`` challenge with the credential's key: the body for
         ``POST /auth/credentials`` (which needs a user action from an existing credential)."""
         record = AuditRecord(Event.REGISTER, caller, agent_pid=os.getpid())
+        attempt = _Attempt()
 
         def work() -> Registration:
             parsed = RegistrationChallenge.parse(challenge)
             record.challenge = parsed.challenge
+            record.credential = credential
+            attempt.selecting = True
             cred = self._credentials.resolve(credential, grant)
             new_id = cred_id or cred.cred_id
             self._note(record, cred, new_id)
@@ -157,13 +174,13 @@ class SigningService:
             info = CredentialInfo.sign(data, new_id, _KeySigner(self.keys, cred.key))
             return Registration(info, credential_name or cred.name, parsed.challenge_identifier)
 
-        return await self._attempt(record, work)
+        return await self._attempt(record, attempt, work)
 
     @staticmethod
     def _note(record: AuditRecord, cred: Credential, cred_id: str) -> None:
         record.credential, record.cred_id, record.key_fingerprint = cred.name, cred_id, cred.key.fingerprint
 
-    async def _attempt(self, record: AuditRecord, work: Callable[[], T]) -> T:
+    async def _attempt(self, record: AuditRecord, attempt: _Attempt, work: Callable[[], T]) -> T:
         """Run ``work`` (which fills in ``record`` as it learns things), then audit and count the attempt;
         the result leaves only after its record is durable."""
         started = time.perf_counter()
@@ -173,7 +190,7 @@ class SigningService:
             result = await self._in_pool(work)
         except AgentError as e:
             error = e
-        outcome = _outcome(record, error)
+        outcome = _outcome(attempt, error)
         if outcome is not None and self.audit is not None:
             record.outcome, record.latency_ms = outcome, round((time.perf_counter() - started) * 1000, 3)
             if error is not None:
@@ -197,14 +214,16 @@ class SigningService:
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
 
     def _count(self, record: AuditRecord, outcome: Outcome, started: float) -> None:
-        if self.metrics is None or record.credential is None:
+        """Count the attempt under its credential, if it is a configured one; else under the fixed label
+        :data:`agent.core.metrics.NO_CREDENTIAL` (no name given, or a name that is not configured): a name
+        a caller sends never becomes a series of its own."""
+        if self.metrics is None:
             return
-        try:
-            key_type = self._credentials.get(record.credential).key.type_name
-        except AgentError:
-            key_type = "unknown"
+        name = key_type = NO_CREDENTIAL
+        if record.credential is not None and record.credential in self._credentials:
+            name, key_type = record.credential, self._credentials.get(record.credential).key.type_name
         seconds = time.perf_counter() - started if outcome is Outcome.OK else None
-        self.metrics.sign_outcome(record.credential, key_type, outcome, seconds)
+        self.metrics.sign_outcome(name, key_type, outcome, seconds)
 
     # -- refusals and health -------------------------------------------------------------------------
 
