@@ -40,6 +40,7 @@ from agent.errors import (
     AuditUnavailable,
     BadRequest,
     CircuitOpen,
+    ConfigError,
     CredentialNotAllowed,
     Forbidden,
     TokenUnavailable,
@@ -431,11 +432,112 @@ def test_metrics_count_each_outcome_per_credential_and_time_only_successes(world
     assert count(s, "dfns_agent_signatures_total", credential="p256", outcome="error") == 1
     assert count(s, "dfns_agent_signatures_total", credential="ed25519", key_type="ed25519", outcome="ok") == 1
     assert count(s, "dfns_agent_signatures_total", credential="ed25519", outcome="refused") == 1
-    assert count(s, "dfns_agent_signatures_total", credential="nope", key_type="unknown", outcome="refused") == 1
+    # a name that is not configured is counted under the fixed empty label: caller text never makes a series
+    assert count(s, "dfns_agent_signatures_total", credential="", key_type="", outcome="refused") == 1
+    assert not [labels for (_, labels) in s if ("credential", "nope") in labels]
     assert count(s, "dfns_agent_signatures_total") == 7
     assert count(s, "dfns_agent_sign_duration_seconds_count", key_type="p256") == 3
     assert count(s, "dfns_agent_sign_duration_seconds_count", key_type="ed25519") == 1
     assert len(records(world.audit_path)) == 7
+
+
+def test_an_auto_pick_none_of_whose_credentials_is_allowed_is_counted_and_audited_under_one_label(
+    world: World,
+) -> None:
+    """credential_not_allowed without a named credential reached credential selection: it is a refusal
+    worth a record and a count, under the fixed label (however many different names callers send)."""
+    foreign = make_challenge(b64url(b"someone-else"))
+
+    async def refused() -> None:
+        for _ in range(5):
+            with pytest.raises(CredentialNotAllowed):
+                await world.service.sign(foreign, None, caller=CALLER)
+        for name in ("nope-1", "nope-2", "nope-3"):
+            with pytest.raises(UnknownCredential):
+                await world.service.sign(foreign, name, caller=CALLER)
+        await world.service.sign(make_challenge(cred_id(KeyKind.P256)), None, caller=CALLER)
+
+    asyncio.run(refused())
+    s = world.samples()
+    assert total(s, "dfns_agent_signatures_total", outcome="refused") == 8
+    assert total(s, "dfns_agent_signatures_total", credential="", key_type="", outcome="refused") == 8
+    assert total(s, "dfns_agent_signatures_total", credential="p256", key_type="p256", outcome="ok") == 1
+    series = {dict(labels)["credential"] for (name, labels) in s if name == "dfns_agent_signatures_total"}
+    assert series == {"", "p256"}
+    recs = records(world.audit_path)
+    assert [(r["outcome"], r.get("code"), r.get("credential")) for r in recs] == [
+        *[("refused", "credential_not_allowed", None)] * 5,
+        ("refused", "unknown_credential", "nope-1"),
+        ("refused", "unknown_credential", "nope-2"),
+        ("refused", "unknown_credential", "nope-3"),
+        ("ok", None, "p256"),
+    ]
+    assert all(r["caller"]["uid"] == 1234 and r["challenge"] == foreign["challenge"] for r in recs[:8])
+    assert verify(world.audit_path).ok
+
+
+def test_a_registration_for_an_unknown_credential_is_counted_and_audited(world: World) -> None:
+    challenge = {"challenge": b64url(b"reg-challenge"), "challengeIdentifier": "ci", "kind": "Key"}
+
+    async def refused() -> None:
+        with pytest.raises(UnknownCredential):
+            await world.service.register(challenge, "nope", caller=CALLER)
+
+    asyncio.run(refused())
+    assert world.signatures(credential="", outcome="refused") == 1
+    assert [(r["event"], r["code"], r["credential"]) for r in records(world.audit_path)] == [
+        ("register", "unknown_credential", "nope")
+    ]
+
+
+# -- credentials on keys ----------------------------------------------------------------------------
+
+
+def test_two_credentials_on_one_key_without_cred_ids_are_refused_naming_both() -> None:
+    store = new_store()
+    twins = [
+        CredentialConfig(name="plain", key=label(KeyKind.P256)),
+        CredentialConfig(name="web", key=label(KeyKind.P256), origin=ORIGIN),
+    ]
+    with pytest.raises(ConfigError) as e:
+        SigningService.from_config(store, twins)
+    message = e.value.message
+    assert "'plain' and 'web'" in message and "key-p256" in message
+    assert "explicit, distinct cred_id" in message
+
+
+def test_two_credentials_with_the_same_explicit_cred_id_are_refused() -> None:
+    store = new_store()
+    same = [
+        CredentialConfig(name="a", key=label(KeyKind.P256), cred_id="c2FtZQ"),
+        CredentialConfig(name="b", key=label(KeyKind.ED25519), cred_id="c2FtZQ"),
+    ]
+    with pytest.raises(ConfigError, match="'a' and 'b' both set cred_id = 'c2FtZQ'"):
+        SigningService.from_config(store, same)
+
+
+def test_a_cred_id_equal_to_another_credentials_derived_one_is_refused() -> None:
+    store = new_store()
+    derived = SigningService.from_config(store, [CredentialConfig(name="a", key=label(KeyKind.P256))])
+    copied = derived.credentials.get("a").cred_id
+    configs_ = [
+        CredentialConfig(name="a", key=label(KeyKind.P256)),
+        CredentialConfig(name="b", key=label(KeyKind.ED25519), cred_id=copied),
+    ]
+    with pytest.raises(ConfigError, match="'a' and 'b' have the same credId"):
+        SigningService.from_config(store, configs_)
+
+
+def test_two_credentials_on_one_key_with_distinct_cred_ids_are_fine_and_each_signs_as_itself() -> None:
+    store = new_store()
+    twins = [
+        CredentialConfig(name="plain", key=label(KeyKind.P256), cred_id=b64url(b"plain")),
+        CredentialConfig(name="web", key=label(KeyKind.P256), cred_id=b64url(b"web"), origin=ORIGIN),
+    ]
+    service = SigningService.from_config(store, twins)
+    web = asyncio.run(service.sign(make_challenge(b64url(b"web"))))
+    assert web.cred_id == b64url(b"web")
+    assert json.loads(b64url_decode(web.to_json()["credentialAssertion"]["clientData"]))["origin"] == ORIGIN
 
 
 # -- health -----------------------------------------------------------------------------------------
