@@ -12,6 +12,7 @@
 #   ./softhsm_setup.sh test     set up, then run the checks and the test suite (extra args go to pytest)
 #   ./softhsm_setup.sh dev-dfns set up, then run a local Dfns-compatible API on 127.0.0.1:8400 that knows
 #                               the dev key, so `dfns-agent request …` works without a Dfns account
+#   ./softhsm_setup.sh --help   print the usage and do nothing else (also -h)
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")"
@@ -21,6 +22,27 @@ VENV="$ROOT/.venv"
 KEY_LABEL="dfns-dev-ed25519"
 
 say() { printf '==> %s\n' "$*" >&2; }
+
+usage() {
+  cat <<EOF
+usage: $0 [setup|serve|dev-dfns|test [pytest args]]
+
+Installs what is missing (apt: softhsm2, python3-venv, openssh-client; .venv with the agent), makes the
+SoftHSM dev token in .dev/ (PIN in .dev/pin, config .dev/agent.toml), then:
+  setup       (the default) stops there
+  serve       runs the agent on the dev token (Ctrl-C stops it); extra args go to dfns-agent serve
+  dev-dfns    runs a local Dfns-compatible API on 127.0.0.1:8400 that knows the dev key
+  test        runs ruff, mypy, lint-imports and pytest (extra args go to pytest)
+  -h, --help  prints this and does nothing else
+EOF
+}
+
+# Before any work: --help only prints, and a mistyped command does not run the whole setup first.
+case "${1:-setup}" in
+  -h|--help|help) usage; exit 0 ;;
+  setup|serve|dev-dfns|test) ;;
+  *) usage >&2; exit 2 ;;
+esac
 
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
@@ -88,6 +110,4 @@ case "${1:-setup}" in
     "$VENV/bin/lint-imports" --no-cache
     say "pytest"
     exec "$VENV/bin/python" -m pytest "$@" ;;
-  *)
-    say "usage: $0 [setup|serve|dev-dfns|test [pytest args]]"; exit 2 ;;
 esac

@@ -7,16 +7,27 @@ from pathlib import Path
 
 import click
 
+from agent.cli.util import AUDIT_DEFAULT
 
-@click.group()
+
+@click.group(
+    help="Work with the audit log offline.\n\n"
+    f"The agent appends one hash-chained JSON line per signature or refusal to {AUDIT_DEFAULT}."
+)
 def audit() -> None:
-    """Work with the agent's tamper-evident audit log."""
+    pass
 
 
 @audit.command("verify")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False))
 def verify(file: str) -> None:
-    """Check the hash chain of an audit log; report the first broken record. Exit 1 if broken."""
+    """Check an audit log's hash chain.
+
+    Reports the first broken record and exits 1 if there is one. It detects a record edited, inserted or
+    deleted in the middle of the log; it cannot detect the last record altered, the last records cut off
+    (truncation), records appended, or the whole chain rewritten, since nothing outside the file anchors
+    the chain's end.
+    """
     from agent.core.audit import verify as verify_chain
 
     result = verify_chain(Path(file))

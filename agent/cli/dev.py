@@ -15,8 +15,16 @@ from agent.cli.util import CliError
 
 
 @click.command("dev-dfns")
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", default=8400, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to listen on (plain HTTP: keep it loopback)."
+)
+@click.option(
+    "--port",
+    default=8400,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="TCP port to listen on; 0 picks a free one (the URL is printed).",
+)
 @click.option(
     "--service-account",
     "accounts",
@@ -27,10 +35,11 @@ from agent.cli.util import CliError
 )
 @click.option("--tokens-dir", required=True, type=click.Path(file_okay=False), help="Where NAME.token files go (0600).")
 def dev_dfns(host: str, port: int, accounts: tuple[str, ...], tokens_dir: str) -> None:
-    """Run a local Dfns-compatible API for trying the agent without a Dfns account (state in memory).
+    """Run a local Dfns-compatible API (development only).
 
-    It verifies signatures the way Dfns does, makes challenges and user actions single-use, and binds user
-    actions to method, path and payload. Not for production.
+    For trying the agent without a Dfns account; state is in memory. It verifies signatures the way Dfns
+    does, makes challenges and user actions single-use, and binds user actions to method, path and
+    payload. Not for production.
     """
     from cryptography.hazmat.primitives import serialization
 

@@ -52,7 +52,11 @@ def _can_encode(out: TextIO, text: str) -> bool:
 @socket_option(help="Check this socket path instead of the configured one.")
 @click.pass_obj
 def doctor(obj: Context, socket_path: str | None) -> None:
-    """Check module, token, PIN, keys, socket, config and Dfns; print a fix for every problem. Exit 0 if all pass."""
+    """Check everything the agent needs, with a fix for each problem.
+
+    Module, token, PIN, keys, socket, config, audit log and Dfns (reachable, token accepted); exit 0 if
+    all pass. The PIN is tried once; nothing is written.
+    """
     from agent.diagnostics.doctor import run
 
     report = Report(sys.stdout)

@@ -12,16 +12,28 @@ from agent.token import KeyKind
 
 @click.group()
 def keys() -> None:
-    """Generate and inspect keys on the token (talks to the token directly, not to a running agent)."""
+    """Generate and inspect keys on the token.
+
+    Talks to the token directly (the config's [token]), not to a running agent.
+    """
 
 
 # Choice matches enum names; not case-sensitive, KeyKind's names read as its values (P256 -> p256).
 @keys.command("generate")
-@click.option("--type", "kind", required=True, type=click.Choice(KeyKind, case_sensitive=False))
+@click.option(
+    "--type",
+    "kind",
+    required=True,
+    type=click.Choice(KeyKind, case_sensitive=False),
+    help="Key type: Ed25519, ECDSA on P-256 or secp256k1, or RSA with a 2048- or 3072-bit modulus.",
+)
 @click.option("--label", required=True, help="Label of the new key pair (must not exist yet).")
 @click.pass_obj
 def generate(obj: Context, kind: KeyKind, label: str) -> None:
-    """Generate a key pair on the device; the private key is sensitive, non-extractable, sign-only."""
+    """Generate a key pair on the token.
+
+    The private key is sensitive, non-extractable and sign-only; it never leaves the device.
+    """
     with obj.open_token(rw=True) as token:
         info = token.generate(kind, label)
     click.echo(f"generated {info.type_name} key {info.label!r} id {info.id.hex()} {info.fingerprint}")
@@ -32,7 +44,10 @@ def generate(obj: Context, kind: KeyKind, label: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
 @click.pass_obj
 def list_keys(obj: Context, as_json: bool) -> None:
-    """List private keys: label, id, type, SPKI SHA-256 fingerprint, sensitive/extractable flags."""
+    """List the private keys on the token.
+
+    Label, id, type, SPKI SHA-256 fingerprint, and the sensitive/extractable flags.
+    """
     with obj.open_token() as token:
         found = token.keys()
     if as_json:
@@ -59,11 +74,14 @@ def list_keys(obj: Context, as_json: bool) -> None:
 
 
 @keys.command("public")
-@click.option("--label", required=True)
+@click.option("--label", required=True, help="Label of the key, as `keys list` shows it.")
 @click.option("--id", "key_id", help="CKA_ID in hex, when several keys share the label.")
 @click.pass_obj
 def public(obj: Context, label: str, key_id: str | None) -> None:
-    """Print a key's public key as SubjectPublicKeyInfo PEM (what Dfns wants for service accounts)."""
+    """Print a key's public key (SPKI PEM).
+
+    SubjectPublicKeyInfo PEM: what Dfns asks for when creating a service account.
+    """
     try:
         id_bytes = bytes.fromhex(key_id) if key_id else None
     except ValueError:

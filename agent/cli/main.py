@@ -13,7 +13,7 @@ import click
 
 from agent import __version__, logs
 from agent.cli import audit, dev, doctor, keys, remote
-from agent.cli.util import CONFIG_HELP, CliError, Context, add_config_option, socket_option
+from agent.cli.util import AUDIT_DEFAULT, CONFIG_HELP, CliError, Context, add_config_option, socket_option
 from agent.client import AgentClientError
 from agent.errors import AgentError, ConfigError
 
@@ -51,16 +51,23 @@ def _error(code: str, message: str) -> None:
 @click.version_option(__version__, prog_name="dfns-agent")
 @click.pass_context
 def main(ctx: click.Context, config_path: str | None, verbose: bool) -> None:
-    """Sign Dfns user-action challenges with keys that never leave a PKCS#11 token."""
+    """Sign Dfns user-action challenges with keys that never leave a PKCS#11 token.
+
+    `dfns-agent COMMAND --help` shows a command's options; --config may come before or after COMMAND.
+    """
     logs.configure(verbose)
     ctx.obj = Context(config_path, verbose)
 
 
-@main.command()
-@socket_option(help="Override the socket path.")
+@main.command(
+    help="Run the agent on its Unix socket.\n\n"
+    "It logs in to the token once and serves signing requests until SIGTERM or Ctrl-C; SIGHUP reloads "
+    "credentials, Dfns settings and policy.\n\n"
+    f"Every signature and refusal is appended to the audit log before the answer leaves: {AUDIT_DEFAULT}."
+)
+@socket_option(help="Socket to listen on.")
 @click.pass_obj
 def serve(obj: Context, socket_path: str | None) -> None:
-    """Run the agent: log in to the token once and serve signing requests on the Unix socket."""
     from agent.daemon import run as daemon
 
     config = obj.config

@@ -21,7 +21,11 @@ from agent.cli.util import CliError, Context, socket_option, yes
 @socket_option()
 @click.pass_obj
 def sign(obj: Context, credential: str | None, socket_path: str | None) -> None:
-    """Read an /auth/action/init challenge (JSON) on stdin, print the firstFactor JSON from the agent."""
+    """Sign an /auth/action/init challenge read on stdin.
+
+    Reads the challenge (JSON, as /auth/action/init returned it) on stdin and prints the firstFactor JSON
+    the running agent returns.
+    """
     try:
         challenge = json.load(sys.stdin)
     except ValueError as e:
@@ -56,10 +60,10 @@ def _read_data(data: str | None) -> Any:
 def request(
     obj: Context, method: str, path: str, data: str | None, credential: str | None, socket_path: str | None
 ) -> None:
-    """Make a Dfns API call through the agent (user action signed on the token when it mutates).
+    """Make a Dfns API call through the agent.
 
-    Prints Dfns's answer on stdout. Exit status 0 for 2xx (a 202 "pending approval" is noted on stderr),
-    1 when Dfns or the agent refused.
+    A call that mutates gets a user action signed on the token. Prints Dfns's answer on stdout. Exit
+    status 0 for 2xx (a 202 "pending approval" is noted on stderr), 1 when Dfns or the agent refused.
     """
     body = _read_data(data)
     with obj.client(socket_path) as client:
@@ -81,7 +85,7 @@ def request(
 def register(
     obj: Context, credential: str, via: str | None, credential_name: str | None, socket_path: str | None
 ) -> None:
-    """Register a key on the token as a new Dfns Key credential (key rotation).
+    """Register a token key as a new Dfns credential (rotation).
 
     Drives /auth/credentials/init → key.create signed by the new key → POST /auth/credentials, the last
     step user-action signed by the existing credential VIA. Prints Dfns's answer.
@@ -96,7 +100,10 @@ def register(
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of text.")
 @click.pass_obj
 def status(obj: Context, socket_path: str | None, as_json: bool) -> None:
-    """Ask a running agent for its health, credentials, uptime and signatures served. Exit 1 unless ok."""
+    """Show a running agent's health and credentials.
+
+    Health, credentials, uptime and signatures served; exit 1 unless the agent is ok.
+    """
     with obj.client(socket_path) as client:
         health = client.health()
         creds = client.credentials()

@@ -75,7 +75,7 @@ def config_option() -> click.Option:
         type=click.Path(dir_okay=False),
         expose_value=False,
         callback=_set_config_path,
-        help=CONFIG_HELP.replace("Agent config (TOML).", "Agent config (TOML), as before the command."),
+        help=CONFIG_HELP.replace("Agent config (TOML).", "Agent config (TOML); also accepted before the command."),
     )
 
 
@@ -88,9 +88,22 @@ def add_config_option(command: click.Command) -> None:
             add_config_option(sub)
 
 
+# The rules of agent/paths.py in words, for help texts (tests/unit/test_cli_help.py holds them to it).
+SOCKET_DEFAULT = (
+    "[server] socket in the config, else $XDG_RUNTIME_DIR/dfns-agent/agent.sock, "
+    "else ${TMPDIR:-/tmp}/dfns-agent-$UID/agent.sock"
+)
+AUDIT_DEFAULT = (
+    "[audit] file in the config, else /var/lib/dfns-agent/audit.jsonl for root (when $XDG_STATE_HOME is unset), "
+    "else ${XDG_STATE_HOME:-~/.local/state}/dfns-agent/audit.jsonl"
+)
+
+
 def socket_option(help: str = "Agent socket path.") -> Callable[[F], F]:  # noqa: A002 - click's own name
-    """``--socket PATH``, passed to the command as ``socket_path``."""
-    return click.option("--socket", "socket_path", type=click.Path(dir_okay=False), help=help)
+    """``--socket PATH``, passed to the command as ``socket_path``; its help shows the computed default."""
+    return click.option(
+        "--socket", "socket_path", type=click.Path(dir_okay=False), help=help, show_default=SOCKET_DEFAULT
+    )
 
 
 class CliError(Exception):
