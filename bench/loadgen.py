@@ -73,7 +73,7 @@ def http_frame(buf: bytearray) -> int:
     if i < 0:
         return 0
     head = bytes(buf[:i])
-    j = head.find(b"\r\nContent-Length:")  # aiohttp's spelling; any other goes the slow way
+    j = head.find(b"\r\nContent-Length:")  # as agent/transport/http.py spells it; any other goes the slow way
     if j < 0:
         head = head.lower()
         j = head.find(b"\r\ncontent-length:")
