@@ -102,28 +102,35 @@ class Credentials:
 
 
 def _refuse_shared_cred_ids(found: Sequence[Credential], configs: Sequence[CredentialConfig]) -> None:
-    """Two credentials with the same effective credId are always ambiguous: Dfns knows one credential per
-    credId, and which of the two (with its own origin, so its own clientData form) an auto-picked signature
-    uses would depend on the order of the config. The usual cause is two credentials on one key without
-    ``cred_id``: both get the credId derived from the key."""
+    """Two credentials with one effective credId must sign alike: the same key and the same origin (so the
+    same clientData form). Then they are one Dfns credential under two names (say, with other Dfns API
+    settings, or registered in two Dfns organisations: a key registered through the agent has the credId
+    derived from it in each), and whichever a challenge picks, the signature is the same. Otherwise which
+    key or which clientData form a challenge allowing that credId gets would depend on the order of the
+    config; the usual cause is two credentials on one key without ``cred_id`` (both get the key's credId)."""
     first: dict[str, tuple[Credential, CredentialConfig]] = {}
     for cred, config in zip(found, configs, strict=True):
         if cred.cred_id not in first:
             first[cred.cred_id] = (cred, config)
             continue
         other, other_config = first[cred.cred_id]
+        if other.key.fingerprint == cred.key.fingerprint and other.origin == cred.origin:
+            continue
         pair = f"credentials {other.name!r} and {cred.name!r}"
         if other_config.cred_id is None and config.cred_id is None:
-            why = (
-                f"both use key {cred.key.label!r} without a cred_id, so both get the credId derived from that key "
-                f"({cred.cred_id})"
-            )
+            same = f"both use key {cred.key.label!r} without a cred_id, so both get the credId derived from it"
         elif other_config.cred_id is None or config.cred_id is None:
-            why = f"have the same credId {cred.cred_id} (one set by cred_id, the other derived from the same key)"
+            same = "have the same credId (one set by cred_id, the other derived from the key)"
         else:
-            why = f"both set cred_id = {cred.cred_id!r}"
+            same = "set the same cred_id"
+        if other.key.fingerprint != cred.key.fingerprint:
+            differ = f"but different keys ({other.key.label!r}, {cred.key.label!r}): Dfns knows one key per credId"
+        else:
+            differ = (
+                f"but sign different clientData (origin {other.origin or 'none'} vs {cred.origin or 'none'}): "
+                "which form a challenge allowing it gets would depend on the order of the config"
+            )
         raise ConfigError(
-            f"{pair} {why}; Dfns knows one credential per credId, and which of them signs a challenge that "
-            f"allows it would depend on the order of the config. Give each an explicit, distinct cred_id "
-            f"(the credId Dfns registered for it), or remove one of them"
+            f"{pair} {same} ({cred.cred_id}) {differ}. Give each an explicit, distinct cred_id (the credId "
+            "Dfns registered for it), or remove one of them"
         )

@@ -493,30 +493,32 @@ def test_a_registration_for_an_unknown_credential_is_counted_and_audited(world: 
 # -- credentials on keys ----------------------------------------------------------------------------
 
 
-def test_two_credentials_on_one_key_without_cred_ids_are_refused_naming_both() -> None:
+def test_two_credentials_on_one_key_without_cred_ids_and_other_origins_are_refused_naming_both() -> None:
+    """The default credId comes from the key: both would claim it, with different clientData forms."""
     store = new_store()
     twins = [
         CredentialConfig(name="plain", key=label(KeyKind.P256)),
         CredentialConfig(name="web", key=label(KeyKind.P256), origin=ORIGIN),
     ]
-    with pytest.raises(ConfigError) as e:
-        SigningService.from_config(store, twins)
-    message = e.value.message
-    assert "'plain' and 'web'" in message and "key-p256" in message
-    assert "explicit, distinct cred_id" in message
+    for order in (twins, twins[::-1]):
+        with pytest.raises(ConfigError) as e:
+            SigningService.from_config(store, order)
+        message = e.value.message
+        assert "'plain'" in message and "'web'" in message and "key-p256" in message
+        assert "different clientData" in message and "explicit, distinct cred_id" in message
 
 
-def test_two_credentials_with_the_same_explicit_cred_id_are_refused() -> None:
+def test_two_credentials_with_the_same_cred_id_on_different_keys_are_refused() -> None:
     store = new_store()
     same = [
         CredentialConfig(name="a", key=label(KeyKind.P256), cred_id="c2FtZQ"),
         CredentialConfig(name="b", key=label(KeyKind.ED25519), cred_id="c2FtZQ"),
     ]
-    with pytest.raises(ConfigError, match="'a' and 'b' both set cred_id = 'c2FtZQ'"):
+    with pytest.raises(ConfigError, match="'a' and 'b' set the same cred_id .* different keys"):
         SigningService.from_config(store, same)
 
 
-def test_a_cred_id_equal_to_another_credentials_derived_one_is_refused() -> None:
+def test_a_cred_id_equal_to_another_keys_derived_one_is_refused() -> None:
     store = new_store()
     derived = SigningService.from_config(store, [CredentialConfig(name="a", key=label(KeyKind.P256))])
     copied = derived.credentials.get("a").cred_id
@@ -526,6 +528,18 @@ def test_a_cred_id_equal_to_another_credentials_derived_one_is_refused() -> None
     ]
     with pytest.raises(ConfigError, match="'a' and 'b' have the same credId"):
         SigningService.from_config(store, configs_)
+
+
+def test_two_names_for_one_credential_that_sign_alike_are_allowed() -> None:
+    """Same key, same origin, so the same credId and the same signature whichever is picked: one Dfns
+    credential under two names (other Dfns settings, or the key registered in two Dfns organisations)."""
+    store = new_store()
+    aliases = [
+        CredentialConfig(name="prod", key=label(KeyKind.P256), origin=ORIGIN),
+        CredentialConfig(name="staging", key=label(KeyKind.P256), origin=ORIGIN),
+    ]
+    service = SigningService.from_config(store, aliases)
+    assert service.credentials.get("prod").cred_id == service.credentials.get("staging").cred_id
 
 
 def test_two_credentials_on_one_key_with_distinct_cred_ids_are_fine_and_each_signs_as_itself() -> None:
