@@ -297,6 +297,63 @@ def wait_until(condition: Callable[[], object], timeout: float, what: str) -> No
     raise AssertionError(f"timed out waiting for: {what}")
 
 
+def child_pids(pid: int) -> set[int]:
+    """The live child processes of ``pid`` (an agent's workers)."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=", "--ppid", str(pid)], capture_output=True, text=True).stdout
+    return {int(fields[0]) for fields in (line.split() for line in out.splitlines()) if not fields[1].startswith("Z")}
+
+
+def wait_all_workers(agent: AgentProcess, workers: int, timeout: float = 30.0) -> set[int]:
+    """Wait until an agent with ``workers`` pre-forked workers has started all of them, and return their pids.
+
+    An agent answers ``/v1/health`` as soon as its first worker serves, while the supervisor starts the
+    others one after another; what holds for all of them holds only once the supervisor logs ``N workers
+    serving`` (every worker reported ready; the same moment as its READY=1 under systemd)."""
+    wait_until(
+        lambda: agent.proc.poll() is not None or f"{workers} workers serving" in agent.output(),
+        timeout,
+        f"the supervisor to start {workers} workers",
+    )
+    assert agent.proc.poll() is None, f"agent exited with {agent.proc.returncode}:\n{agent.output()}"
+    pids = child_pids(agent.proc.pid)
+    assert len(pids) == workers, (pids, agent.output())
+    return pids
+
+
+def wait_answering(agent: AgentProcess, timeout: float = 20.0) -> httpx.Response:
+    """The first answer of ``GET /v1/health`` with any status (an agent that is down answers 503)."""
+    answers: list[httpx.Response] = []
+
+    def answered() -> bool:
+        if agent.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {agent.proc.returncode}:\n{agent.output()}")
+        try:
+            answers.append(agent.http.get("/v1/health"))
+        except httpx.TransportError:
+            return False
+        return True
+
+    wait_until(answered, timeout, "the agent to answer")
+    return answers[0]
+
+
+def agent_processes(config: Path) -> set[int]:
+    """Every live process started with ``config`` on its command line (an agent and its workers, orphaned
+    or not): what a test that stopped its agent expects to be none."""
+    found = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if os.fsencode(config) in argv and state != "Z":
+            found.add(int(entry.name))
+    return found
+
+
 # ------------------------------------------------------------------------------------------------------
 # Dfns challenges and verification
 
