@@ -88,13 +88,17 @@ class SigningService:
         audit: AuditLog | None = None,
         metrics: Metrics | None = None,
         executor: Executor | None = None,
+        *,
+        started: float | None = None,
     ) -> None:
         self.keys = keys
         self.audit = audit
         self.metrics = metrics
         self._credentials = credentials
         self._executor = executor
-        self.started = time.time()
+        # When the agent started (wall clock), for health's uptime: the agent's start, not this service's,
+        # so a SIGHUP reload (a new service) or a restarted worker does not reset it. Default: now.
+        self.started = time.time() if started is None else started
 
     @classmethod
     def from_config(
@@ -104,9 +108,11 @@ class SigningService:
         audit: AuditLog | None = None,
         metrics: Metrics | None = None,
         executor: Executor | None = None,
+        *,
+        started: float | None = None,
     ) -> SigningService:
         """Find each credential's key on the token; a missing or ambiguous key is a start-up error."""
-        return cls(keys, Credentials.from_config(keys, configs), audit, metrics, executor)
+        return cls(keys, Credentials.from_config(keys, configs), audit, metrics, executor, started=started)
 
     @property
     def credentials(self) -> Credentials:

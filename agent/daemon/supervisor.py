@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import select
 import signal
 import socket
 import sys
@@ -13,7 +14,7 @@ from typing import TextIO
 
 from agent.config import Config
 from agent.core import metrics
-from agent.daemon.worker import LOOP_SIGNALS, DfnsSettings, serve_worker
+from agent.daemon.worker import LOOP_SIGNALS, STOP_SIGNALS, DfnsSettings, ignore_stop_signals, serve_worker
 from agent.errors import AgentError, ConfigError, TokenError
 from agent.secret import Secret
 from agent.transport import systemd
@@ -23,6 +24,16 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _MAX_RESTARTS = 5  # within _RESTART_WINDOW seconds, then give up and let the service manager restart us
 _RESTART_WINDOW = 60.0
+_STOP_CHECK = 0.05  # how often a supervisor waiting for a worker to start looks for SIGTERM/SIGINT
+
+
+def _tell(fd: int, data: bytes) -> None:
+    """A worker's start-up answer to the supervisor. It may no longer be listening (it is stopping, and
+    stops this worker next; or the worker already answered): then there is no one to tell."""
+    try:
+        os.write(fd, data)
+    except OSError:
+        pass
 
 
 class Supervisor:
@@ -37,8 +48,10 @@ class Supervisor:
         dfns: DfnsSettings,
         sock: socket.socket,
         out: TextIO,
+        started: float | None = None,
     ) -> None:
         self.config, self.pin, self.dfns, self.sock, self.out = config, pin, dfns, sock, out
+        self.started = time.time() if started is None else started  # the agent's start: every worker's uptime
         self.workers: dict[int, int] = {}  # pid -> index
         self.restarts: list[float] = []
 
@@ -56,13 +69,22 @@ class Supervisor:
                 ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
                 def ready() -> None:
-                    os.write(write_end, b"ok")
+                    _tell(write_end, b"ok")
                     os.close(write_end)
 
-                serve_worker(self.config, self.pin, self.dfns, self.sock, self.out, announce=index == 0, ready=ready)
+                serve_worker(
+                    self.config,
+                    self.pin,
+                    self.dfns,
+                    self.sock,
+                    self.out,
+                    announce=index == 0,
+                    ready=ready,
+                    started=self.started,
+                )
             except AgentError as e:
-                os.write(write_end, e.message.encode("utf-8", "replace"))
                 code = 2 if isinstance(e, ConfigError) else 1
+                _tell(write_end, e.message.encode("utf-8", "replace"))
             except BaseException:  # noqa: BLE001 - a worker must never fall back into the supervisor's code
                 log.exception("worker %d failed", index)
                 code = 70
@@ -71,23 +93,35 @@ class Supervisor:
                 sys.stderr.flush()
                 os._exit(code)
         os.close(write_end)
+        self.workers[pid] = index  # from now on stop() stops it, even while it starts
         with os.fdopen(read_end, "rb") as pipe:
+            while not select.select([pipe], [], [], _STOP_CHECK)[0]:
+                if self.stop_pending():
+                    return pid  # it starts (its signals held) and is stopped with the rest
             answer = pipe.read().decode("utf-8", "replace")
         if answer != "ok":
+            self.workers.pop(pid, None)
             os.waitpid(pid, 0)
             raise TokenError(answer or f"worker {index} exited during start-up")
-        self.workers[pid] = index
         return pid
+
+    @staticmethod
+    def stop_pending() -> bool:
+        """SIGTERM or SIGINT came (held, for the loop in :meth:`run`): no more workers are started."""
+        return bool(signal.sigpending() & set(STOP_SIGNALS))
 
     def run(self) -> None:
         wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
         try:
             for index in range(self.config.server.workers):
+                if self.stop_pending():
+                    break
                 self.spawn(index)
-            log.info("%d workers serving", len(self.workers))
             serving = f"{len(self.workers)} workers serving on {systemd.socket_name(self.sock)}"
-            systemd.ready(serving)
+            if not self.stop_pending():  # else the loop below stops at once: no READY=1 for a stopping agent
+                log.info("%d workers serving", len(self.workers))
+                systemd.ready(serving)
             interval = systemd.watchdog_interval()
             while True:
                 if interval is None:
@@ -108,6 +142,7 @@ class Supervisor:
                 self.reap()
         finally:
             self.stop()
+            ignore_stop_signals()  # one more SIGTERM/SIGHUP, held until now, must not end the clean-up
             signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
 
     def reap(self) -> None:
@@ -124,7 +159,8 @@ class Supervisor:
             self.restarts = [t for t in self.restarts if now - t < _RESTART_WINDOW] + [now]
             if len(self.restarts) > _MAX_RESTARTS:
                 raise TokenError(f"workers keep dying ({len(self.restarts)} in {_RESTART_WINDOW:g}s); giving up")
-            self.spawn(index)
+            if not self.stop_pending():
+                log.info("worker %d restarted (pid %d)", index, self.spawn(index))
 
     def signal_all(self, signo: int) -> None:
         for pid in list(self.workers):

@@ -8,10 +8,11 @@ settings and policy without touching the token session, and a bad config on relo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Literal, TextIO
 
@@ -34,8 +35,51 @@ from agent.transport.http import Server
 
 log = logging.getLogger(__name__)
 
-# Workers keep these blocked until their event loop handles them (see agent/daemon/supervisor.py).
+# Workers keep these blocked until their event loop handles them (see agent/daemon/supervisor.py); a single
+# serving process blocks them just before its loop starts, for the same reason.
 LOOP_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopRequested(BaseException):
+    """SIGTERM or SIGINT while no serving loop handles them (the agent is starting): raised by the handler
+    :func:`stop_on_signal` installs, it unwinds start-up through its ``finally`` clean-ups to
+    ``agent.daemon.run.run``, which ends the agent as a normal stop. A BaseException, like
+    KeyboardInterrupt, so that no ``except Exception`` on the way takes it for a failure."""
+
+    def __init__(self, signo: int) -> None:
+        super().__init__(signo)
+        self.signo = signo
+
+
+def _raise_stop(signo: int, frame: object) -> None:
+    ignore_stop_signals()  # a second signal must not interrupt the clean-up this one starts
+    raise StopRequested(signo)
+
+
+def stop_on_signal() -> None:
+    """From now until a serving loop (or the supervisor) takes them over, SIGTERM and SIGINT stop the agent."""
+    for signo in STOP_SIGNALS:
+        signal.signal(signo, _raise_stop)
+
+
+def ignore_stop_signals() -> None:
+    """The agent is stopping: SIGTERM, SIGINT and SIGHUP no longer interrupt it (the event loop restores
+    the default actions when it closes, which would kill the process half-way through its clean-up)."""
+    for signo in (*STOP_SIGNALS, signal.SIGHUP):
+        signal.signal(signo, signal.SIG_IGN)
+
+
+@contextlib.contextmanager
+def held_stop_signals() -> Iterator[None]:
+    """Hold SIGTERM/SIGINT for a short step that must not be cut in two (a file made and remembered for
+    the clean-up); one that arrived meanwhile is delivered at the end of the step."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 
 DfnsSettings = dict[str, tuple[DfnsConfig, Secret]]
 
@@ -78,8 +122,10 @@ def serve_worker(
     *,
     announce: bool,
     ready: Callable[[], None] | None = None,
+    started: float | None = None,
 ) -> None:
-    """Log in, find the keys, open the audit log; report ready; serve until SIGTERM/SIGINT."""
+    """Log in, find the keys, open the audit log; report ready; serve until SIGTERM/SIGINT. ``started`` is
+    when the agent started (the supervisor's start, for a worker): health's uptime counts from it."""
     token: Token | None = None
     audit: AuditLog | None = None
     try:
@@ -90,15 +136,19 @@ def serve_worker(
         threads = config.server.sign_threads
         with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sign") as pool:
             executor = pool if threads else None
-            service = SigningService.from_config(token, config.credentials, audit, metrics, executor)
+            service = SigningService.from_config(token, config.credentials, audit, metrics, executor, started=started)
             token.expect_keys([c.key for c in service.credentials])
             token.start_probe()
             if announce:
                 _announce(out, sock.getsockname(), token, service, audit, config.server.workers)
             if ready is not None:
                 ready()
+            # From here the event loop handles the signals: one that comes before it does is held, then
+            # delivered to it (it unblocks them once its handlers are in place).
+            signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
             _run_loop(_serve_until_signalled(config, service, dfns, sock, token, audit, executor))
     finally:
+        ignore_stop_signals()
         if token is not None:
             token.close()
         if audit is not None:
@@ -127,7 +177,10 @@ def reload(
     fresh = load_config(config.path)
     if fresh.token != config.token:
         log.warning("token settings changed in %s; restart the agent to apply them", config.path)
-    service = SigningService.from_config(token, fresh.credentials, audit, state.current.service.metrics, executor)
+    previous = state.current.service
+    service = SigningService.from_config(
+        token, fresh.credentials, audit, previous.metrics, executor, started=previous.started
+    )
     if not len(service.credentials):
         raise ConfigError("no [[credential]] configured")
     dfns = read_dfns_tokens(fresh)
@@ -189,6 +242,9 @@ async def _serve_until_signalled(
             await server.shutdown(config.server.shutdown_timeout)
             if pinger is not None:
                 pinger.cancel()
+            # Held from here: closing the loop restores the default actions (death) until the caller's
+            # clean-up ignores them (agent/daemon/run.py).
+            signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
 
 
 class _StopEvent(asyncio.Event):

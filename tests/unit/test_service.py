@@ -14,6 +14,7 @@ import os
 import resource
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -622,3 +623,12 @@ def test_health_is_down_while_the_audit_log_cannot_write_and_ok_once_it_can(worl
     assert asyncio.run(world.service.health()).ok
     assert [r["outcome"] for r in records(world.audit_path)] == ["ok", "ok"]
     assert verify(world.audit_path).ok
+
+
+def test_uptime_counts_from_the_agent_start_it_is_given_not_from_the_service() -> None:
+    """A reload makes a new service with the agent's start (agent/daemon/worker.py): uptime survives it."""
+    store = new_store()
+    first = SigningService.from_config(store, configs(), started=time.time() - 1200)
+    reloaded = SigningService.from_config(store, configs(), started=first.started)
+    assert asyncio.run(reloaded.health()).uptime_seconds >= 1200
+    assert asyncio.run(SigningService.from_config(store, configs()).health()).uptime_seconds < 60
