@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -31,6 +32,7 @@ from agent.dev.testing import (
     run_cli,
     running_agent,
     verify_signature,
+    wait_until,
 )
 
 ORIGIN = "https://app.dfns.io"
@@ -349,6 +351,37 @@ def test_missing_key_is_a_start_up_error(token_env: TokenEnv, short_dir: Path) -
     r = _serve_once(token_env, short_dir / "agent.sock")
     assert r.returncode != 0
     assert "no private key labelled 'no-such-label'" in r.stderr
+
+
+TWINS = (
+    f'\n[[credential]]\nname = "plain"\nkey = "{key_label("secp256k1")}"\n'
+    f'\n[[credential]]\nname = "web"\nkey = "{key_label("secp256k1")}"\norigin = "https://app.dfns.io"\n'
+)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_two_credentials_on_one_key_that_sign_differently_are_a_start_up_error(
+    token_env: TokenEnv, short_dir: Path, workers: int
+) -> None:
+    """Both would get the key's credId; which clientData form a challenge allowing it gets would depend on
+    the order of the config."""
+    token_env.write_config(extra_credentials=TWINS, server=f"workers = {workers}\n")
+    r = _serve_once(token_env, short_dir / "agent.sock")
+    assert r.returncode == (2 if workers == 1 else 1), r.stderr  # a worker's error reaches the supervisor as text
+    assert "credentials 'plain' and 'web'" in r.stderr and "explicit, distinct cred_id" in r.stderr, r.stderr
+    assert not (short_dir / "agent.sock").exists()
+
+
+def test_two_credentials_on_one_key_that_sign_differently_are_refused_on_reload(
+    token_env: TokenEnv, start_agent: Any
+) -> None:
+    agent: AgentProcess = start_agent(token_env)
+    token_env.write_config(extra_credentials=TWINS)
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reload failed; keeping the previous configuration" in agent.output(), 10, "the refusal")
+    assert "credentials 'plain' and 'web'" in agent.output()
+    assert "plain" not in agent.http.get("/v1/credentials").text
+    assert agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("p256"))}).status_code == 200
 
 
 def test_unknown_token_label_lists_what_is_there(token_env: TokenEnv, short_dir: Path) -> None:

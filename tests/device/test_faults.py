@@ -155,7 +155,8 @@ def test_token_reinitialized_under_load_then_restored(fast_probe: TokenEnv, star
     check_outcome(load, agent, te)
     health = agent.http.get("/v1/health").json()
     assert health["token"]["reconnects"] >= 1
-    assert "reconnected and verified" in agent.output()
+    # The recovery thread logs this just after it makes the token healthy again: wait for it.
+    wait_until(lambda: "reconnected and verified" in agent.output(), 10, "the reconnect to be logged")
 
 
 def test_module_unreachable_then_back(fast_probe: TokenEnv, start_agent: Any) -> None:
@@ -219,6 +220,7 @@ def test_pin_file_is_not_reread_and_a_changed_pin_is_not_tried_twice(
     wait_until(lambda: health_status(agent) == "down", 30, "health down")
     health = agent.http.get("/v1/health").json()
     assert "rejected the PIN" in health["reason"] and "not retrying" in health["reason"]
+    wait_until(lambda: "rejected the PIN" in agent.output(), 10, "the rejection to be logged")  # after health
     time.sleep(1.5)  # several probe periods: nothing may try the PIN again
     assert agent.output().count("rejected the PIN") == 1
     r = agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("p256"))})

@@ -28,6 +28,7 @@ from agent.dev.testing import (
     make_challenge,
     run_cli,
     verify_signature,
+    wait_answering,
     wait_until,
 )
 from agent.dfns import KEY_GET, client_data
@@ -219,10 +220,9 @@ def test_unwritable_audit_log_means_no_signature(token_env: TokenEnv, start_agen
     token_env.write_config()
     token_env.config.write_text(token_env.config.read_text().replace(str(token_env.audit_file), "/dev/full"))
     agent: AgentProcess = start_agent(token_env, wait=False)
-    deadline = time.monotonic() + 20
-    while not agent.socket_path.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)
+    # Wait for its first answer (health is ok until a write fails), not for the socket file (bound before
+    # the login) and a pause.
+    wait_answering(agent)
     r = agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("ed25519"))})
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "audit_unavailable"
@@ -278,17 +278,21 @@ def test_connections_beyond_the_limit_get_503(token_env: TokenEnv, start_agent: 
     token_env.write_config(server="max_connections = 3\nidle_timeout = 5.0\n")
     agent: AgentProcess = start_agent(token_env)
     agent.http.close()  # the harness's own keep-alive connection would count
+    answers: list[bytes] = []
+
+    def health_on_a_new_connection() -> bytes:
+        with connect_raw(agent.socket_path) as c:
+            c.sendall(b"GET /v1/health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            answers.append(c.recv(4096))
+        return answers[-1]
+
     held = [connect_raw(agent.socket_path) for _ in range(3)]
-    time.sleep(0.2)
-    extra = connect_raw(agent.socket_path)
-    answer = extra.recv(4096)
-    assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
+    # The agent counts a connection once it has accepted it: until then a fourth one may still get in.
+    wait_until(lambda: b"too_many_connections" in health_on_a_new_connection(), 10, "the limit to be reached")
+    assert answers[-1].startswith(b"HTTP/1.1 503")
     for s in held:
         s.close()
-    time.sleep(0.2)
-    again = connect_raw(agent.socket_path)
-    again.sendall(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert again.recv(4096).startswith(b"HTTP/1.1 200")
+    wait_until(lambda: health_on_a_new_connection().startswith(b"HTTP/1.1 200"), 10, "room again")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -317,6 +321,21 @@ def test_sighup_reloads_credentials_and_policy_without_a_new_login(token_env: To
     wait_until(lambda: "reload failed; keeping the previous configuration" in agent.output(), 10, "the refusal")
     r = agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("ed25519")), "credential": "ed25519"})
     assert r.status_code == 200
+
+
+def test_uptime_survives_a_reload(token_env: TokenEnv, start_agent: Any) -> None:
+    """Health's uptime is the agent's: a SIGHUP reload (a new signing service) does not reset it."""
+    agent: AgentProcess = start_agent(token_env)
+
+    def uptime() -> float:
+        seconds: float = agent.http.get("/v1/health").json()["uptimeSeconds"]
+        return seconds
+
+    wait_until(lambda: uptime() >= 1.0, 20, "an uptime of a second")  # longer than a reload takes
+    before = uptime()
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: "reloaded" in agent.output(), 10, "the reload")
+    assert uptime() >= before
 
 
 def test_sigterm_drains_in_flight_requests(
