@@ -282,7 +282,10 @@ def test_connections_beyond_the_limit_get_503(token_env: TokenEnv, start_agent: 
 
     def health_on_a_new_connection() -> bytes:
         with connect_raw(agent.socket_path) as c:
-            c.sendall(b"GET /v1/health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            try:
+                c.sendall(b"GET /v1/health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            except BrokenPipeError:
+                pass  # beyond the limit the agent answers 503 and closes without reading the request
             answers.append(c.recv(4096))
         return answers[-1]
 
