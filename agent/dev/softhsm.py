@@ -80,9 +80,19 @@ def init_token(directory: Path, *, label: str, pin: str, so_pin: str) -> None:
     (directory / "tokens").mkdir(parents=True, exist_ok=True)
     if not (directory / "softhsm2.conf").exists():
         write_softhsm_conf(directory)
+    _init(directory, "--free", label=label, pin=pin, so_pin=so_pin)
+
+
+def reinit_token(directory: Path, *, label: str, pin: str, so_pin: str) -> None:
+    """Re-initialize the token labelled ``label`` in place, as an operator might by mistake: every object on it
+    is wiped and the user PIN becomes ``pin`` (the fault tests' way of taking keys away under a running agent)."""
+    _init(directory, "--token", label, label=label, pin=pin, so_pin=so_pin)
+
+
+def _init(directory: Path, *where: str, label: str, pin: str, so_pin: str) -> None:
     try:
         subprocess.run(
-            ["softhsm2-util", "--init-token", "--free", "--label", label, "--pin", pin, "--so-pin", so_pin],
+            ["softhsm2-util", "--init-token", *where, "--label", label, "--pin", pin, "--so-pin", so_pin],
             check=True,
             env=environ(directory),
             capture_output=True,

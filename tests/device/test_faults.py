@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from agent.core.audit import verify
+from agent.dev.softhsm import reinit_token
 from agent.dev.testing import (
     PIN,
     SO_PIN,
@@ -127,23 +127,7 @@ def test_token_reinitialized_under_load_then_restored(fast_probe: TokenEnv, star
     with Load(agent) as load:
         wait_until(lambda: load.count(200) > 200, 30, "signatures before the fault")
         # Re-initialize the token in place, as an operator might by mistake: every key is wiped.
-        subprocess.run(
-            [
-                "softhsm2-util",
-                "--init-token",
-                "--token",
-                TOKEN_LABEL,
-                "--label",
-                TOKEN_LABEL,
-                "--pin",
-                PIN,
-                "--so-pin",
-                SO_PIN,
-            ],
-            env=te.env(),
-            check=True,
-            capture_output=True,
-        )
+        reinit_token(te.dir, label=TOKEN_LABEL, pin=PIN, so_pin=SO_PIN)
         wait_until(lambda: health_status(agent) == "degraded", 30, "health degraded")
         wait_until(lambda: load.count(503) > 0, 30, "503 answers while the keys are gone")
         # The token comes back (restored from backup); the agent must notice and resume by itself.
@@ -200,23 +184,7 @@ def test_pin_file_is_not_reread_and_a_changed_pin_is_not_tried_twice(
     """After the token comes back with another PIN, the re-login fails once and the agent goes down."""
     te = fast_probe
     agent: AgentProcess = start_agent(te)
-    subprocess.run(
-        [
-            "softhsm2-util",
-            "--init-token",
-            "--token",
-            TOKEN_LABEL,
-            "--label",
-            TOKEN_LABEL,
-            "--pin",
-            "other-pin-1",
-            "--so-pin",
-            SO_PIN,
-        ],
-        env=te.env(),
-        check=True,
-        capture_output=True,
-    )
+    reinit_token(te.dir, label=TOKEN_LABEL, pin="other-pin-1", so_pin=SO_PIN)
     wait_until(lambda: health_status(agent) == "down", 30, "health down")
     health = agent.http.get("/v1/health").json()
     assert "rejected the PIN" in health["reason"] and "not retrying" in health["reason"]
