@@ -19,7 +19,6 @@ from agent.app.routes import ROUTES, App
 from agent.app.state import AgentState, Generation
 from agent.config import CredentialConfig, Rule
 from agent.core.audit import AuditLog, verify
-from agent.core.metrics import ENV as METRICS_ENV
 from agent.core.metrics import Metrics
 from agent.core.policy import Policy
 from agent.core.service import SigningService
@@ -109,11 +108,6 @@ def assert_error(response: Response, status: int, code: str) -> dict[str, Any]:
     assert set(body) == {"error"} and {"code", "message"} <= set(body["error"])
     assert body["error"]["code"] == code and isinstance(body["error"]["message"], str) and body["error"]["message"]
     return body["error"]  # type: ignore[no-any-return]
-
-
-@pytest.fixture(autouse=True)
-def _metrics_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(METRICS_ENV, raising=False)
 
 
 @pytest.fixture

@@ -29,7 +29,6 @@ from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from agent.caller import Caller
 from agent.config import CredentialConfig
 from agent.core.audit import AuditLog, verify
-from agent.core.metrics import ENV as METRICS_ENV
 from agent.core.metrics import Metrics
 from agent.core.policy import UNRESTRICTED, Grant
 from agent.core.records import Action
@@ -118,11 +117,6 @@ class World:
 
     def signatures(self, **labels: str) -> float:
         return total(self.samples(), "dfns_agent_signatures_total", **labels)
-
-
-@pytest.fixture(autouse=True)
-def _metrics_in_process(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(METRICS_ENV, raising=False)
 
 
 @pytest.fixture
