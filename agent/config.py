@@ -71,7 +71,7 @@ class LoggingConfig:
 
 @dataclass(frozen=True)
 class AuditConfig:
-    """The tamper-evident audit log; ``file`` None means the default path (see :func:`default_audit_path`)."""
+    """The tamper-evident audit log; ``file`` None means the default path (see ``agent/paths.py``)."""
 
     enabled: bool = True
     file: Path | None = None

@@ -10,7 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from agent.config import Config
+from agent.config import AuditConfig, Config
 
 
 def default_socket_path() -> Path:
@@ -38,6 +38,6 @@ def default_audit_path() -> Path:
     return Path(state) / "dfns-agent" / "audit.jsonl"
 
 
-def audit_path_for(config: Config) -> Path:
-    """The audit log ``serve`` writes: ``[audit] file``, else the default."""
-    return config.audit.file or default_audit_path()
+def audit_path_for(audit: AuditConfig) -> Path:
+    """The audit log ``serve`` writes (and ``doctor`` checks): ``[audit] file``, else the default."""
+    return audit.file or default_audit_path()

@@ -64,9 +64,6 @@ class Credentials:
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
 
-    def names(self) -> list[str]:
-        return list(self._by_name)
-
     def get(self, name: str) -> Credential:
         """The credential called ``name``, else 404 naming the ones there are."""
         try:

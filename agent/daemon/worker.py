@@ -100,7 +100,7 @@ def open_audit(config: Config) -> AuditLog | None:
     if not config.audit.enabled:
         log.warning("the audit log is disabled ([audit] enabled = false); signatures are not recorded")
         return None
-    return AuditLog(audit_path_for(config), flush_on_loop=config.server.sign_threads == 0)
+    return AuditLog(audit_path_for(config.audit), flush_on_loop=config.server.sign_threads == 0)
 
 
 def limits_for(config: Config) -> Limits:

@@ -115,11 +115,11 @@ def _running_agent(path: Path, dir_detail: str) -> Check:
 
 def check_audit(audit: AuditConfig) -> Check:
     """The audit log can be opened for appending, without writing a record."""
-    from agent.paths import default_audit_path
+    from agent.paths import audit_path_for
 
     if not audit.enabled:
         return passed("audit log", "disabled ([audit] enabled = false)", "signatures will not be recorded")
-    path = audit.file or default_audit_path()
+    path = audit_path_for(audit)
     if path.exists():
         if not path.is_file():
             return failed("audit log", f"{path} is not a regular file", "set [audit] file to a file path")

@@ -52,14 +52,9 @@ def check_pin_source(source: SecretSource) -> Check | None:
     return passed("pin file", f"{source.file}, owner-only")
 
 
-def check_dfns_token(cred: CredentialConfig) -> Check:
-    """The bearer token's source is there and safe; the token itself is read and dropped, never shown."""
-    return read_dfns_token(cred)[0]
-
-
 def read_dfns_token(cred: CredentialConfig) -> tuple[Check, Secret | None]:
-    """:func:`check_dfns_token`, and the token when it could be read (for the doctor's authenticated Dfns
-    call; it never goes into a result)."""
+    """Whether the bearer token's source is there and safe, and the token when it could be read (for the
+    doctor's authenticated Dfns call; it never goes into a result, and is never shown)."""
     assert cred.dfns is not None
     name = f"dfns token {cred.name}"
     try:
