@@ -14,7 +14,14 @@ from typing import TextIO
 
 from agent.config import Config
 from agent.core import metrics
-from agent.daemon.worker import LOOP_SIGNALS, STOP_SIGNALS, DfnsSettings, ignore_stop_signals, serve_worker
+from agent.daemon.worker import (
+    LOOP_SIGNALS,
+    STOP_SIGNALS,
+    DfnsSettings,
+    check_stop,
+    ignore_stop_signals,
+    serve_worker,
+)
 from agent.errors import AgentError, ConfigError, TokenError
 from agent.secret import Secret
 from agent.transport import systemd
@@ -114,6 +121,7 @@ class Supervisor:
         wanted = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD}
         signal.pthread_sigmask(signal.SIG_BLOCK, wanted)
         try:
+            check_stop()
             for index in range(self.config.server.workers):
                 if self.stop_pending():
                     break

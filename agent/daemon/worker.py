@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import socket
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Collection, Coroutine, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Literal, TextIO
 
@@ -52,9 +52,23 @@ class StopRequested(BaseException):
         self.signo = signo
 
 
+_stop_requested: int | None = None  # the stop signal that came during start-up, if one did
+
+
 def _raise_stop(signo: int, frame: object) -> None:
+    global _stop_requested
     ignore_stop_signals()  # a second signal must not interrupt the clean-up this one starts
+    _stop_requested = signo
     raise StopRequested(signo)
+
+
+def check_stop() -> None:
+    """Raise :class:`StopRequested` again for a stop signal that came during start-up, where the handler's
+    exception can be lost: Python prints and drops an exception raised while a finalizer runs (python-pkcs11
+    closes sessions and operations in ``__del__``), and the handler has already set the signal aside.
+    Called where the serving loop (or the supervisor) is about to take the signals over."""
+    if _stop_requested is not None:
+        raise StopRequested(_stop_requested)
 
 
 def stop_on_signal() -> None:
@@ -71,14 +85,30 @@ def ignore_stop_signals() -> None:
 
 
 @contextlib.contextmanager
-def held_stop_signals() -> Iterator[None]:
-    """Hold SIGTERM/SIGINT for a short step that must not be cut in two (a file made and remembered for
-    the clean-up); one that arrived meanwhile is delivered at the end of the step."""
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+def _held(signals: Collection[int]) -> Iterator[None]:
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def held_stop_signals() -> contextlib.AbstractContextManager[None]:
+    """Hold SIGTERM/SIGINT for a short step that must not be cut in two (a file made and remembered for
+    the clean-up); one that arrived meanwhile is delivered at the end of the step."""
+    return _held(STOP_SIGNALS)
+
+
+def main_thread_signals() -> contextlib.AbstractContextManager[None]:
+    """Threads started in this block (the audit writer, the token probe) never take SIGTERM, SIGINT or
+    SIGHUP: the kernel delivers a process's signal to any thread that does not block it, and only the main
+    thread's mask says when the agent is ready for them (start-up, the event loop, the clean-up)."""
+    return _held(LOOP_SIGNALS)
+
+
+def _block_loop_signals() -> None:
+    """A signing thread's initializer: see :func:`main_thread_signals`."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
 
 
 DfnsSettings = dict[str, tuple[DfnsConfig, Secret]]
@@ -130,15 +160,17 @@ def serve_worker(
     audit: AuditLog | None = None
     try:
         token = Token.open(config.token, pin)
-        audit = open_audit(config)
+        with main_thread_signals():
+            audit = open_audit(config)
         metrics = Metrics()
         token.circuit.on_event = metrics.token_event
         threads = config.server.sign_threads
-        with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sign") as pool:
+        with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sign", initializer=_block_loop_signals) as pool:
             executor = pool if threads else None
             service = SigningService.from_config(token, config.credentials, audit, metrics, executor, started=started)
             token.expect_keys([c.key for c in service.credentials])
-            token.start_probe()
+            with main_thread_signals():
+                token.start_probe()
             if announce:
                 _announce(out, sock.getsockname(), token, service, audit, config.server.workers)
             if ready is not None:
@@ -146,6 +178,7 @@ def serve_worker(
             # From here the event loop handles the signals: one that comes before it does is held, then
             # delivered to it (it unblocks them once its handlers are in place).
             signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
+            check_stop()
             _run_loop(_serve_until_signalled(config, service, dfns, sock, token, audit, executor))
     finally:
         ignore_stop_signals()
