@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Sets up everything dfns-agent needs on a Debian/Ubuntu machine, idempotently:
-#   - apt packages (SoftHSM 2, Python venv support, OpenSSH's ssh-agent for the benchmark) when missing;
+#   - apt packages (SoftHSM 2, Python venv support, OpenSSH's ssh-agent, gcc and p11-kit's pkcs11.h for the
+#     benchmark) when missing;
 #   - a virtualenv in .venv with the agent and its test tools;
 #   - a project-local SoftHSM token directory in .dev/ (config from pkcs11_config/), a dev token
 #     "dfns-dev" with a random PIN in .dev/pin (mode 0600), an Ed25519 key "dfns-dev-ed25519" on it,
@@ -27,8 +28,8 @@ usage() {
   cat <<EOF
 usage: $0 [setup|serve|dev-dfns|test [pytest args]]
 
-Installs what is missing (apt: softhsm2, python3-venv, openssh-client; .venv with the agent), makes the
-SoftHSM dev token in .dev/ (PIN in .dev/pin, config .dev/agent.toml), then:
+Installs what is missing (apt: softhsm2, python3-venv, openssh-client, gcc, libp11-kit-dev; .venv with
+the agent), makes the SoftHSM dev token in .dev/ (PIN in .dev/pin, config .dev/agent.toml), then:
   setup       (the default) stops there
   serve       runs the agent on the dev token (Ctrl-C stops it); extra args go to dfns-agent serve
   dev-dfns    runs a local Dfns-compatible API on 127.0.0.1:8400 that knows the dev key
@@ -58,6 +59,9 @@ install_packages() {
   command -v python3 >/dev/null || want+=(python3)
   # the benchmark (and its test) compares the agent with OpenSSH's ssh-agent
   command -v ssh-agent >/dev/null && command -v ssh-add >/dev/null || want+=(openssh-client)
+  # the benchmark's slow-HSM filter module (bench/slowhsm.c) is built with gcc against p11-kit's pkcs11.h
+  command -v cc >/dev/null || want+=(gcc libc6-dev)
+  [ -f /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || want+=(libp11-kit-dev)
   if [ ${#want[@]} -gt 0 ]; then
     say "installing ${want[*]} (apt)"
     as_root apt-get update -qq

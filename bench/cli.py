@@ -18,7 +18,8 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from bench import limit, report, sshagent
+from agent.config import ServerConfig
+from bench import limit, report, slowhsm, sshagent
 from bench.env import (
     KINDS,
     TOKEN_LABEL,
@@ -59,6 +60,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--pool", type=int, default=20000, help="pre-built requests per load generator process and kind")
     p.add_argument("--sample", type=int, default=100,
                    help="answers per load generator process and cell whose signatures are verified")  # fmt: skip
+    p.add_argument("--slow-ms", type=float, default=2.0,
+                   help="also measure P-256 behind a filter module that holds each signature this long, like a "
+                        "network HSM (default 2; 0 skips it)")  # fmt: skip
+    p.add_argument("--slow-clients", type=int, default=64, help="clients for the slow-HSM cells (default 64)")
+    p.add_argument("--slow-sign-threads", type=int, default=None,
+                   help="the agent's sign_threads for the slow-HSM cells (default: the agent's own)")  # fmt: skip
     p.add_argument("--json", type=Path, help="also write the results as JSON to this file")
     p.add_argument("--keep", action="store_true", help="keep the temp dir (token, logs) for inspection")
     args = p.parse_args(argv)
@@ -158,6 +165,58 @@ def _rounds(
     return algos
 
 
+def _slow(args: argparse.Namespace, env: BenchEnv, lg: LoadGen, cell: Callable[..., CellResult]) -> report.SlowResult:
+    """P-256 on the same token behind the slow-HSM filter, agent and ssh-agent, ``args.rounds`` rounds each.
+
+    The agent runs with ``--workers`` and its default ``sign_threads`` (or ``--slow-sign-threads``): how close
+    the defaults get is what the target measures."""
+    try:
+        module = str(slowhsm.build())
+    except slowhsm.BuildError as e:
+        raise SetupError(str(e)) from None
+    extra = slowhsm.environ(env.module, args.slow_ms)
+    env.write_config(args.workers, args.slow_sign_threads, module=module, module_env=extra)
+    threads = args.slow_sign_threads if args.slow_sign_threads is not None else ServerConfig().sign_threads
+    sessions = args.workers * max(1, threads)
+    settings = f"workers={args.workers}, sign_threads={threads}" + (
+        "" if args.slow_sign_threads is not None else " (the default)"
+    )
+    agent = AgentProcess(env)
+    ssh: SshAgent | None = None
+    try:
+        agent.wait_ready()
+        _agent_keys_match(agent, env)
+        ssh = SshAgent(env, module=module, extra_env=extra, name="ssh-agent-slow")
+        ssh.load_token()
+        p256_public = serialization.load_pem_public_key(env.public_pems["p256"].encode())
+        assert isinstance(p256_public, ec.EllipticCurvePublicKey)
+        try:
+            blob = sshagent.check(str(ssh.socket_path), p256_public)
+        except (ValueError, OSError) as e:
+            raise SetupError(f"ssh-agent (slow HSM): {e}") from None
+        target = Target(SIGN, str(agent.socket_path), "p256", cred_id_for("p256"), env.public_pems["p256"])
+        ssh_target = Target(SSH, str(ssh.socket_path), "", "", env.public_pems["p256"], blob)
+        lg.prepare(target)
+        lg.prepare(ssh_target)
+        agent_rounds, ssh_rounds = [], []
+        for _ in range(args.rounds):
+            agent_rounds.append(cell(target, args.slow_clients, "agent slow p256", agent.cpu_seconds))
+            ssh_rounds.append(cell(ssh_target, args.slow_clients, "ssh-agent slow p256", ssh.cpu_seconds))
+        return report.SlowResult(
+            sign_ms=args.slow_ms,
+            sessions=sessions,
+            settings=settings,
+            agent=CellResult.pooled(agent_rounds),
+            ssh=CellResult.pooled(ssh_rounds),
+        )
+    finally:
+        if ssh is not None:
+            ssh.stop()
+        rc = agent.stop()
+        if rc not in (0, -15):
+            _log(f"agent (slow HSM) exited with {rc}; its log:\n{agent.output()}")
+
+
 def run(args: argparse.Namespace) -> report.RunResult:
     busy_before = background_busy()
     env = BenchEnv.create()
@@ -217,12 +276,14 @@ def run(args: argparse.Namespace) -> report.RunResult:
         algos = _rounds(args, cell, targets, agent.cpu_seconds, ssh_target, ssh.cpu_seconds, jobs)
         rss = agent.peak_rss()
         agent_pid = agent.pid
-        lg.close()
-        lg = None
         ssh.stop()
         ssh = None
         agent.stop()
         agent = None
+        audit_bytes = sum(p.stat().st_size for p in (env.dir / "state").rglob("*") if p.is_file())
+        slow = _slow(args, env, lg, cell) if args.slow_ms > 0 else None
+        lg.close()
+        lg = None
 
         busy_after = background_busy()
         return report.RunResult(
@@ -240,7 +301,8 @@ def run(args: argparse.Namespace) -> report.RunResult:
             busy_before=busy_before,
             busy_after=busy_after,
             fsync_ms=fsync,
-            audit_bytes=sum(p.stat().st_size for p in (env.dir / "state").rglob("*") if p.is_file()),
+            audit_bytes=audit_bytes,
+            slow=slow,
         )
     finally:
         if lg is not None:

@@ -118,16 +118,27 @@ class BenchEnv:
             raise SetupError(str(e)) from None
         self.public_pems = {kind: by_label[key_label(kind)] for kind in KINDS}
 
-    def write_config(self, workers: int, sign_threads: int) -> None:
-        """Like agent/dev/testing.py's TokenEnv, with the agent's process and thread settings under test."""
-        server = f"workers = {workers}\nsign_threads = {sign_threads}\n"
+    def write_config(
+        self,
+        workers: int,
+        sign_threads: int | None,
+        *,
+        module: str | None = None,
+        module_env: dict[str, str] | None = None,
+    ) -> None:
+        """Like agent/dev/testing.py's TokenEnv, with the agent's process and thread settings under test.
+
+        ``sign_threads`` None leaves the agent's default; ``module``/``module_env`` put a filter module (the
+        slow HSM) in front of the same token."""
+        server = f"workers = {workers}\n" + ("" if sign_threads is None else f"sign_threads = {sign_threads}\n")
         creds = "".join(
             f'\n[[credential]]\nname = "{kind}"\nkey = "{key_label(kind)}"\ncred_id = "{cred_id_for(kind)}"\n'
             for kind in KINDS
         )
+        extra = "".join(f'{k} = "{v}"\n' for k, v in (module_env or {}).items())
         self.config.write_text(
-            f'[token]\nmodule = "{self.module}"\nlabel = "{TOKEN_LABEL}"\n'
-            f'[token.module_env]\nSOFTHSM2_CONF = "{self.softhsm_conf}"\n'
+            f'[token]\nmodule = "{module or self.module}"\nlabel = "{TOKEN_LABEL}"\n'
+            f'[token.module_env]\nSOFTHSM2_CONF = "{self.softhsm_conf}"\n{extra}'
             f'[token.pin]\nfile = "{self.pin_file}"\n'
             f"[server]\n{server}"
             f"{creds}"
@@ -292,16 +303,25 @@ class AgentProcess:
 
 
 class SshAgent:
-    """OpenSSH ``ssh-agent -D`` holding the same token through PKCS#11 (``ssh-add -s`` with an askpass)."""
+    """OpenSSH ``ssh-agent -D`` holding the same token through PKCS#11 (``ssh-add -s`` with an askpass).
 
-    def __init__(self, env: BenchEnv) -> None:
+    ``module``/``extra_env`` load a filter module (the slow HSM) instead of SoftHSM itself; ssh-agent is then
+    told to allow that module's path (``-P``), which is outside its default ``/usr/lib*/*``."""
+
+    def __init__(self, env: BenchEnv, *, module: str | None = None, extra_env: dict[str, str] | None = None,
+                 name: str = "ssh-agent") -> None:  # fmt: skip
         self.env = env
-        self.socket_path = env.dir / "ssh-agent.sock"
-        self.log_path = env.dir / "ssh-agent.log"
+        self.module = module or env.module
+        self.extra_env = dict(extra_env or {})
+        self.socket_path = env.dir / f"{name}.sock"
+        self.log_path = env.dir / f"{name}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        allow = ["-P", self.module] if module else []
+        e = env.environ()
+        e.update(self.extra_env)
         self.proc = subprocess.Popen(
-            ["ssh-agent", "-D", "-a", str(self.socket_path)],
-            env=env.environ(), stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
+            ["ssh-agent", "-D", *allow, "-a", str(self.socket_path)],
+            env=e, stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
     def output(self) -> str:
@@ -320,6 +340,7 @@ class SshAgent:
         askpass.write_text(f"#!/bin/sh\ncat {self.env.pin_file}\n")
         askpass.chmod(0o700)
         e = self.env.environ()
+        e.update(self.extra_env)
         e.update(
             SSH_AUTH_SOCK=str(self.socket_path),
             SSH_ASKPASS=str(askpass),
@@ -327,11 +348,11 @@ class SshAgent:
             DISPLAY=e.get("DISPLAY") or ":0",
         )
         r = subprocess.run(
-            ["ssh-add", "-s", self.env.module], env=e, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            ["ssh-add", "-s", self.module], env=e, stdin=subprocess.DEVNULL, capture_output=True, text=True,
             timeout=timeout,
         )  # fmt: skip
         if r.returncode != 0:
-            raise SetupError(f"ssh-add -s {self.env.module} failed ({r.returncode}): {r.stderr.strip()}")
+            raise SetupError(f"ssh-add -s {self.module} failed ({r.returncode}): {r.stderr.strip()}")
 
     def cpu_seconds(self) -> float:
         """ssh-agent plus its ssh-pkcs11-helper, which does the PKCS#11 calls."""

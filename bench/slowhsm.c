@@ -1,0 +1,69 @@
+/*
+ * A PKCS#11 filter module for the benchmark: it forwards every call to the module named by
+ * SLOWHSM_MODULE (SoftHSM) and sleeps SLOWHSM_SIGN_US microseconds in each C_Sign that produces a
+ * signature, the way a network HSM or a slow device holds a signing session for a fixed time while the
+ * host's CPU stays idle. Built by bench/slowhsm.py; never part of the agent.
+ *
+ * Only C_Sign is changed. The length query (pSignature == NULL) returns at once, as on real devices,
+ * which answer it from the key size. Sleeps in different sessions overlap, so the module's concurrency
+ * limit is sessions / latency, which is what the benchmark compares the agent against.
+ */
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <p11-kit/pkcs11.h>
+
+static CK_FUNCTION_LIST slow_list;
+static CK_FUNCTION_LIST_PTR inner;
+static CK_RV load_rv = CKR_GENERAL_ERROR;
+static long sign_us;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+
+static CK_RV slow_sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len, CK_BYTE_PTR signature,
+                       CK_ULONG_PTR signature_len) {
+    if (signature != NULL && sign_us > 0) {
+        struct timespec ts = {sign_us / 1000000, (sign_us % 1000000) * 1000};
+        while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
+        }
+    }
+    return inner->C_Sign(session, data, data_len, signature, signature_len);
+}
+
+CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list);
+
+static void load(void) {
+    const char *path = getenv("SLOWHSM_MODULE");
+    const char *us = getenv("SLOWHSM_SIGN_US");
+    if (path == NULL || path[0] == '\0') {
+        return;
+    }
+    sign_us = us != NULL ? strtol(us, NULL, 10) : 0;
+    void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (handle == NULL) {
+        return;
+    }
+    CK_C_GetFunctionList get = (CK_C_GetFunctionList)dlsym(handle, "C_GetFunctionList");
+    if (get == NULL || get(&inner) != CKR_OK || inner == NULL) {
+        return;
+    }
+    memcpy(&slow_list, inner, sizeof slow_list);
+    slow_list.C_GetFunctionList = C_GetFunctionList;
+    slow_list.C_Sign = slow_sign;
+    load_rv = CKR_OK;
+}
+
+CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list) {
+    if (list == NULL) {
+        return CKR_ARGUMENTS_BAD;
+    }
+    pthread_once(&once, load);
+    if (load_rv != CKR_OK) {
+        return load_rv;
+    }
+    *list = &slow_list;
+    return CKR_OK;
+}
