@@ -34,7 +34,14 @@ from agent.cli.util import CliError
     "that key, so a credential without cred_id matches it.",
 )
 @click.option("--tokens-dir", required=True, type=click.Path(file_okay=False), help="Where NAME.token files go (0600).")
-def dev_dfns(host: str, port: int, accounts: tuple[str, ...], tokens_dir: str) -> None:
+@click.option(
+    "--latency-ms",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 10_000),
+    help="Hold every request this long before answering, like a distant API (for benchmarks).",
+)
+def dev_dfns(host: str, port: int, accounts: tuple[str, ...], tokens_dir: str, latency_ms: float) -> None:
     """Run a local Dfns-compatible API (development only).
 
     For trying the agent without a Dfns account; state is in memory. It verifies signatures the way Dfns
@@ -63,4 +70,4 @@ def dev_dfns(host: str, port: int, accounts: tuple[str, ...], tokens_dir: str) -
             serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
         )
         parsed.append((name, Path(pem_file), cred_id_for_key(spki)))
-    run(host, port, parsed, Path(tokens_dir), sys.stdout)
+    run(host, port, parsed, Path(tokens_dir), sys.stdout, latency=latency_ms / 1000)

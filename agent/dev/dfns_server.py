@@ -340,8 +340,16 @@ class DevDfns:
     """
 
     def __init__(
-        self, *, challenge_ttl: float = 300.0, user_action_ttl: float = 300.0, clock: Callable[[], float] = time.time
+        self,
+        *,
+        challenge_ttl: float = 300.0,
+        user_action_ttl: float = 300.0,
+        clock: Callable[[], float] = time.time,
+        latency: float = 0.0,
     ) -> None:
+        if latency < 0:
+            raise ValueError("latency must be >= 0")
+        self.latency = latency  # seconds every request waits before it is handled: a distant API, for benchmarks
         self.challenge_ttl = challenge_ttl
         self.user_action_ttl = user_action_ttl
         self.clock = clock
@@ -469,6 +477,8 @@ class DevDfns:
                 {"method": method, "path": path, "user_action": "X-DFNS-USERACTION" in request.headers}
             )
             fault = self._take_fault(method, path)
+        if self.latency:
+            await asyncio.sleep(self.latency)
         if fault is not None:
             if fault.delay:
                 await asyncio.sleep(fault.delay)
@@ -900,7 +910,13 @@ def _write_token(path: Path, token: str) -> None:
 
 
 def run(
-    host: str, port: int, service_accounts: list[tuple[str, Path, str | None]], tokens_dir: Path, out: TextIO
+    host: str,
+    port: int,
+    service_accounts: list[tuple[str, Path, str | None]],
+    tokens_dir: Path,
+    out: TextIO,
+    *,
+    latency: float = 0.0,
 ) -> None:
     """Serve a DevDfns until SIGINT/SIGTERM (``dfns-agent dev-dfns``); tokens go to files, never to ``out``.
 
@@ -908,7 +924,7 @@ def run(
     working across restarts of this server.
     """
     install_log_filter()
-    dfns = DevDfns()
+    dfns = DevDfns(latency=latency)
     tokens_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     accounts: list[tuple[ServiceAccount, Path]] = []
     for name, pem_path, cred_id in service_accounts:

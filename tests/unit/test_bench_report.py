@@ -148,3 +148,22 @@ def test_budget_of_a_single_worker_counts_one_core_and_its_own_limit() -> None:
     ed = next(line for line in report.budgets(run) if line.startswith("Ed25519"))
     assert "1,500 sig/s" in ed and "1 of 2 cores: 667 us" in ed and "leaves 337 us" in ed
     assert "load generator" not in ed
+
+
+def test_flow_verdicts_can_pass_and_fail() -> None:
+    from bench import flow
+
+    def pooled(clients: int, rate: float, p50_ms: float, errors: int = 0) -> flow.Pooled:
+        n = int(rate)
+        return flow.Pooled([flow.FlowCell(clients, 1.0, [p50_ms / 1000] * n, errors)])
+
+    def run(agent_p50: float, agent_rate: float) -> dict[str, bool | None]:
+        r = flow.FlowRun(20.0, 1.0, 1, sdk={1: pooled(1, 14, 62.0), 256: pooled(256, 1000, 250.0)},
+                         agent={1: pooled(1, 14, agent_p50), 256: pooled(256, agent_rate, 250.0)},
+                         agent_rss_kib={1: 60 * 1024}, cores=2)  # fmt: skip
+        return {v.name.split(",")[0]: v.ok for v in flow.verdicts(r)}
+
+    good, bad = run(62.9, 910), run(63.1, 890)
+    assert good["flow @1 client"] is True and bad["flow @1 client"] is False
+    assert good["flow @256 clients"] is True and bad["flow @256 clients"] is False
+    assert good["flow: agent zero errors"] is True and good["flow: agent peak RSS < 80 MB per process"] is True
