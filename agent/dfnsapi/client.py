@@ -6,7 +6,7 @@
 - The real request is retried only when the connection was never made (nothing reached Dfns), because
   its user action is single-use and the call itself is not idempotent.
 
-One pooled :class:`httpx.AsyncClient` (keep-alive, HTTP/2 when the ``h2`` package is there) serves every
+One pooled :class:`httpx.AsyncClient` (keep-alive, over aiohttp's pool: ``transport.py``) serves every
 credential; each :class:`DfnsApi` adds its own base URL and bearer token, which is never logged.
 """
 
@@ -25,6 +25,7 @@ import httpx
 from agent import __version__
 from agent.config import DfnsConfig
 from agent.dfns import KeyAssertion
+from agent.dfnsapi.transport import AiohttpTransport
 from agent.errors import DfnsError, DfnsTimeout, DfnsUnreachable
 from agent.secret import Secret
 
@@ -36,17 +37,12 @@ _MAX_RETRY_AFTER = 30.0
 
 
 def make_http_client() -> httpx.AsyncClient:
-    try:
-        import h2  # noqa: F401
-
-        http2 = True
-    except ImportError:  # pragma: no cover - h2 is a dependency, but HTTP/1.1 works too
-        http2 = False
+    """The agent's one client for Dfns: httpx's API over aiohttp's pool (see ``transport.py`` for why)."""
     return httpx.AsyncClient(
-        http2=http2,
-        limits=httpx.Limits(max_connections=100, max_keepalive_connections=20, keepalive_expiry=30.0),
+        transport=AiohttpTransport(max_connections=100, keepalive_expiry=30.0),
         headers={"User-Agent": USER_AGENT},
         follow_redirects=False,
+        trust_env=False,  # the transport reads the proxy and CA settings from the environment itself
     )
 
 

@@ -1,0 +1,188 @@
+"""The Dfns client's transport (httpx's API over aiohttp) against real sockets on loopback.
+
+What the retry rules rest on: ``ConnectError``/``ConnectTimeout`` only when nothing left this host; a
+failure after the request was sent is a read error or read timeout, never a connect error, so a real call
+is never sent twice. Also: bodies and headers go out as given, answers come back decoded, no cookie is
+kept between identities, and the proxy comes from the environment as with httpx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import gzip
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.dfnsapi.transport import AiohttpTransport
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def in_loop(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test in its own event loop (the suite has no async plugin)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+@asynccontextmanager
+async def serving(handler: Handler) -> AsyncIterator[str]:
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str], bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return lines[0].encode(), headers, body
+
+
+def client(**kw: object) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=AiohttpTransport(**kw), trust_env=False)  # type: ignore[arg-type]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@in_loop
+async def test_a_refused_connection_is_a_connect_error() -> None:
+    async with client() as http:
+        with pytest.raises(httpx.ConnectError):
+            await http.post(f"http://127.0.0.1:{free_port()}/wallets", content=b"{}")
+
+
+@in_loop
+async def test_a_server_that_closes_after_reading_the_request_is_a_read_error_not_a_connect_error() -> None:
+    got: list[bytes] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, _, body = await read_head(reader)
+        got.append(body)
+        writer.close()  # the request reached the server; no answer
+
+    async with serving(handler) as url, client() as http:
+        with pytest.raises(httpx.ReadError) as e:
+            await http.post(url + "/wallets", content=b'{"n":1}')
+    assert not isinstance(e.value, httpx.ConnectError | httpx.ConnectTimeout)
+    assert got == [b'{"n":1}']
+
+
+@in_loop
+async def test_an_answer_cut_off_in_its_body_is_a_read_error() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial\":")
+        await writer.drain()
+        writer.close()
+
+    async with serving(handler) as url, client() as http:
+        with pytest.raises(httpx.ReadError):
+            await http.post(url + "/wallets", content=b"{}")
+
+
+@in_loop
+async def test_a_server_that_never_answers_is_a_read_timeout() -> None:
+    release = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        await release.wait()
+        writer.close()
+
+    async with serving(handler) as url, client() as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post(url + "/wallets", content=b"{}", timeout=httpx.Timeout(0.3, connect=5.0))
+        release.set()
+
+
+@in_loop
+async def test_no_connection_from_the_pool_in_time_is_a_connect_timeout() -> None:
+    release = asyncio.Event()
+    first_in = asyncio.Event()
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        first_in.set()
+        await release.wait()
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        writer.close()
+
+    async with serving(handler) as url, client(max_connections=1) as http:
+        busy = asyncio.create_task(http.post(url + "/a", content=b"{}"))
+        await first_in.wait()  # the pool's one connection is taken
+        with pytest.raises(httpx.ConnectTimeout):
+            await http.post(url + "/b", content=b"{}", timeout=httpx.Timeout(30.0, pool=0.3))
+        release.set()
+        assert (await busy).status_code == 200
+
+
+@in_loop
+async def test_request_and_answer_pass_as_given_and_no_cookie_is_kept() -> None:
+    seen: list[tuple[bytes, dict[str, str], bytes]] = []
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                seen.append(await read_head(reader))
+            except asyncio.IncompleteReadError:
+                break
+            body = gzip.compress(b'{"id":"wa-1"}')
+            writer.write(b"HTTP/1.1 201 Created\r\nContent-Type: application/json\r\nContent-Encoding: gzip\r\n"
+                         b"Set-Cookie: s=secret; Path=/\r\nX-Other: 1\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+            await writer.drain()
+        writer.close()
+
+    payload = b'{"network":"Ethereum","name":"tr\xc3\xa9sor"}'
+    async with serving(handler) as url, client() as http:
+        for _ in range(2):
+            r = await http.post(url + "/wallets?x=1", content=payload,
+                                headers={"Authorization": "Bearer t", "X-DFNS-USERACTION": "ua"})  # fmt: skip
+            assert r.status_code == 201 and r.json() == {"id": "wa-1"} and r.headers["x-other"] == "1"
+    (line, headers, body), (_, again, _) = seen
+    assert line == b"POST /wallets?x=1 HTTP/1.1" and body == payload
+    assert headers["authorization"] == "Bearer t" and headers["x-dfns-useraction"] == "ua"
+    assert headers["content-length"] == str(len(payload)) and headers["host"].startswith("127.0.0.1:")
+    assert "cookie" not in again  # the Set-Cookie of the first answer is not sent back
+
+
+@in_loop
+async def test_the_proxy_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    lines: list[bytes] = []
+
+    async def proxy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line, _, _ = await read_head(reader)
+        lines.append(line)
+        writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async with serving(proxy) as proxy_url:
+        monkeypatch.setenv("HTTP_PROXY", proxy_url)
+        monkeypatch.setenv("NO_PROXY", "direct.invalid")
+        async with client() as http:
+            r = await http.get("http://dfns.invalid/wallets")
+            assert r.status_code == 204
+            with pytest.raises(httpx.ConnectError):  # NO_PROXY: tried directly, and the name does not resolve
+                await http.get("http://direct.invalid/wallets")
+    assert lines == [b"GET http://dfns.invalid/wallets HTTP/1.1"]
