@@ -215,6 +215,12 @@ class AuditLog:
         self._open()
         self._thread = threading.Thread(target=self._writer, name="audit", daemon=True)
         self._thread.start()
+        # Checkpoints are signed on a thread of their own: a slow or hung token must not hold up the records.
+        self._sign_now = threading.Event()
+        self._signer_thread: threading.Thread | None = None
+        if signer is not None:
+            self._signer_thread = threading.Thread(target=self._checkpointer, name="audit-checkpoint", daemon=True)
+            self._signer_thread.start()
 
     # -- the file ------------------------------------------------------------------------------------
 
@@ -445,14 +451,28 @@ class AuditLog:
 
     def _housekeeping(self, *, final: bool = False) -> None:
         """On the writer thread: summaries of refusal floods whose interval ended, and a checkpoint when one
-        is due (``checkpoint_every`` records crossed, ``checkpoint_interval`` passed, or shutting down)."""
+        is due (``checkpoint_every`` records crossed, ``checkpoint_interval`` passed); the last checkpoint,
+        at shutdown, is :meth:`close`'s."""
         summaries = self.refusals.due(everything=final)
         if summaries:
             self._write([_Pending(r.to_json()) for r in summaries], finish=False)
         interval = self.settings.checkpoint_interval
         timed = bool(interval) and time.monotonic() - self._last_checkpoint >= interval
-        if self.signer is not None and (final or self._checkpoint_wanted or timed):
-            self.checkpoint()
+        if self.signer is not None and not final and (self._checkpoint_wanted or timed):
+            self._checkpoint_wanted = False
+            self._last_checkpoint = time.monotonic()
+            self._sign_now.set()
+
+    def _checkpointer(self) -> None:
+        while True:
+            self._sign_now.wait()
+            self._sign_now.clear()
+            if self._closed:
+                return
+            try:
+                self.checkpoint()
+            except Exception as e:  # noqa: BLE001 - a failed checkpoint must not end the thread
+                log.error("audit log %s: no checkpoint: %s", self.path, _reason(e))
 
     def _next_wake(self) -> float | None:
         waits = [self.refusals.next_deadline()]
@@ -634,4 +654,11 @@ class AuditLog:
             self._closed = True
             self._cv.notify()
         self._thread.join(timeout=_WAIT)
+        if self._signer_thread is not None:
+            self._sign_now.set()
+            self._signer_thread.join(timeout=_WAIT)
+            try:
+                self.checkpoint()
+            except Exception as e:  # noqa: BLE001 - closing goes on
+                log.error("audit log %s: no checkpoint at shutdown: %s", self.path, _reason(e))
         self._drop_fd()
