@@ -74,13 +74,13 @@ class Verification:
                 f"not proven: {len(unchecked)} checkpoint(s) match the file, but without --public-key their "
                 "signatures were not checked (anyone rewriting the file could have made them)"
             )
-        else:
-            out.append("not proven: no signed checkpoint covers any record (give --public-key and --checkpoints)")
         if self.last_seq > self.proven:
+            what = f"records {self.proven + 1}..{self.last_seq}"
+            why = "come after the newest verified checkpoint" if self.proven else "are in no verified checkpoint"
             out.append(
-                f"not proven: records {self.proven + 1}..{self.last_seq} come after the newest verified "
-                "checkpoint; they are only chained: the last of them could be altered, some cut off (truncation), "
-                "or all rewritten, without a trace; a newer checkpoint from the journal (--checkpoints) would show it"
+                f"not proven: {what} {why}; they are only chained: the last of them could be altered, some cut off "
+                "(truncation), or all rewritten, without a trace; a newer checkpoint from the journal "
+                "(--checkpoints, with --public-key) would show it"
             )
         if self.first_seq > 1:
             out.append(

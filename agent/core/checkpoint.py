@@ -13,6 +13,7 @@ assigns them. The private key stays on the token (the agent signs with it like w
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import re
@@ -122,29 +123,31 @@ def parse(note: str) -> Checkpoint:
 
 def find_in_text(text: str) -> Iterator[Checkpoint]:
     """Checkpoints in a file an operator hands ``audit verify``: the agent's log lines (``audit checkpoint
-    "<note>"``, e.g. from ``journalctl -o cat``), JSON audit records holding one, or bare notes one after
-    another. Anything else is skipped."""
+    "<note>"``, e.g. from ``journalctl -o cat``, in text or JSON log format), JSON audit records holding
+    one, or bare notes one after another. Anything else is skipped."""
     for line in text.splitlines():
+        if line.startswith("{"):
+            try:
+                doc = json.loads(line)
+            except ValueError:
+                doc = None
+            if isinstance(doc, dict):
+                note = doc.get("checkpoint")
+                message = doc.get("message")
+                if not isinstance(note, str) and isinstance(message, str) and message.startswith(LOG_PREFIX):
+                    line = message  # the agent's JSON log format: the log line is the message
+                elif isinstance(note, str):
+                    with contextlib.suppress(ValueError):
+                        yield parse(note)
+                    continue
         at = line.find(LOG_PREFIX + '"')
         if at >= 0:
-            try:
-                note = json.JSONDecoder().raw_decode(line, at + len(LOG_PREFIX))[0]
-                yield parse(note)
-            except ValueError:
-                pass
-            continue
-        if line.startswith("{") and '"checkpoint"' in line:
-            try:
-                record = json.loads(line)
-                yield parse(record["checkpoint"])
-            except (ValueError, KeyError, TypeError):
-                pass
+            with contextlib.suppress(ValueError):
+                yield parse(json.JSONDecoder().raw_decode(line, at + len(LOG_PREFIX))[0])
     # Bare notes: text lines, a blank line, signature lines.
     for match in re.finditer(r"(?m)^(?:[^\n{—]+\n){3,}\n(?:— [^\n]+\n)+", text):
-        try:
+        with contextlib.suppress(ValueError):
             yield parse(match.group(0))
-        except ValueError:
-            pass
 
 
 def load_public_key(pem: bytes) -> VerifyKey:

@@ -156,11 +156,14 @@ def test_signed_checkpoints_catch_truncation_and_rewrites(
     assert "audit checkpoint " in journal.read_text()
     records = records_of(audit)
     checkpoints = [r for r in records if r["event"] == "checkpoint"]
-    assert len(checkpoints) >= 4 and records[-1]["event"] == "checkpoint"
+    # Every 5 records (a few may fold into one: they are signed on their own thread) and at shutdown.
+    assert len(checkpoints) >= 2 and records[-1]["event"] == "checkpoint"
+    newest = max(r["treeSize"] for r in checkpoints)
+    assert all(r["event"] == "checkpoint" for r in records[newest:])  # it covers every request record
     verify_cli = ["audit", "verify", str(audit), "--public-key", str(public), "--checkpoints", str(journal)]
     ok = run_cli(None, *verify_cli)
     assert ok.returncode == 0, ok.stdout + ok.stderr
-    proven = f"proven: records 1..{records[-1]['seq'] - 1} match a checkpoint signed by ci.example"
+    proven = f"proven: records 1..{newest} match a checkpoint signed by ci.example"
     assert proven in ok.stdout, ok.stdout
 
     original = audit.read_bytes()

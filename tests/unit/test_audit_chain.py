@@ -26,6 +26,7 @@ from agent.core.checkpoint import NoteSigner, find_in_text, key_id, log_line, no
 from agent.core.records import AuditRecord, Event, Outcome
 from agent.core.refusals import MAX_KEYS, RefusalAggregator
 from agent.dev.softkeys import SoftKeyStore
+from agent.dev.testing import wait_until
 from agent.errors import AuditUnavailable
 from agent.token.keys import KeyKind
 
@@ -147,14 +148,16 @@ def test_checkpoints_are_c2sp_signed_notes_over_the_chain_head(tmp_path: Path, k
     s = signer(kind)
     log = AuditLog(path, settings=AuditConfig(checkpoint_every=3, checkpoint_interval=0), signer=s)
     try:
-        for i in range(7):
+        for i in range(6):
             log.record(Fields(event="sign", i=i))
+            if i in (2, 4):  # seq 3 and seq 6 cross a multiple of 3: a checkpoint (signed on another thread)
+                wait_until(lambda: lines(path)[-1]["event"] == "checkpoint", 10, "a checkpoint")
     finally:
         log.close()  # a last checkpoint at shutdown
     records = lines(path)
     raw = path.read_bytes().splitlines()
     checkpoints = [r for r in records if r["event"] == "checkpoint"]
-    assert len(checkpoints) >= 3
+    assert [r["treeSize"] for r in checkpoints] == [3, 6, 8]  # the last one at shutdown
     for record in checkpoints:
         cp = parse(record["checkpoint"])
         assert cp.origin == ORIGIN and cp.size == record["treeSize"] < record["seq"]
@@ -190,10 +193,12 @@ def test_the_ed25519_note_signature_is_the_signed_note_format() -> None:
 
 def write_signed(path: Path, s: NoteSigner, n: int, every: int = 4) -> list[str]:
     """``n`` records with checkpoints; returns the checkpoint log lines (the journal's copies)."""
-    log = AuditLog(path, settings=AuditConfig(checkpoint_every=every, checkpoint_interval=0), signer=s)
+    log = AuditLog(path, settings=AuditConfig(checkpoint_every=0, checkpoint_interval=0), signer=s)
     try:
         for i in range(n):
             log.record(Fields(event="sign", i=i))
+            if (i + 1) % every == 0:
+                assert log.checkpoint()
     finally:
         log.close()
     return [log_line(r["checkpoint"]) for r in lines(path) if r["event"] == "checkpoint"]
