@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 from agent.config import AuditConfig
 from agent.core.audit_verify import Verification, verify
-from agent.core.chain import GENESIS, CorruptTail, Tail, line_hash, read_tail
+from agent.core.chain import GENESIS, CorruptTail, Tail, line_ending_at, line_hash, read_tail
 from agent.core.checkpoint import NoteSigner, log_line
 from agent.core.records import AuditRecord, Event
 from agent.core.refusals import RefusalAggregator
@@ -209,6 +209,10 @@ class AuditLog:
         self._checkpoint_wanted = False
         self._last_checkpoint = time.monotonic()
         self.last_error: str | None = None
+        # The head this worker last checkpointed: (inode, offset after it, seq, hash). A checkpoint is never
+        # signed over a file that no longer holds that head (C2SP: no checkpoint inconsistent with an earlier one).
+        self._anchor: tuple[int, int, int, str] | None = None
+        self.tampered: str | None = None
         self._fd = -1
         self._tail_cache: tuple[int, Tail] | None = None  # (inode, tail) after our last write
         self._first_time: tuple[int, float | None] | None = None  # (inode, time of its first record)
@@ -436,8 +440,14 @@ class AuditLog:
             fd = self._acquire()
             try:
                 tail = self._tail(fd)
+                ino = os.fstat(fd).st_ino
+                problem = self._inconsistent(fd, ino, tail)
             finally:
                 self._release_lock(fd)
+        if problem is not None:
+            self.tampered = f"audit log {self.path}: {problem}; no checkpoint signed over it"
+            log.error("%s", self.tampered)
+            return False
         if tail.seq == 0 or tail.event == Event.CHECKPOINT.value:
             return False
         try:
@@ -447,7 +457,37 @@ class AuditLog:
             return False
         item = _Pending(fields)
         self._write([item], finish=False)
+        if item.error is None:
+            self._anchor = (ino, tail.end, tail.seq, tail.prev)
         return item.error is None
+
+    def _inconsistent(self, fd: int, ino: int, tail: Tail) -> str | None:
+        """Why the file no longer holds the head this worker last checkpointed, or None if it does."""
+        if self._anchor is None or self._anchor[0] != ino:
+            return None  # nothing checkpointed yet, or the file was rotated since
+        _, end, seq, head = self._anchor
+        if tail.size < end:
+            return f"the file is shorter than when record {seq} was checkpointed (records were cut off)"
+        line = line_ending_at(fd, end)
+        if line is None or line_hash(line) != head:
+            return f"record {seq} is not the one that was checkpointed (the file was edited or rewritten)"
+        # And the records since then extend it: each one's prev is the hash of the one before.
+        prev, offset, rest = head, end, b""
+        while offset < tail.end:
+            chunk = os.pread(fd, min(1 << 20, tail.end - offset), offset)
+            if not chunk:
+                break
+            offset += len(chunk)
+            *complete, rest = (rest + chunk).split(b"\n")
+            for raw in complete:
+                try:
+                    linked = json.loads(raw).get("prev") == prev
+                except (ValueError, AttributeError):
+                    linked = False
+                if not linked:
+                    return f"the records after checkpointed record {seq} do not continue its chain"
+                prev = line_hash(raw)
+        return None
 
     def _housekeeping(self, *, final: bool = False) -> None:
         """On the writer thread: summaries of refusal floods whose interval ended, and a checkpoint when one
@@ -491,6 +531,8 @@ class AuditLog:
         """None if the log can take more records right now, else why not. Asked of the file itself (room
         for :data:`PROBE_BYTES` more, reserved under the lock with ``fallocate``), so every worker that
         shares the file gives the same answer, whichever of them last failed or succeeded to write."""
+        if self.tampered is not None:
+            return self.tampered
         with self._write_lock:
             try:
                 fd = self._acquire()

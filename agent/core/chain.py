@@ -71,3 +71,19 @@ def read_tail(fd: int, size: int | None = None) -> Tail:
         raise CorruptTail(f"the last record (ending at offset {end}) is not a JSON record with a seq") from None
     event = record.get("event")
     return Tail(line_hash(line), seq, event if isinstance(event, str) else None, end, size)
+
+
+def line_ending_at(fd: int, end: int) -> bytes | None:
+    """The complete line whose newline is the byte before ``end``, or None if there is no such line."""
+    if end <= 0 or os.pread(fd, 1, end - 1) != b"\n":
+        return None
+    window = 4096
+    while True:
+        start = max(0, end - 1 - window)
+        data = os.pread(fd, end - 1 - start, start)
+        cut = data.rfind(b"\n")
+        if cut >= 0:
+            return data[cut + 1 :]
+        if start == 0:
+            return data
+        window *= 8

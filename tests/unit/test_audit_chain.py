@@ -367,3 +367,36 @@ def test_a_refusal_flood_writes_two_records_and_a_count(tmp_path: Path) -> None:
     records = lines(path)
     assert len(records) == 2 and records[1]["count"] == 4999 and verify(path).ok
     assert os.path.getsize(path) < 2000
+
+
+@pytest.mark.parametrize("change", ["edit", "truncate"])
+def test_the_agent_never_signs_a_checkpoint_over_a_history_it_checkpointed_differently(
+    tmp_path: Path, change: str
+) -> None:
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, settings=AuditConfig(checkpoint_every=0, checkpoint_interval=0), signer=signer())
+    try:
+        for i in range(3):
+            log.record(Fields(event="sign", who="alice", i=i))
+        assert log.checkpoint()
+        log.record(Fields(event="sign", who="alice", i=3))
+        data = path.read_bytes()
+        if change == "edit":  # record 2 edited and the chain recomputed from it (same length, same inode)
+            records, prev, out = lines(path), GENESIS, []
+            records[1]["who"] = "mally"
+            for r in records:
+                r["prev"] = prev
+                raw = json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode()
+                prev = line_hash(raw)
+                out.append(raw + b"\n")
+            path.write_bytes(b"".join(out))
+        else:
+            path.write_bytes(b"".join(data.splitlines(keepends=True)[:2]))
+        log.record(Fields(event="sign", i=4))  # records go on (the chain continues whatever the file ends in)
+        assert not log.checkpoint()
+        problem = log.probe()
+        assert problem is not None and "no checkpoint signed over it" in problem
+        assert ("edited or rewritten" if change == "edit" else "cut off") in problem
+    finally:
+        log.close()
+    assert sum(1 for r in lines(path) if r["event"] == "checkpoint") == (1 if change == "edit" else 0)
