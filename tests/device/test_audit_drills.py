@@ -269,3 +269,64 @@ def test_a_refusal_flood_from_another_uid_writes_a_bounded_number_of_records(
     assert verify(token_env.audit_file).ok
     size = token_env.audit_file.stat().st_size
     print(f"refusal flood: {3 * sent} refused requests -> {len(refused)} records, {size} bytes")
+
+
+def test_kill_9_under_load_loses_no_audited_signature_and_the_chain_goes_on(
+    token_env: TokenEnv, start_agent: Any, tmp_path: Path, short_dir: Path
+) -> None:
+    import signal
+    import threading
+
+    from agent.dev.testing import agent_processes, b64url, b64url_decode, child_pids
+
+    public = make_audit_key(token_env, tmp_path)
+    audit = tmp_path / "audit.jsonl"
+    use_audit_file(token_env, audit, CHECKPOINTS)
+    agent = AgentProcess(token_env, short_dir / "killed.sock")  # not start_agent's: it must not end cleanly
+    agent.wait_ready()
+    workers = wait_all_workers(agent, 2)
+    answered: list[str] = []
+    stop = threading.Event()
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                r = sign_fresh(agent)
+            except httpx.TransportError:
+                continue  # the worker died under this request: no answer, nothing to account for
+            if r.status_code == 200:
+                answered.append(r.json()["credentialAssertion"]["signature"])
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(answered) >= 60, 60, "60 signatures")
+        os.kill(min(workers), signal.SIGKILL)  # one worker, in the middle of the load
+        wait_until(lambda: "restarted (pid" in agent.output(), 30, "the restarted worker")
+        count = len(answered)
+        wait_until(lambda: len(answered) >= count + 60, 60, "60 more signatures")
+        for pid in child_pids(agent.proc.pid) | {agent.proc.pid}:  # then the whole agent
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(60)
+        rc = agent.stop()
+    assert rc == -signal.SIGKILL
+    wait_until(lambda: not agent_processes(token_env.config), 20, "every killed process gone")
+    records = records_of(audit)
+    recorded = {b64url(b64url_decode(r["signature"])) for r in records if r.get("signature")}
+    missing = [s for s in answered if b64url(b64url_decode(s)) not in recorded]
+    assert not missing and len(answered) >= 120, (len(missing), len(answered))
+    first = run_cli(None, "audit", "verify", str(audit), "--public-key", str(public))
+    assert first.returncode == 0, first.stdout
+    # Restarted on the same file: the chain (and seq) go on, a torn tail, if the kill left one, is repaired.
+    again: AgentProcess = start_agent(token_env)
+    for _ in range(5):
+        assert again.post("/v1/sign", {"challenge": make_challenge(cred_id_for("p256"))}).status_code == 200
+    again.stop()
+    after = records_of(audit)
+    assert [r["seq"] for r in after] == list(range(1, len(after) + 1))
+    final = run_cli(None, "audit", "verify", str(audit), "--public-key", str(public))
+    assert final.returncode == 0 and f"proven: records 1..{after[-2]['seq']}" in final.stdout, final.stdout
