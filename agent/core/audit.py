@@ -363,13 +363,13 @@ class AuditLog:
 
     def _maybe_rotate(self, fd: int, tail: Tail) -> tuple[int, Tail]:
         s = self.settings
-        if tail.size == 0 or not stat.S_ISREG(os.fstat(fd).st_mode):
+        if tail.size == 0:
             return fd, tail
         due = bool(s.rotate_bytes) and tail.size >= s.rotate_bytes
         if not due and s.rotate_age:
             first = self._first_record_time(fd)
             due = first is not None and time.time() - first >= s.rotate_age
-        if not due:
+        if not due or not stat.S_ISREG(os.fstat(fd).st_mode):
             return fd, tail
         return self._rotate(fd, tail)
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import resource
 import signal
 from collections.abc import Iterator
@@ -400,3 +401,61 @@ def test_the_agent_never_signs_a_checkpoint_over_a_history_it_checkpointed_diffe
     finally:
         log.close()
     assert sum(1 for r in lines(path) if r["event"] == "checkpoint") == (1 if change == "edit" else 0)
+
+
+# -- configuration -------------------------------------------------------------------------------------------
+
+
+def test_the_checkpoint_key_must_be_a_dedicated_ed25519_or_p256_key_on_the_token() -> None:
+    from agent.core.checkpoint import signer_for
+    from agent.errors import ConfigError, KeyNotFound, UnsupportedKey
+
+    store = SoftKeyStore.with_keys([("audit", KeyKind.ED25519), ("cred", KeyKind.P256), ("rsa", KeyKind.RSA2048)])
+    assert signer_for(AuditConfig(), store, ["cred"]) is None  # no key: no checkpoints
+    made = signer_for(AuditConfig(checkpoint_key="audit", checkpoint_origin=ORIGIN), store, ["cred"])
+    assert made is not None and made.origin == ORIGIN
+    default = signer_for(AuditConfig(checkpoint_key="audit"), store, [])
+    assert default is not None and default.origin.endswith("/dfns-agent/audit")
+    with pytest.raises(ConfigError, match="credential's key"):
+        signer_for(AuditConfig(checkpoint_key="cred"), store, ["cred"])
+    with pytest.raises(UnsupportedKey, match="Ed25519 or P-256"):
+        signer_for(AuditConfig(checkpoint_key="rsa"), store, [])
+    with pytest.raises(KeyNotFound):
+        signer_for(AuditConfig(checkpoint_key="nowhere"), store, [])
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("checkpoint_every = -1", "'checkpoint_every' must be a whole number >= 0"),
+        ("checkpoint_every = 1.5", "'checkpoint_every' must be a whole number >= 0"),
+        ('rotate_bytes = "big"', "'rotate_bytes' must be a whole number >= 0"),
+        ("refusal_interval = 0", "'refusal_interval' must be > 0"),
+        ('checkpoint_origin = "has space"', "'checkpoint_origin' must be non-empty, without spaces or '+'"),
+        ("checkpoint_intervall = 5", "checkpoint_intervall"),
+    ],
+)
+def test_audit_settings_are_checked(tmp_path: Path, text: str, error: str) -> None:
+    from agent.config import load_config
+    from agent.errors import ConfigError
+
+    config = tmp_path / "agent.toml"
+    config.write_text(f'[token]\nmodule = "/usr/lib/x.so"\nlabel = "t"\n[audit]\n{text}\n')
+    with pytest.raises(ConfigError, match=re.escape(error)):
+        load_config(config)
+
+
+def test_audit_settings_are_read(tmp_path: Path) -> None:
+    from agent.config import load_config
+
+    config = tmp_path / "agent.toml"
+    config.write_text(
+        '[token]\nmodule = "/usr/lib/x.so"\nlabel = "t"\n[audit]\ncheckpoint_key = "dfns-audit"\n'
+        'checkpoint_origin = "h.example/log"\ncheckpoint_every = 10\ncheckpoint_interval = 5\n'
+        "rotate_bytes = 1000\nrotate_age = 86400\nrefusal_interval = 30\n"
+    )
+    a = load_config(config).audit
+    assert (a.checkpoint_key, a.checkpoint_origin, a.checkpoint_every, a.checkpoint_interval) == (
+        "dfns-audit", "h.example/log", 10, 5.0,
+    )  # fmt: skip
+    assert (a.rotate_bytes, a.rotate_age, a.refusal_interval) == (1000, 86400.0, 30.0)
