@@ -217,6 +217,7 @@ class AuditLog:
         self._tail_cache: tuple[int, Tail] | None = None  # (inode, tail) after our last write
         self._first_time: tuple[int, float | None] | None = None  # (inode, time of its first record)
         self._open()
+        self._check_tail()
         self._thread = threading.Thread(target=self._writer, name="audit", daemon=True)
         self._thread.start()
         # Checkpoints are signed on a thread of their own: a slow or hung token must not hold up the records.
@@ -236,6 +237,21 @@ class AuditLog:
             self._fd = -1
             self.last_error = f"cannot open audit log {self.path}: {e.strerror}"
             raise AuditUnavailable(self.last_error) from None
+
+    def _check_tail(self) -> None:
+        """At open: repair a torn tail now (not only at the first write); a last line that is not a record is
+        reported (health down, signing refused) rather than appended to."""
+        try:
+            with self._write_lock:
+                fd = self._acquire()
+                try:
+                    self._tail(fd)
+                finally:
+                    self._release_lock(fd)
+        except (OSError, AuditUnavailable) as e:
+            self.last_error = f"cannot write audit log {self.path}: {_reason(e)}"
+            log.error("%s; refusing to sign until it works", self.last_error)
+            self._drop_fd()
 
     def _drop_fd(self) -> None:
         if self._fd >= 0:

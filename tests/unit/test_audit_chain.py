@@ -101,6 +101,7 @@ def test_a_torn_tail_from_a_crash_is_cut_off_and_recorded_never_appended_to(
         f.write(torn)
     log = AuditLog(path)
     try:
+        assert [r["event"] for r in lines(path)] == ["sign", "sign", "repair"]  # repaired at open already
         log.record(Fields(event="sign", n=3))
     finally:
         log.close()
