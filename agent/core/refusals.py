@@ -4,9 +4,9 @@ The first refusal of a caller (uid, gid, pid, exe) for one reason (code and mess
 recorded at once, as before; the ones after it in the same interval are only counted, and one summary record
 with their ``count`` is written when the interval ends (or the log closes). A flood thus costs at most
 two records per caller, reason and interval in each worker process. The table is bounded: beyond
-:data:`MAX_KEYS` distinct callers and reasons in one interval (a caller forking new pids, or inventing
-reasons through credential names), the rest are counted together per uid and code, and beyond that in a
-single overflow bucket.
+:data:`MAX_KEYS` distinct callers and reasons in one interval (a caller forking new pids, or varying the
+reason through the credential names or paths it asks for), the rest are counted together per uid and code.
+At worst a worker writes about ``2 * MAX_KEYS`` records per interval plus two per uid refused.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 from agent.core.records import AuditRecord
 
-MAX_KEYS = 256
+MAX_KEYS = 64
 
 RefusalKey = tuple[object, ...]
 
