@@ -339,7 +339,7 @@ class AuditLog:
             except CorruptTail:
                 return tail
         log.warning("audit log %s is empty; continuing the chain of %s (seq %d)", self.path, archives[-1], last.seq)
-        return Tail(last.prev, last.seq, last.event, tail.end, tail.size)
+        return Tail(last.prev, last.seq, last.event, tail.end, tail.size, last.covers)
 
     def _append(self, fd: int, tail: Tail, items: list[Mapping[str, Any]], *, sync: bool) -> Tail:
         """Append ``items`` (the lock held) as one write; a failed or short write is cut back to where it
@@ -349,11 +349,12 @@ class AuditLog:
         encode = _ENCODER.encode
         prev, seq, lines = tail.prev, tail.seq, []
         event: Any = tail.event
+        covers: Any = tail.covers
         for fields in items:
             seq += 1
             line = encode({"seq": seq, "time": now, **fields, "prev": prev}).encode("utf-8")
             prev = line_hash(line)
-            event = fields.get("event")
+            event, covers = fields.get("event"), fields.get("treeSize")
             lines.append(line)
         lines.append(b"")
         data = b"\n".join(lines)
@@ -368,7 +369,7 @@ class AuditLog:
             self._cut_back(fd, start)
             raise
         end = start + len(data)
-        return Tail(prev, seq, event if isinstance(event, str) else None, end, end)
+        return Tail(prev, seq, event if isinstance(event, str) else None, end, end, covers)
 
     def _cut_back(self, fd: int, start: int) -> None:
         try:
@@ -400,7 +401,7 @@ class AuditLog:
         """Close this file with a checkpoint of its head, and start the next one with a ``rotate`` record
         that continues the chain. The path never goes missing: the old file gets a second name (a hard
         link), then a prepared new file is renamed over the path."""
-        if self.signer is not None and tail.event != Event.CHECKPOINT.value:
+        if self.signer is not None and not tail.checkpointed:
             try:
                 tail = self._append(fd, tail, [self._checkpoint_fields(tail)], sync=True)
             except AuditUnavailable as e:
@@ -464,7 +465,7 @@ class AuditLog:
             self.tampered = f"audit log {self.path}: {problem}; no checkpoint signed over it"
             log.error("%s", self.tampered)
             return False
-        if tail.seq == 0 or tail.event == Event.CHECKPOINT.value:
+        if tail.seq == 0 or tail.checkpointed:
             return False
         try:
             fields = self._checkpoint_fields(tail)

@@ -35,6 +35,12 @@ class Tail:
     event: str | None
     end: int
     size: int
+    covers: int | None = None  # for a checkpoint record: the tree size it signed
+
+    @property
+    def checkpointed(self) -> bool:
+        """The last record is a checkpoint of everything before it: a new one would add nothing."""
+        return self.event == "checkpoint" and self.covers == self.seq - 1
 
     @property
     def torn(self) -> bool:
@@ -70,7 +76,15 @@ def read_tail(fd: int, size: int | None = None) -> Tail:
     except (ValueError, KeyError, TypeError):
         raise CorruptTail(f"the last record (ending at offset {end}) is not a JSON record with a seq") from None
     event = record.get("event")
-    return Tail(line_hash(line), seq, event if isinstance(event, str) else None, end, size)
+    covers = record.get("treeSize")
+    return Tail(
+        line_hash(line),
+        seq,
+        event if isinstance(event, str) else None,
+        end,
+        size,
+        covers if isinstance(covers, int) and not isinstance(covers, bool) else None,
+    )
 
 
 def line_ending_at(fd: int, end: int) -> bytes | None:

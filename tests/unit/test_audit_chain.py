@@ -460,3 +460,24 @@ def test_audit_settings_are_read(tmp_path: Path) -> None:
         "dfns-audit", "h.example/log", 10, 5.0,
     )  # fmt: skip
     assert (a.rotate_bytes, a.rotate_age, a.refusal_interval) == (1000, 86400.0, 30.0)
+
+
+def test_a_checkpoint_that_landed_after_newer_records_does_not_stand_for_the_last_one(tmp_path: Path) -> None:
+    """Checkpoints are signed off the writer thread: a record may land between signing and appending. The one
+    at shutdown must still cover every record."""
+    from agent.core.audit import _Pending
+    from agent.core.chain import read_tail
+
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path, settings=AuditConfig(checkpoint_every=0, checkpoint_interval=0), signer=signer())
+    log.record(Fields(event="sign", i=1))
+    with open(path, "rb") as f:
+        signed_early = log._checkpoint_fields(read_tail(f.fileno()))  # signed over record 1 ...
+    log.record(Fields(event="sign", i=2))  # ... record 2 lands ...
+    log._write([_Pending(signed_early)], finish=False)  # ... then the checkpoint (seq 3, covering 1)
+    log.close()
+    records = lines(path)
+    assert [(r["event"], r.get("treeSize")) for r in records] == [
+        ("sign", None), ("sign", None), ("checkpoint", 1), ("checkpoint", 3),
+    ]  # fmt: skip
+    assert verify(path, public_key=signer().public_key).proven == 3
