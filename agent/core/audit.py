@@ -226,6 +226,7 @@ class AuditLog:
         if signer is not None:
             self._signer_thread = threading.Thread(target=self._checkpointer, name="audit-checkpoint", daemon=True)
             self._signer_thread.start()
+            log.debug("audit checkpoints of %s signed as %s with key %s", path, signer.origin, signer.fingerprint)
 
     # -- the file ------------------------------------------------------------------------------------
 

@@ -181,6 +181,10 @@ class NoteSigner:
     def public_pem(self) -> str:
         return self._key.public_pem
 
+    @property
+    def fingerprint(self) -> str:
+        return self._key.fingerprint
+
     def sign(self, size: int, head: str) -> str:
         """The whole note for the chain's head ``(size, head)``."""
         text = note_text(self.origin, size, head)

@@ -185,10 +185,12 @@ def serve_worker(
             _run_loop(_serve_until_signalled(config, service, dfns, sock, token, audit, executor))
     finally:
         ignore_stop_signals()
-        if audit is not None:
-            audit.close()  # first: its last checkpoint is signed on the token
-        if token is not None:
-            token.close()
+        try:
+            if audit is not None:
+                audit.close()  # first: its last checkpoint is signed on the token
+        finally:
+            if token is not None:
+                token.close()
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
