@@ -332,3 +332,22 @@ def test_kill_9_under_load_loses_no_audited_signature_and_the_chain_goes_on(
     assert all(r["event"] == "checkpoint" for r in after[newest:])  # the last checkpoint covers every request
     final = run_cli(None, "audit", "verify", str(audit), "--public-key", str(public))
     assert final.returncode == 0 and f"proven: records 1..{newest} " in final.stdout, final.stdout
+
+
+def test_an_agent_started_on_a_torn_tail_repairs_it_before_appending(token_env: TokenEnv, start_agent: Any) -> None:
+    agent: AgentProcess = start_agent(token_env)
+    for _ in range(3):
+        assert agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("p256"))}).status_code == 200
+    agent.stop()
+    good = token_env.audit_file.read_bytes()
+    with open(token_env.audit_file, "ab") as f:  # what a power cut in the middle of a write leaves
+        f.write(b'{"seq":4,"time":"2026-12-02T08:00:00.000Z","event":"sign","caller":{"uid":0')
+    again: AgentProcess = start_agent(token_env)
+    assert again.post("/v1/sign", {"challenge": make_challenge(cred_id_for("p256"))}).status_code == 200
+    again.stop()
+    assert "not a complete record" in again.output()
+    data = token_env.audit_file.read_bytes()
+    assert data.startswith(good)
+    records = records_of(token_env.audit_file)
+    assert [r["event"] for r in records] == ["sign", "sign", "sign", "repair", "sign"]
+    assert [r["seq"] for r in records] == [1, 2, 3, 4, 5] and verify(token_env.audit_file).ok
