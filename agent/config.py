@@ -75,6 +75,18 @@ class AuditConfig:
 
     enabled: bool = True
     file: Path | None = None
+    # Signed checkpoints (agent/core/checkpoint.py): the label of a dedicated Ed25519 or P-256 key on the
+    # token (none: no checkpoints), the note's origin (also its key name; None: "<hostname>/dfns-agent/audit"),
+    # and how often: every so many records, and every so many seconds when there are new records.
+    checkpoint_key: str | None = None
+    checkpoint_origin: str | None = None
+    checkpoint_every: int = 1000
+    checkpoint_interval: float = 60.0
+    # Rotation: a new file once the current one reaches this size (0: never) or this age in seconds (0: never).
+    rotate_bytes: int = 64 * 1024 * 1024
+    rotate_age: float = 0.0
+    # Refusals from one caller for one reason are recorded once per interval, with a count (agent/core/refusals.py).
+    refusal_interval: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -278,12 +290,44 @@ def _logging(t: Mapping[str, Any], where: str) -> LoggingConfig:
 
 
 def _audit(a: Mapping[str, Any], base: Path, where: str) -> AuditConfig:
-    _only(a, {"enabled", "file"}, where)
+    _only(
+        a,
+        {
+            "enabled", "file", "checkpoint_key", "checkpoint_origin", "checkpoint_every", "checkpoint_interval",
+            "rotate_bytes", "rotate_age", "refusal_interval",
+        },
+        where,
+    )  # fmt: skip
     enabled = a.get("enabled", True)
     if not isinstance(enabled, bool):
         raise ConfigError(f"{where}: 'enabled' must be true or false")
     file = _str(a, "file", where)
-    return AuditConfig(enabled=enabled, file=_path(file, base) if file else None)
+    origin = _str(a, "checkpoint_origin", where)
+    if origin is not None and (not origin or any(c.isspace() or c == "+" or ord(c) < 0x20 for c in origin)):
+        raise ConfigError(f"{where}: 'checkpoint_origin' must be non-empty, without spaces or '+'")
+    defaults = AuditConfig()
+
+    def number(key: str, default: float, *, integer: bool = False) -> Any:
+        value = a.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)) or value < 0:
+            kind = "a whole number" if integer else "a number"
+            raise ConfigError(f"{where}: '{key}' must be {kind} >= 0")
+        return value
+
+    refusal_interval = number("refusal_interval", defaults.refusal_interval)
+    if refusal_interval <= 0:
+        raise ConfigError(f"{where}: 'refusal_interval' must be > 0")
+    return AuditConfig(
+        enabled=enabled,
+        file=_path(file, base) if file else None,
+        checkpoint_key=_str(a, "checkpoint_key", where) or None,
+        checkpoint_origin=origin,
+        checkpoint_every=number("checkpoint_every", defaults.checkpoint_every, integer=True),
+        checkpoint_interval=float(number("checkpoint_interval", defaults.checkpoint_interval)),
+        rotate_bytes=number("rotate_bytes", defaults.rotate_bytes, integer=True),
+        rotate_age=float(number("rotate_age", defaults.rotate_age)),
+        refusal_interval=float(refusal_interval),
+    )
 
 
 def _policy(p: Mapping[str, Any], where: str) -> tuple[Rule, ...]:

@@ -18,6 +18,10 @@ class Event(str, Enum):
     SIGN = "sign"
     REGISTER = "register"
     REFUSED = "refused"  # the policy refused the request before any credential was used
+    # Written by the log itself, not by a request (see agent/core/audit.py):
+    CHECKPOINT = "checkpoint"  # a signed note over the chain's head
+    REPAIR = "repair"  # a torn tail (a write cut short by a crash) was cut off before appending
+    ROTATE = "rotate"  # the first record of a file that continues the chain of the previous one
 
 
 class Outcome(str, Enum):
@@ -61,6 +65,11 @@ class AuditRecord:
     latency_ms: float | None = None
     code: str | None = None
     reason: str | None = None
+    # For a summary of aggregated refusals (agent/core/refusals.py): how many more refusals like this one
+    # came from this caller between the first (recorded on its own) and the last.
+    count: int | None = None
+    first_time: str | None = None
+    last_time: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {"event": self.event.value, "caller": self.caller.to_json() if self.caller else None}
@@ -79,6 +88,9 @@ class AuditRecord:
             ("latencyMs", self.latency_ms),
             ("code", self.code),
             ("reason", self.reason),
+            ("count", self.count),
+            ("firstTime", self.first_time),
+            ("lastTime", self.last_time),
         ):
             if value is not None:
                 out[key] = value

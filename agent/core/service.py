@@ -242,8 +242,9 @@ class SigningService:
         credential: str | None = None,
         action: Action | None = None,
     ) -> None:
-        """Record a request the policy refused (best effort: the refusal stands either way). Awaited, so
-        a caller hammering refused requests does not stall the event loop on fsyncs."""
+        """Record a request the policy refused (best effort: the refusal stands either way). Aggregated per
+        caller and reason (one record, then one summary with a count per interval: a flood cannot fill the
+        disk), and awaited, so a caller hammering refused requests does not stall the event loop on fsyncs."""
         if self.audit is None:
             return
         record = AuditRecord(
@@ -257,7 +258,7 @@ class SigningService:
             reason=error.message,
         )
         try:
-            await self.audit.record_async(record)
+            await self.audit.refusal(record)
         except AgentError:
             pass
 
@@ -275,8 +276,10 @@ class SigningService:
         status = token.state
         if status is TokenState.OK and not all(keys.values()):
             status = TokenState.DEGRADED
-        if self.audit is not None and not self.audit.healthy:
-            reasons.append(self.audit.last_error or "audit log unavailable")
+        # Asked of the file, not of this worker's last write: every worker sharing the log says the same.
+        audit_problem = self.audit.probe() if self.audit is not None else None
+        if audit_problem is not None:
+            reasons.append(audit_problem)
             status = TokenState.DOWN
         return AgentHealth(
             status=status,

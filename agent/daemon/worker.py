@@ -21,6 +21,7 @@ from agent.app.routes import App, Limits
 from agent.app.state import AgentState, Generation
 from agent.config import Config, DfnsConfig, load_config
 from agent.core.audit import AuditLog
+from agent.core.checkpoint import signer_for
 from agent.core.metrics import Metrics
 from agent.core.policy import Policy
 from agent.core.service import SigningService
@@ -126,11 +127,13 @@ def read_dfns_tokens(config: Config) -> dict[str, tuple[DfnsConfig, Secret]]:
     }
 
 
-def open_audit(config: Config) -> AuditLog | None:
+def open_audit(config: Config, token: Token) -> AuditLog | None:
     if not config.audit.enabled:
         log.warning("the audit log is disabled ([audit] enabled = false); signatures are not recorded")
         return None
-    return AuditLog(audit_path_for(config.audit), flush_on_loop=config.server.sign_threads == 0)
+    signer = signer_for(config.audit, token, [c.key for c in config.credentials])
+    flush_on_loop = config.server.sign_threads == 0
+    return AuditLog(audit_path_for(config.audit), flush_on_loop=flush_on_loop, settings=config.audit, signer=signer)
 
 
 def limits_for(config: Config) -> Limits:
@@ -161,7 +164,7 @@ def serve_worker(
     try:
         token = Token.open(config.token, pin)
         with main_thread_signals():
-            audit = open_audit(config)
+            audit = open_audit(config, token)
         metrics = Metrics()
         token.circuit.on_event = metrics.token_event
         threads = config.server.sign_threads
@@ -182,10 +185,12 @@ def serve_worker(
             _run_loop(_serve_until_signalled(config, service, dfns, sock, token, audit, executor))
     finally:
         ignore_stop_signals()
-        if token is not None:
-            token.close()
-        if audit is not None:
-            audit.close()
+        try:
+            if audit is not None:
+                audit.close()  # first: its last checkpoint is signed on the token
+        finally:
+            if token is not None:
+                token.close()
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:

@@ -191,8 +191,15 @@ def test_a_caller_the_policy_does_not_admit_gets_403_on_any_path_and_is_audited(
         error = assert_error(r, 403, "forbidden")
         assert error["message"].startswith(f"uid {NOBODY} may not use this agent")
     assert agent.store.signatures == 0
+    # Refusals are aggregated per caller and reason: the first is recorded at once, the others are counted
+    # into one summary record (written when the interval ends, here when the log closes).
     recs = agent.records()
-    assert [(r["event"], r["endpoint"], r["caller"]["uid"]) for r in recs] == [("refused", p, NOBODY) for _, p in paths]
+    assert [(r["event"], r["endpoint"], r["caller"]["uid"]) for r in recs] == [("refused", "/v1/sign", NOBODY)]
+    agent.audit.close()
+    summary = agent.records()[1:]
+    assert [(r["event"], r["endpoint"], r["caller"]["uid"], r["count"]) for r in summary] == [
+        ("refused", "/v1/sign", NOBODY, len(paths) - 1)
+    ]
     samples = samples_of(agent.metrics.render()[0].decode())
     assert total(samples, "dfns_agent_refusals_total", rule="default", code="forbidden") == len(paths)
 

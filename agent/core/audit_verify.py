@@ -1,0 +1,225 @@
+"""Offline verification of an audit log: the hash chain across rotated files, and the signed checkpoints.
+
+What it proves, and what not (the README's audit section says the same to operators):
+
+- The chain alone shows a record edited, inserted or deleted *before* the last record of the set.
+- A checkpoint whose signature verifies with the audit public key proves records ``1..size`` (its tree
+  size): the file's record ``size`` must hash to the checkpoint's head, and every record before it is bound
+  to that one by the chain. Editing, dropping or rewriting any of them (even with a recomputed chain) is
+  detected, as is a set that ends before a checkpoint's size (truncation), provided the verifier has that
+  checkpoint: the ones in the file, or, stronger, copies from the journal (``--checkpoints``), which someone
+  who rewrites the file cannot take back.
+- Records after the newest verified checkpoint are only chained: the last of them could have been altered,
+  some of them cut off, or all of them rewritten, without a trace in the file. Only a newer checkpoint from
+  outside the file covers them.
+- Without the public key, checkpoints are only checked for consistency with the file, not authenticity (a
+  rewriter could add checkpoints of their own).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.core.chain import GENESIS, line_hash
+from agent.core.checkpoint import Checkpoint, VerifyKey, parse
+
+
+@dataclass(frozen=True)
+class CheckpointCheck:
+    """One checkpoint and what the set says about it."""
+
+    checkpoint: Checkpoint
+    source: str  # "FILE line N" or "external"
+    signed: bool | None  # None: no public key to check it with
+    matches: bool | None  # None: its size is outside the records of the set
+    problem: str | None = None
+
+
+@dataclass(frozen=True)
+class Verification:
+    ok: bool
+    records: int
+    first_bad_line: int | None = None
+    reason: str | None = None
+    bad_file: Path | None = None
+    first_seq: int = 0
+    last_seq: int = 0
+    files: tuple[Path, ...] = ()
+    checkpoints: tuple[CheckpointCheck, ...] = ()
+    proven: int = 0  # records 1..proven are covered by a checkpoint whose signature verified
+    warnings: tuple[str, ...] = field(default=())
+
+    def summary(self) -> list[str]:
+        """What an operator reads: the verdict, then what is proven and what is not."""
+        if not self.ok:
+            where = f"{self.bad_file}: " if self.bad_file is not None and len(self.files) > 1 else ""
+            line = f" at line {self.first_bad_line}" if self.first_bad_line is not None else ""
+            return [f"BROKEN{line}: {where}{self.reason} ({self.records} record(s) before it)", *self.warnings]
+        span = f", seq {self.first_seq}..{self.last_seq}" if self.records else ""
+        out = [f"ok: {self.records} record(s){span} in {len(self.files)} file(s), chain intact", *self.warnings]
+        signed = [c for c in self.checkpoints if c.signed]
+        unchecked = [c for c in self.checkpoints if c.signed is None]
+        if self.proven:
+            newest = max(signed, key=lambda c: c.checkpoint.size)
+            out.append(
+                f"proven: records 1..{self.proven} match a checkpoint signed by {newest.checkpoint.origin} "
+                f"({newest.source}): none of them was edited, dropped or rewritten"
+            )
+        elif unchecked:
+            out.append(
+                f"not proven: {len(unchecked)} checkpoint(s) match the file, but without --public-key their "
+                "signatures were not checked (anyone rewriting the file could have made them)"
+            )
+        if self.last_seq > self.proven:
+            what = f"records {self.proven + 1}..{self.last_seq}"
+            why = "come after the newest verified checkpoint" if self.proven else "are in no verified checkpoint"
+            out.append(
+                f"not proven: {what} {why}; they are only chained: the last of them could be altered, some cut off "
+                "(truncation), or all rewritten, without a trace; a newer checkpoint from the journal "
+                "(--checkpoints, with --public-key) would show it"
+            )
+        if self.first_seq > 1:
+            out.append(
+                f"the set starts at seq {self.first_seq}: earlier files are not in it; records before it can be "
+                "neither checked nor proven here"
+            )
+        return out
+
+
+class _Broken(Exception):
+    def __init__(self, path: Path, line: int | None, reason: str) -> None:
+        self.path, self.line, self.reason = path, line, reason
+
+
+def audit_files(paths: Iterable[Path]) -> list[Path]:
+    """The files of a set: each file given, and the ``*.jsonl`` files of each directory given; a file
+    with two names (a hard link left by a rotation cut short) is taken once."""
+    found: list[Path] = []
+    for p in paths:
+        if p.is_dir():
+            found += sorted(q for q in p.iterdir() if q.is_file() and q.name.endswith(".jsonl"))
+        else:
+            found.append(p)
+    seen: set[tuple[int, int]] = set()
+    unique = []
+    for p in found:
+        st = os.stat(p)
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            unique.append(p)
+    return unique
+
+
+def _first_seq(path: Path) -> int:
+    with open(path, "rb") as f:
+        first = f.readline()
+    try:
+        seq = json.loads(first)["seq"]
+        return seq if isinstance(seq, int) else 0
+    except (ValueError, KeyError, TypeError):
+        return 0
+
+
+def verify(
+    paths: Path | Sequence[Path],
+    *,
+    public_key: VerifyKey | None = None,
+    external: Sequence[Checkpoint] = (),
+    origin: str | None = None,
+) -> Verification:
+    """Check the chain of a set of audit files (in seq order) and the checkpoints in them and given."""
+    files = audit_files([paths] if isinstance(paths, Path) else paths)
+    files.sort(key=_first_seq)
+    hashes: dict[int, str] = {}
+    found: list[tuple[Checkpoint, str]] = []
+    warnings: list[str] = []
+    count, first_seq, prev, seq = 0, 0, None, 0
+    try:
+        for index, path in enumerate(files):
+            last_file = index == len(files) - 1
+            with open(path, "rb") as f:
+                for number, raw in enumerate(f, start=1):
+                    if not raw.endswith(b"\n"):
+                        if last_file:
+                            warnings.append(
+                                f"warning: {path} ends in {len(raw)} bytes that are not a complete record (a write "
+                                "cut short); the agent cuts them off, with a repair record, before it appends"
+                            )
+                            break
+                        raise _Broken(path, number, "a record cut short in the middle of the set")
+                    try:
+                        record = json.loads(raw)
+                    except ValueError:
+                        raise _Broken(path, number, "not a JSON record") from None
+                    if not isinstance(record, dict):
+                        raise _Broken(path, number, "not a JSON record")
+                    if prev is None:  # the very first record of the set
+                        given = record.get("seq")
+                        seq = given if isinstance(given, int) else 0
+                        if seq < 1:
+                            raise _Broken(path, number, f"seq is {record.get('seq')!r}")
+                        if seq == 1 and record.get("prev") != GENESIS:
+                            raise _Broken(path, number, "the first record does not start the chain")
+                        first_seq, prev = seq, record.get("prev")
+                        if seq > 1:
+                            hashes[seq - 1] = str(prev)
+                    else:
+                        if record.get("prev") != prev:
+                            raise _Broken(path, number, "prev does not match the hash of the record before it")
+                        seq += 1
+                        if record.get("seq") != seq:
+                            raise _Broken(path, number, f"seq is {record.get('seq')!r}, expected {seq}")
+                    prev = line_hash(raw)
+                    hashes[seq] = prev
+                    count += 1
+                    if record.get("event") == "checkpoint":
+                        try:
+                            found.append((parse(str(record.get("checkpoint"))), f"{path} line {number}"))
+                        except ValueError as e:
+                            raise _Broken(path, number, f"a checkpoint record that is not a checkpoint: {e}") from None
+    except _Broken as b:
+        return Verification(
+            False, count, b.line, b.reason, b.path, first_seq, seq, tuple(files), warnings=tuple(warnings)
+        )
+    checks = [_check(cp, src, hashes, seq, public_key, origin) for cp, src in found]
+    checks += [_check(cp, "external", hashes, seq, public_key, origin) for cp in external]
+    problem = next((c for c in checks if c.problem), None)
+    proven = max((c.checkpoint.size for c in checks if c.signed and c.matches), default=0)
+    if problem is not None:
+        return Verification(
+            False, count, None, f"checkpoint ({problem.source}): {problem.problem}", None, first_seq, seq,
+            tuple(files), tuple(checks), proven, tuple(warnings),
+        )  # fmt: skip
+    return Verification(
+        True, count, None, None, None, first_seq, seq, tuple(files), tuple(checks), proven, tuple(warnings)
+    )
+
+
+def _check(
+    cp: Checkpoint, source: str, hashes: dict[int, str], last: int, key: VerifyKey | None, origin: str | None
+) -> CheckpointCheck:
+    signed = None if key is None else cp.verify(cp.origin, key)
+    if origin is not None and cp.origin != origin:
+        if source == "external":
+            return CheckpointCheck(cp, source, None, None)  # another log's checkpoint: not about this set
+        return CheckpointCheck(cp, source, signed, None, f"origin {cp.origin!r}, expected {origin!r}")
+    if signed is False:
+        return CheckpointCheck(cp, source, False, None, f"signature for {cp.size} record(s) does not verify")
+    if cp.size > last:
+        return CheckpointCheck(
+            cp, source, signed, False,
+            f"signed for {cp.size} record(s) but the set ends at seq {last}: records were cut off (truncation)",
+        )  # fmt: skip
+    head = hashes.get(cp.size)
+    if head is None:
+        return CheckpointCheck(cp, source, signed, None)  # before the set's first file: nothing to compare
+    if head != cp.head:
+        return CheckpointCheck(
+            cp, source, signed, False,
+            f"record {cp.size} is not the one it signed: records up to it were edited or rewritten",
+        )  # fmt: skip
+    return CheckpointCheck(cp, source, signed, True)
