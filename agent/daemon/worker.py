@@ -140,6 +140,7 @@ def limits_for(config: Config) -> Limits:
         body_timeout=s.body_timeout,
         idle_timeout=s.idle_timeout,
         max_connections=s.max_connections,
+        max_connections_per_uid=s.max_connections_per_uid,
     )
 
 
@@ -267,7 +268,7 @@ async def _serve_until_signalled(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, LOOP_SIGNALS)  # a worker's early signal is delivered now
         interval = systemd.watchdog_interval()
         pinger = loop.create_task(_keep_watchdog(interval)) if interval else None
-        server = Server(app.handle, app.limits, on_protocol_error=app.count_protocol_error)
+        server = Server(app.handle, app.limits, on_protocol_error=app.count_protocol_error, admit=app.admit_connection)
         try:
             await server.start(sock)
             await stop.wait()
