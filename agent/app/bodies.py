@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.dfnsapi.flow import DfnsCall
+from agent.dfnsapi.flow import DfnsCall, check_path
 from agent.errors import BadRequest
 
 
@@ -143,8 +143,9 @@ def dfns_call(raw: bytes) -> DfnsCall:
     if not isinstance(method, str) or not method.isalpha():
         raise BadRequest("method must be an HTTP method name such as POST")
     if not isinstance(path, str):
-        raise BadRequest("path must be a string")
-    return DfnsCall(method.upper(), path, body.get("body"), _optional_str(body, "credential"))
+        raise BadRequest("path must be a string", code="invalid_path")
+    # Checked here, before the policy sees it: the policy and the Dfns call get this one value.
+    return DfnsCall(method.upper(), check_path(path), body.get("body"), _optional_str(body, "credential"))
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,9 @@ restricts methods or paths also forbids ``/v1/sign`` unless it says ``allow_sign
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import os
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,28 @@ from enum import Enum
 from agent.caller import Caller
 from agent.config import Rule
 from agent.errors import Forbidden, RateLimited
+
+
+@functools.lru_cache(maxsize=1024)
+def _path_pattern(pattern: str) -> re.Pattern[str]:
+    parts = []
+    for token in re.split(r"(\*\*|\*|\?)", pattern):
+        if token == "**":
+            parts.append(".+")  # one or more whole segments, slashes included
+        elif token == "*":
+            parts.append("[^/]+")  # within one segment
+        elif token == "?":
+            parts.append("[^/]")
+        else:
+            parts.append(re.escape(token))
+    return re.compile("".join(parts))
+
+
+def path_matches(pattern: str, path: str) -> bool:
+    """A rule's path pattern against a Dfns path (without its query): ``*`` matches within one segment (it
+    never crosses ``/``), ``**`` across several, ``?`` one character of a segment; the rest is literal.
+    The path has been checked first (``agent.dfnsapi.flow.check_path``: no empty, dot or encoded segments)."""
+    return _path_pattern(pattern).fullmatch(path) is not None
 
 
 @dataclass
@@ -112,7 +135,7 @@ class Policy:
             raise Forbidden(f"rule {rule.name!r} does not allow method {method.upper()}", rule=rule.name)
         if path is not None and rule.paths is not None:
             bare = path.split("?", 1)[0]
-            if not any(fnmatch.fnmatchcase(bare, pattern) for pattern in rule.paths):
+            if not any(path_matches(pattern, bare) for pattern in rule.paths):
                 raise Forbidden(f"rule {rule.name!r} does not allow path {bare}", rule=rule.name)
         self._take(rule, caller)
         return grant

@@ -234,7 +234,8 @@ PLAIN_CLIENT = r"""
 import socket, sys
 s = socket.socket(socket.AF_UNIX)
 s.connect(sys.argv[1])
-s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n" * 3 + b"GET /v1/health HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+head = b"GET /v1/health HTTP/1.1\r\nHost: a\r\n"
+s.sendall(head + b"\r\n" + head + b"\r\n" + head + b"\r\n" + head + b"Connection: close\r\n\r\n")
 s.settimeout(20)
 answer = b""
 while chunk := s.recv(4096):
