@@ -20,6 +20,9 @@ def _not_json(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_not_json)
 
 
+MAX_JSON_DEPTH = 64  # Dfns payloads nest a few levels; deeper ones would only exhaust the stack later
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads does
@@ -27,7 +30,32 @@ def json_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
+    # A body the decoder accepts may still nest so deep that serializing it again (the Dfns payload, the
+    # audit record) overflows the stack: refuse it here. Few brackets cannot nest deep, so most bodies skip
+    # the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(body) > MAX_JSON_DEPTH:
+        raise BadRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
     return body
+
+
+def _depth(value: object) -> int:
+    """How deep containers nest in ``value`` (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > deepest:
+            deepest = depth
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 # Fields of the /auth/action/init and /auth/credentials/init answers: a body holding them at the top level is

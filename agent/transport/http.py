@@ -172,11 +172,12 @@ class _Listener:
 
 
 class _Pending:
-    __slots__ = ("method", "url", "headers", "body", "head_done")
+    __slots__ = ("method", "url", "headers", "body", "head_done", "head_bytes")
 
     def __init__(self) -> None:
         self.method = ""
         self.url = b""
+        self.head_bytes = 0
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.head_done = False
@@ -269,10 +270,21 @@ class Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         if self._current is not None:
             self._current.url += url
+            self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._current is not None:
             self._current.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+            self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, size: int) -> None:
+        """The head's size as the parser hands it over: however it arrives, one write or many, it is bounded
+        (``data_received`` bounds a head that has not completed yet; this one, a head parsed at once)."""
+        pending = self._current
+        if pending is not None:
+            pending.head_bytes += size
+            if pending.head_bytes > _MAX_HEAD:
+                self._fail(431, "headers_too_large", f"request line and headers exceed {_MAX_HEAD} bytes")
 
     def on_headers_complete(self) -> None:
         pending = self._current
