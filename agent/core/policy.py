@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from enum import Enum
 
 from agent.caller import Caller
 from agent.config import Rule
+from agent.core.ratelimit import Buckets, LocalBuckets
 from agent.errors import Forbidden, RateLimited
 
 
@@ -46,12 +46,6 @@ def path_matches(pattern: str, path: str) -> bool:
     never crosses ``/``), ``**`` across several, ``?`` one character of a segment; the rest is literal.
     The path has been checked first (``agent.dfnsapi.flow.check_path``: no empty, dot or encoded segments)."""
     return _path_pattern(pattern).fullmatch(path) is not None
-
-
-@dataclass
-class _Bucket:
-    tokens: float
-    stamp: float
 
 
 class Endpoint(str, Enum):
@@ -89,8 +83,7 @@ class Policy:
     rules: Sequence[Rule] = ()
     own_uid: int = field(default_factory=os.geteuid)
     clock: Callable[[], float] = time.monotonic
-    _buckets: dict[tuple[str, int], _Bucket] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    buckets: Buckets = field(default_factory=LocalBuckets)  # the agent's workers share agent.core.ratelimit.SHARED
 
     def rule_for(self, caller: Caller) -> Rule | None:
         return next((r for r in self.rules if r.matches(caller)), None)
@@ -144,13 +137,9 @@ class Policy:
         if rule.rate is None:
             return
         burst = float(rule.burst if rule.burst is not None else max(1, int(rule.rate)))
-        now = self.clock()
-        with self._lock:
-            bucket = self._buckets.setdefault((rule.name, caller.uid), _Bucket(burst, now))
-            bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rule.rate)
-            bucket.stamp = now
-            if bucket.tokens < 1.0:
-                raise RateLimited(
-                    f"rule {rule.name!r} allows {rule.rate:g} requests/s (burst {burst:g}); slow down", rule=rule.name
-                )
-            bucket.tokens -= 1.0
+        if not self.buckets.take(rule.name, caller.uid, rule.rate, burst, self.clock()):
+            raise RateLimited(
+                f"rule {rule.name!r} allows {rule.rate:g} requests/s (burst {burst:g}) for each uid, across all "
+                "workers; slow down",
+                rule=rule.name,
+            )

@@ -23,6 +23,7 @@ from agent.config import Config, DfnsConfig, load_config
 from agent.core.audit import AuditLog
 from agent.core.metrics import Metrics
 from agent.core.policy import Policy
+from agent.core.ratelimit import SHARED
 from agent.core.service import SigningService
 from agent.dfnsapi.client import make_http_client
 from agent.dfnsapi.flow import DfnsFlow
@@ -218,7 +219,7 @@ def reload(
     if not len(service.credentials):
         raise ConfigError("no [[credential]] configured")
     dfns = read_dfns_tokens(fresh)
-    state.replace(Generation(service, flow(service, dfns), Policy(fresh.rules)))
+    state.replace(Generation(service, flow(service, dfns), Policy(fresh.rules, buckets=SHARED)))
     token.expect_keys([c.key for c in service.credentials])
     log.info("reloaded %s: %d credential(s), %d policy rule(s)", fresh.path, len(service.credentials), len(fresh.rules))
     return fresh
@@ -242,7 +243,7 @@ async def _serve_until_signalled(
         def flow(service: SigningService, dfns: DfnsSettings) -> DfnsFlow:
             return DfnsFlow.create(service, http, dfns)
 
-        state = AgentState(Generation(service, flow(service, dfns), Policy(config.rules)))
+        state = AgentState(Generation(service, flow(service, dfns), Policy(config.rules, buckets=SHARED)))
         app = App(state, limits_for(config))
 
         def serving() -> str:
