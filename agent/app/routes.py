@@ -133,7 +133,9 @@ class App:
             return error_response(404, "not_found", f"no endpoint {request.method} {request.path}")
         route = methods.get(request.method)
         if route is None:
-            return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
+            refused = error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
+            refused.headers["Allow"] = ", ".join(sorted(methods))  # RFC 9110: a 405 says what is allowed
+            return refused
         return await route(call)
 
     @staticmethod
