@@ -58,6 +58,7 @@ class ServerConfig:
     sign_threads: int = 4
     workers: int = 1
     max_connections: int = 256
+    max_connections_per_uid: int = 128  # per worker; one caller's idle connections cannot lock others out
     idle_timeout: float = 15.0
     body_timeout: float = 10.0
     shutdown_timeout: float = 10.0
@@ -258,6 +259,7 @@ def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
             "sign_threads",
             "workers",
             "max_connections",
+            "max_connections_per_uid",
             "idle_timeout",
             "body_timeout",
             "shutdown_timeout",
@@ -271,6 +273,7 @@ def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
         sign_threads=_int(s, "sign_threads", where, 4, lo=0, hi=256),
         workers=_int(s, "workers", where, 1, lo=1, hi=64),
         max_connections=_int(s, "max_connections", where, 256, lo=1, hi=65536),
+        max_connections_per_uid=_int(s, "max_connections_per_uid", where, 128, lo=1, hi=65536),
         idle_timeout=_number(s, "idle_timeout", where, 15.0, lo=0.1, hi=3600.0),
         body_timeout=_number(s, "body_timeout", where, 10.0, lo=0.1, hi=600.0),
         # At least 0.1 s: a request being signed when SIGTERM arrives gets its answer.
@@ -367,6 +370,13 @@ def _rule(r: Any, where: str) -> Rule:
     exes = _str_list(r, "exes", where)
     if not (uids or gids or exes):
         raise ConfigError(f"{where}: rule {name!r} must select callers with uids, gids and/or exes")
+    if exes and not (uids or gids):
+        # Any local user can run any readable program under its own control (LD_PRELOAD, ptrace of its own
+        # process), so an executable alone never tells who is asking (README, "What an exes rule guarantees").
+        raise ConfigError(
+            f"{where}: rule {name!r} selects callers by executable only; add the uids (or gids) that run it: "
+            "any local user can run that program and make it send what it likes"
+        )
     creds, methods, paths = (
         _str_list(r, "credentials", where),
         _str_list(r, "methods", where),

@@ -104,7 +104,7 @@ def read_secret(
                 raise SecretError(f"systemd credential {source.credential!r} is empty")
             return Secret(value, f"systemd credential {source.credential}")
     if source.env:
-        from_env = env.get(source.env)
+        from_env = _from_environment(source.env, env, real=environ is None)
         if from_env:
             return Secret(from_env, f"environment variable {source.env}")
     if interactive is None:
@@ -119,6 +119,50 @@ def read_secret(
     tried.append(f"environment variable {source.env!r} (not set)" if source.env else f"{setting}env (not set)")
     tried.append("prompt (no terminal)" if source.prompt else "prompt (disabled)")
     raise SecretError(f"no {what} available; tried " + ", ".join(tried))
+
+
+# Secrets taken out of this process's environment, by variable name: a later read (a reload) finds them here.
+_taken: dict[str, str] = {}
+
+
+def _from_environment(name: str, env: Mapping[str, str], *, real: bool) -> str | None:
+    """The variable's value; from the real environment it is taken out once read: ``os.environ`` and the C
+    environment lose it (no child process inherits it), and the copy the kernel shows in
+    ``/proc/PID/environ`` is overwritten where it can be (see :func:`_wipe_initial_environment`)."""
+    value = env.get(name)
+    if not real:
+        return value
+    if value:
+        _taken[name] = value
+        os.environ.pop(name, None)  # unsetenv() too
+        _wipe_initial_environment(name)
+        return value
+    return _taken.get(name)
+
+
+def _wipe_initial_environment(name: str) -> bool:
+    """Overwrite ``NAME=value`` in the environment block the process started with, which is what
+    ``/proc/PID/environ`` shows (unsetenv only drops glibc's pointer to it). Best effort: the block's
+    bounds come from ``/proc/self/stat`` (fields 50 and 51) and it is written through ``/proc/self/mem``;
+    where either is refused, the value stays visible there to root and to the agent's own uid."""
+    try:
+        with open("/proc/self/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        start, end = int(fields[47]), int(fields[48])  # fields 50 and 51 (the list starts at field 3)
+        with open("/proc/self/mem", "r+b", buffering=0) as mem:
+            mem.seek(start)
+            block = mem.read(end - start)
+            entry = name.encode() + b"="
+            at = 0 if block.startswith(entry) else block.find(b"\0" + entry) + 1
+            if at <= 0 and not block.startswith(entry):
+                return False
+            stop = block.find(b"\0", at)
+            stop = len(block) if stop < 0 else stop
+            mem.seek(start + at)
+            mem.write(b"\0" * (stop - at))
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
 
 
 def read_pin(token: TokenConfig, **kwargs: Any) -> Secret:

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from agent.dfnsapi.flow import DfnsCall
+from agent.dfnsapi.flow import DfnsCall, check_path
 from agent.errors import BadRequest
 
 
@@ -20,6 +20,9 @@ def _not_json(name: str) -> Any:
 _DECODER = json.JSONDecoder(parse_constant=_not_json)
 
 
+MAX_JSON_DEPTH = 64  # Dfns payloads nest a few levels; deeper ones would only exhaust the stack later
+
+
 def json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads does
@@ -27,7 +30,32 @@ def json_object(raw: bytes) -> dict[str, Any]:
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):
         raise BadRequest("request body must be a JSON object", code="invalid_json")
+    # A body the decoder accepts may still nest so deep that serializing it again (the Dfns payload, the
+    # audit record) overflows the stack: refuse it here. Few brackets cannot nest deep, so most bodies skip
+    # the walk.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(body) > MAX_JSON_DEPTH:
+        raise BadRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
     return body
+
+
+def _depth(value: object) -> int:
+    """How deep containers nest in ``value`` (a scalar is 0), without recursion."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > deepest:
+            deepest = depth
+            if deepest > MAX_JSON_DEPTH:
+                return deepest
+        stack.extend((child, depth + 1) for child in children)
+    return deepest
 
 
 # Fields of the /auth/action/init and /auth/credentials/init answers: a body holding them at the top level is
@@ -143,8 +171,9 @@ def dfns_call(raw: bytes) -> DfnsCall:
     if not isinstance(method, str) or not method.isalpha():
         raise BadRequest("method must be an HTTP method name such as POST")
     if not isinstance(path, str):
-        raise BadRequest("path must be a string")
-    return DfnsCall(method.upper(), path, body.get("body"), _optional_str(body, "credential"))
+        raise BadRequest("path must be a string", code="invalid_path")
+    # Checked here, before the policy sees it: the policy and the Dfns call get this one value.
+    return DfnsCall(method.upper(), check_path(path), body.get("body"), _optional_str(body, "credential"))
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ a caller the policy does not admit gets 403 on anything, and refusals are audite
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -20,12 +21,21 @@ from agent.app import openapi
 from agent.app.bodies import RegisterBody, RegisterCredentialBody, SignBody, dfns_call
 from agent.app.state import AgentState, Generation
 from agent.caller import Caller
+from agent.config import Rule
 from agent.core.policy import Endpoint as PolicyEndpoint
 from agent.core.policy import Grant
 from agent.core.records import Action
 from agent.errors import AgentError, CircuitOpen, Forbidden
-from agent.transport.http import Limits, Request, Response, error_response, internal_error, json_response
-from agent.transport.listener import peer_of
+from agent.transport.http import (
+    Admission,
+    Limits,
+    Request,
+    Response,
+    error_response,
+    internal_error,
+    json_response,
+)
+from agent.transport.listener import peer_of, same_process
 
 __all__ = ["ROUTES", "App", "Limits"]
 
@@ -70,6 +80,24 @@ class App:
         self._routes: dict[str, dict[str, Route]] = {}
         for method, path, route in ROUTES:
             self._routes.setdefault(path, {})[method] = route
+        self._refusal_records: set[asyncio.Task[None]] = set()
+
+    def admit_connection(self, caller: Caller) -> Admission:
+        """At accept, from the peer's credentials alone: refuse (answered and closed at once, audited) a
+        caller no rule admits; connections an ``exes`` rule governs have every byte's writer checked."""
+        now = self.state.current
+        try:
+            rule = now.policy.admit(caller)
+        except Forbidden as e:
+            log.warning("refused a connection of %s: %s", caller, e.message)
+            service = now.service
+            if service.metrics is not None:
+                service.metrics.refusal(e.rule, e.code)
+            task = asyncio.get_running_loop().create_task(service.audit_refusal(caller, "connect", e))
+            self._refusal_records.add(task)
+            task.add_done_callback(self._refusal_records.discard)
+            return Admission(refusal=json_response(e.to_json(), e.status))
+        return Admission(check_sender=rule is not None and bool(rule.exes))
 
     def _count(self, path: str, status: int) -> None:
         metrics = self.state.current.service.metrics
@@ -87,7 +115,9 @@ class App:
         try:
             # Admission first: a caller the policy does not admit learns nothing, not even which paths exist.
             caller = self._identify(request)
-            now.policy.admit(caller)
+            rule = now.policy.admit(caller)
+            if rule is not None and rule.exes:
+                self._check_executable(request, caller, rule)
             response = await self._dispatch(_Call(request, caller, now, refusal))
         except AgentError as e:
             response = await self._refuse(request, now, caller, refusal, e)
@@ -103,7 +133,9 @@ class App:
             return error_response(404, "not_found", f"no endpoint {request.method} {request.path}")
         route = methods.get(request.method)
         if route is None:
-            return error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
+            refused = error_response(405, "method_not_allowed", f"{request.method} is not allowed on {request.path}")
+            refused.headers["Allow"] = ", ".join(sorted(methods))  # RFC 9110: a 405 says what is allowed
+            return refused
         return await route(call)
 
     @staticmethod
@@ -117,6 +149,22 @@ class App:
                 raise Forbidden("the agent only serves local callers over its Unix socket")
             caller = context["caller"] = peer_of(sock)
         return caller
+
+    @staticmethod
+    def _check_executable(request: Request, caller: Caller, rule: Rule) -> None:
+        """A rule that selects by executable holds only while the connection's every byte came from the process
+        that connected (checked by the transport) and that process still runs what it ran at accept."""
+        if not request.connection.context.get("sender_checked"):
+            raise Forbidden(
+                f"rule {rule.name!r} selects callers by executable, which this connection was not checked for "
+                "(the policy changed since it was opened): open a new connection",
+                rule=rule.name,
+            )
+        if not same_process(caller):
+            raise Forbidden(
+                f"rule {rule.name!r}: the process that connected (pid {caller.pid}) no longer runs {caller.exe}",
+                rule=rule.name,
+            )
 
     async def _refuse(
         self, request: Request, now: Generation, caller: Caller | None, refusal: _Refusal, e: AgentError

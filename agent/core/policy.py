@@ -12,9 +12,9 @@ restricts methods or paths also forbids ``/v1/sign`` unless it says ``allow_sign
 
 from __future__ import annotations
 
-import fnmatch
+import functools
 import os
-import threading
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,13 +22,30 @@ from enum import Enum
 
 from agent.caller import Caller
 from agent.config import Rule
+from agent.core.ratelimit import Buckets, LocalBuckets
 from agent.errors import Forbidden, RateLimited
 
 
-@dataclass
-class _Bucket:
-    tokens: float
-    stamp: float
+@functools.lru_cache(maxsize=1024)
+def _path_pattern(pattern: str) -> re.Pattern[str]:
+    parts = []
+    for token in re.split(r"(\*\*|\*|\?)", pattern):
+        if token == "**":
+            parts.append(".+")  # one or more whole segments, slashes included
+        elif token == "*":
+            parts.append("[^/]+")  # within one segment
+        elif token == "?":
+            parts.append("[^/]")
+        else:
+            parts.append(re.escape(token))
+    return re.compile("".join(parts))
+
+
+def path_matches(pattern: str, path: str) -> bool:
+    """A rule's path pattern against a Dfns path (without its query): ``*`` matches within one segment (it
+    never crosses ``/``), ``**`` across several, ``?`` one character of a segment; the rest is literal.
+    The path has been checked first (``agent.dfnsapi.flow.check_path``: no empty, dot or encoded segments)."""
+    return _path_pattern(pattern).fullmatch(path) is not None
 
 
 class Endpoint(str, Enum):
@@ -66,8 +83,7 @@ class Policy:
     rules: Sequence[Rule] = ()
     own_uid: int = field(default_factory=os.geteuid)
     clock: Callable[[], float] = time.monotonic
-    _buckets: dict[tuple[str, int], _Bucket] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    buckets: Buckets = field(default_factory=LocalBuckets)  # the agent's workers share agent.core.ratelimit.SHARED
 
     def rule_for(self, caller: Caller) -> Rule | None:
         return next((r for r in self.rules if r.matches(caller)), None)
@@ -112,7 +128,7 @@ class Policy:
             raise Forbidden(f"rule {rule.name!r} does not allow method {method.upper()}", rule=rule.name)
         if path is not None and rule.paths is not None:
             bare = path.split("?", 1)[0]
-            if not any(fnmatch.fnmatchcase(bare, pattern) for pattern in rule.paths):
+            if not any(path_matches(pattern, bare) for pattern in rule.paths):
                 raise Forbidden(f"rule {rule.name!r} does not allow path {bare}", rule=rule.name)
         self._take(rule, caller)
         return grant
@@ -121,13 +137,9 @@ class Policy:
         if rule.rate is None:
             return
         burst = float(rule.burst if rule.burst is not None else max(1, int(rule.rate)))
-        now = self.clock()
-        with self._lock:
-            bucket = self._buckets.setdefault((rule.name, caller.uid), _Bucket(burst, now))
-            bucket.tokens = min(burst, bucket.tokens + (now - bucket.stamp) * rule.rate)
-            bucket.stamp = now
-            if bucket.tokens < 1.0:
-                raise RateLimited(
-                    f"rule {rule.name!r} allows {rule.rate:g} requests/s (burst {burst:g}); slow down", rule=rule.name
-                )
-            bucket.tokens -= 1.0
+        if not self.buckets.take(rule.name, caller.uid, rule.rate, burst, self.clock()):
+            raise RateLimited(
+                f"rule {rule.name!r} allows {rule.rate:g} requests/s (burst {burst:g}) for each uid, across all "
+                "workers; slow down",
+                rule=rule.name,
+            )

@@ -24,6 +24,7 @@ from agent.core.audit import AuditLog
 from agent.core.checkpoint import signer_for
 from agent.core.metrics import Metrics
 from agent.core.policy import Policy
+from agent.core.ratelimit import SHARED
 from agent.core.service import SigningService
 from agent.dfnsapi.client import make_http_client
 from agent.dfnsapi.flow import DfnsFlow
@@ -143,6 +144,7 @@ def limits_for(config: Config) -> Limits:
         body_timeout=s.body_timeout,
         idle_timeout=s.idle_timeout,
         max_connections=s.max_connections,
+        max_connections_per_uid=s.max_connections_per_uid,
     )
 
 
@@ -222,7 +224,7 @@ def reload(
     if not len(service.credentials):
         raise ConfigError("no [[credential]] configured")
     dfns = read_dfns_tokens(fresh)
-    state.replace(Generation(service, flow(service, dfns), Policy(fresh.rules)))
+    state.replace(Generation(service, flow(service, dfns), Policy(fresh.rules, buckets=SHARED)))
     token.expect_keys([c.key for c in service.credentials])
     log.info("reloaded %s: %d credential(s), %d policy rule(s)", fresh.path, len(service.credentials), len(fresh.rules))
     return fresh
@@ -246,7 +248,7 @@ async def _serve_until_signalled(
         def flow(service: SigningService, dfns: DfnsSettings) -> DfnsFlow:
             return DfnsFlow.create(service, http, dfns)
 
-        state = AgentState(Generation(service, flow(service, dfns), Policy(config.rules)))
+        state = AgentState(Generation(service, flow(service, dfns), Policy(config.rules, buckets=SHARED)))
         app = App(state, limits_for(config))
 
         def serving() -> str:
@@ -272,7 +274,7 @@ async def _serve_until_signalled(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, LOOP_SIGNALS)  # a worker's early signal is delivered now
         interval = systemd.watchdog_interval()
         pinger = loop.create_task(_keep_watchdog(interval)) if interval else None
-        server = Server(app.handle, app.limits, on_protocol_error=app.count_protocol_error)
+        server = Server(app.handle, app.limits, on_protocol_error=app.count_protocol_error, admit=app.admit_connection)
         try:
             await server.start(sock)
             await stop.wait()

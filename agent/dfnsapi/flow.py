@@ -27,6 +27,7 @@ from agent.secret import Secret
 
 MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 _PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
+_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})|%(?:2[eEfF]|5[cC]|00)")  # malformed, or an encoded . / \ NUL
 MAX_PATH = 2048
 
 
@@ -36,9 +37,30 @@ def serialize_payload(body: Any) -> str:
 
 
 def check_path(path: str) -> str:
-    """A Dfns API path: absolute, no scheme or host, no fragment, no whitespace."""
-    if len(path) > MAX_PATH or not _PATH_RE.fullmatch(path) or "/../" in path or path.endswith("/.."):
-        raise BadRequest(f"path must be an absolute Dfns API path like /wallets (got {path[:100]!r})")
+    """A Dfns API path, in the one form that is both checked by the policy and sent to Dfns.
+
+    Absolute, no scheme, host or fragment; no empty, ``.`` or ``..`` segment; no percent-encoded ``.``,
+    ``/``, ``\\`` or NUL (a server or proxy that decodes them would see another path than the one checked).
+    Nothing is rewritten, so the value returned is the value given: what was checked is what is sent (an HTTP
+    client that removes dot segments or decodes escapes has nothing left to change).
+    """
+    if len(path) > MAX_PATH or not _PATH_RE.fullmatch(path):
+        raise BadRequest(
+            f"path must be an absolute Dfns API path like /wallets (got {path[:100]!r})", code="invalid_path"
+        )
+    bare = path.split("?", 1)[0]
+    if _PERCENT_RE.search(path):
+        raise BadRequest(
+            "path must be an absolute Dfns API path without percent-encoded '.', '/', '\\' or NUL or a stray '%' "
+            f"(got {path[:100]!r})",
+            code="invalid_path",
+        )
+    segments = bare.split("/")[1:]
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise BadRequest(
+            f"path must be an absolute Dfns API path without empty, '.' or '..' segments (got {path[:100]!r})",
+            code="invalid_path",
+        )
     return path
 
 

@@ -11,11 +11,17 @@ of the previous answer (else the connection is closed without an answer: nobody 
 arrive within ``body_timeout`` of its head (408); a body larger than ``max_body`` is refused at once (413),
 and so is a head over 64 KiB (431); at most ``max_connections`` connections are served, the rest get a fixed
 503 and are closed.
+
+Admission comes before any of that: the server accepts on the listening socket itself and asks the
+application about each new connection's peer (``SO_PEERCRED``) before it has cost anything. A peer no rule
+admits is answered (403) and closed at once, and counts against no limit; an admitted uid holds at most
+``max_connections_per_uid`` connections, so that one caller's idle connections cannot lock the others out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import socket
@@ -27,11 +33,16 @@ from typing import Any, cast
 
 import httptools
 
+from agent.caller import Caller
+from agent.transport.listener import peer_of
+from agent.transport.sender import SenderCheckedTransport, enable_sender_credentials
+
 log = logging.getLogger(__name__)
 
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _MAX_QUEUED = 16  # pipelined requests read ahead per connection before reading pauses
 _MAX_HEAD = 64 * 1024  # request line and headers; llhttp itself sets no bound
+_READ_DRAIN = 64 * 1024
 
 
 @dataclass
@@ -40,6 +51,7 @@ class Limits:
     body_timeout: float = 10.0
     idle_timeout: float = 15.0
     max_connections: int = 256
+    max_connections_per_uid: int = 128
 
 
 @dataclass
@@ -95,23 +107,77 @@ def _encode(response: Response, keep_alive: bool, head_only: bool = False) -> by
 
 _BUSY = error_response(503, "too_many_connections", "the agent is at its connection limit")
 _BUSY_BYTES = _encode(_BUSY, keep_alive=False)
+_UID_BUSY_BYTES = _encode(
+    error_response(503, "too_many_connections", "this uid holds as many connections as the agent allows one uid"),
+    keep_alive=False,
+)
+_LINGER = 1.0  # how long a turned-away connection is read (and its bytes dropped) so the client sees the answer
+_MAX_LINGERING = 1024  # beyond this many, turned-away connections are closed right after the answer
+_ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
+_ACCEPT_PAUSE = 0.1  # out of file descriptors: wait this long before accepting again
 
 
-class _Busy(asyncio.Protocol):
-    """Answers a connection over the limit with a fixed 503 and closes it, without reading the request."""
+@dataclass(frozen=True)
+class Admission:
+    """The application's word on a new connection, from its peer's credentials alone."""
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # No isinstance check: uvloop's transports are not asyncio.Transport subclasses.
-        cast(asyncio.Transport, transport).write(_BUSY_BYTES)
-        transport.close()
+    refusal: Response | None = None  # answered at once, then closed; counted against no connection limit
+    check_sender: bool = False  # every byte must come from the process that connected (agent/transport/sender.py)
+
+
+ADMIT_ALL = Admission()
+Admit = Callable[[Caller], Admission]
+
+
+class _Listener:
+    """Accepts on the listening socket itself, so that a connection's peer is known before it costs anything.
+    ``close()`` and ``wait_closed()`` as asyncio's servers have them."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, on_accept: Callable[[socket.socket], None]
+    ) -> None:
+        self._loop, self._sock, self._on_accept = loop, sock, on_accept
+        self._open = True
+        self.on_close: Callable[[], None] = lambda: None
+        loop.add_reader(sock.fileno(), self._ready)
+
+    def _ready(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:
+                # Out of file descriptors (or memory): pending connections wait in the backlog meanwhile.
+                log.warning("cannot accept connections: %s", e.strerror)
+                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self._loop.remove_reader(self._sock.fileno())
+                    self._loop.call_later(_ACCEPT_PAUSE, self._resume)
+                return
+            self._on_accept(conn)
+
+    def _resume(self) -> None:
+        if self._open:
+            self._loop.add_reader(self._sock.fileno(), self._ready)
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self.on_close()
+
+    async def wait_closed(self) -> None:
+        return None
 
 
 class _Pending:
-    __slots__ = ("method", "url", "headers", "body", "head_done")
+    __slots__ = ("method", "url", "headers", "body", "head_done", "head_bytes")
 
     def __init__(self) -> None:
         self.method = ""
         self.url = b""
+        self.head_bytes = 0
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.head_done = False
@@ -120,11 +186,15 @@ class _Pending:
 class Connection(asyncio.Protocol):
     """One client connection: parse, queue complete requests, answer them one at a time, in order."""
 
-    def __init__(self, server: Server) -> None:
+    def __init__(self, server: Server, caller: Caller | None = None, *, sender_checked: bool = False) -> None:
         self.server = server
         self.limits = server.limits
+        self.caller = caller  # the peer as admitted at accept
         self.transport: asyncio.Transport | None = None
         self.context: dict[str, Any] = {}  # the application's per-connection cache (e.g. the peer's identity)
+        if caller is not None:
+            self.context["caller"] = caller
+        self.context["sender_checked"] = sender_checked
         self._parser = httptools.HttpRequestParser(self)
         self._current: _Pending | None = None
         self._size = 0  # body bytes of the current request
@@ -153,6 +223,7 @@ class Connection(asyncio.Protocol):
         self._closing = True
         self._disarm()
         self.server.connections.discard(self)
+        self.server.release(self.caller)
         self._queue.clear()  # an answer in progress still finishes (and is audited); nobody reads it
 
     def data_received(self, data: bytes) -> None:
@@ -199,10 +270,21 @@ class Connection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         if self._current is not None:
             self._current.url += url
+            self._count_head(len(url))
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._current is not None:
             self._current.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
+            self._count_head(len(name) + len(value) + 4)
+
+    def _count_head(self, size: int) -> None:
+        """The head's size as the parser hands it over: however it arrives, one write or many, it is bounded
+        (``data_received`` bounds a head that has not completed yet; this one, a head parsed at once)."""
+        pending = self._current
+        if pending is not None:
+            pending.head_bytes += size
+            if pending.head_bytes > _MAX_HEAD:
+                self._fail(431, "headers_too_large", f"request line and headers exceed {_MAX_HEAD} bytes")
 
     def on_headers_complete(self) -> None:
         pending = self._current
@@ -307,6 +389,13 @@ class Connection(asyncio.Protocol):
     def _too_large(self) -> None:
         self._fail(413, "payload_too_large", f"request body is larger than {self.limits.max_body} bytes")
 
+    def refuse_sender(self, pid: int) -> None:
+        """Bytes came from a process other than the one that connected (see agent/transport/sender.py)."""
+        log.warning("a connection of %s carried bytes written by pid %d; closing it", self.caller, pid)
+        self._fail(
+            403, "sender_changed", "bytes on this connection came from another process than the one that opened it"
+        )
+
     def _fail(self, status: int, code: str, message: str) -> None:
         """Refuse what is being received (it never reaches the application): answered after any complete
         requests before it, then the connection closes."""
@@ -372,24 +461,120 @@ class Server:
     """Serves ``handler`` on an already bound, listening socket."""
 
     def __init__(
-        self, handler: Handler, limits: Limits, on_protocol_error: Callable[[int], None] = lambda status: None
+        self,
+        handler: Handler,
+        limits: Limits,
+        on_protocol_error: Callable[[int], None] = lambda status: None,
+        admit: Admit = lambda caller: ADMIT_ALL,
     ) -> None:
         self.handler = handler
         self.limits = limits
         self.on_protocol_error = on_protocol_error  # for counting answers the application never saw
+        self.admit = admit  # the application's word on a new connection's peer
         self.connections: set[Connection] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.draining = False
-        self._server: asyncio.AbstractServer | None = None
-
-    def _protocol(self) -> asyncio.Protocol:
-        if len(self.connections) >= self.limits.max_connections:
-            return _Busy()
-        return Connection(self)
+        self._server: _Listener | None = None
+        self._per_uid: dict[int, int] = {}  # admitted connections (open or opening) by the peer's uid
+        self._opening = 0  # admitted connections whose transport is still being made
+        self._lingering: dict[socket.socket, asyncio.TimerHandle] = {}
 
     async def start(self, sock: socket.socket) -> None:
+        enable_sender_credentials(sock)  # before the first connection: even bytes sent before accept carry it
+        sock.setblocking(False)
+        self._server = _Listener(asyncio.get_running_loop(), sock, self._accepted)
+        self._server.on_close = self._close_lingering
+
+    # --- admission (before the connection costs anything) ---
+
+    def _accepted(self, conn: socket.socket) -> None:
+        conn.setblocking(False)
+        try:
+            caller = peer_of(conn)
+            admission = self.admit(caller)
+        except Exception:  # noqa: BLE001 - a peer we cannot identify is not served
+            log.exception("cannot identify a new connection's peer")
+            conn.close()
+            return
+        if admission.refusal is not None:
+            self._turn_away(conn, _encode(admission.refusal, keep_alive=False))
+            return
+        if self._per_uid.get(caller.uid, 0) >= self.limits.max_connections_per_uid:
+            self._turn_away(conn, _UID_BUSY_BYTES)
+            return
+        if len(self.connections) + self._opening >= self.limits.max_connections:
+            self._turn_away(conn, _BUSY_BYTES)
+            return
+        self._per_uid[caller.uid] = self._per_uid.get(caller.uid, 0) + 1
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(self._protocol, sock=sock)
+        connection = Connection(self, caller, sender_checked=admission.check_sender)
+        if admission.check_sender:
+            SenderCheckedTransport(loop, conn, connection, caller.pid, connection.refuse_sender)
+            return
+        self._opening += 1
+        task = loop.create_task(self._open(conn, connection, caller))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _open(self, conn: socket.socket, connection: Connection, caller: Caller) -> None:
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: connection, conn)
+        except OSError:
+            conn.close()
+            self.release(caller)
+        finally:
+            self._opening -= 1
+
+    def release(self, caller: Caller | None) -> None:
+        """An admitted connection ended: its uid may open another."""
+        if caller is not None:
+            left = self._per_uid.get(caller.uid, 0) - 1
+            if left > 0:
+                self._per_uid[caller.uid] = left
+            else:
+                self._per_uid.pop(caller.uid, None)
+
+    def _turn_away(self, conn: socket.socket, answer: bytes) -> None:
+        """Answer at once and close. The client's request (if it sent one yet) is read and dropped for a
+        moment so that it sees the answer rather than a broken pipe; the number of such connections is
+        bounded, and none of them counts against the connection limits."""
+        try:
+            conn.send(answer)
+            conn.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        if len(self._lingering) >= _MAX_LINGERING:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+
+        def done() -> None:
+            timer = self._lingering.pop(conn, None)
+            if timer is not None:
+                timer.cancel()
+                loop.remove_reader(conn.fileno())
+                conn.close()
+
+        def drain() -> None:
+            try:
+                while conn.recv(_READ_DRAIN):
+                    pass
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                pass
+            done()  # end of file (or an error): the client has seen the answer
+
+        self._lingering[conn] = loop.call_later(_LINGER, done)
+        loop.add_reader(conn.fileno(), drain)
+
+    def _close_lingering(self) -> None:
+        loop = asyncio.get_running_loop()
+        for conn, timer in list(self._lingering.items()):
+            timer.cancel()
+            loop.remove_reader(conn.fileno())
+            conn.close()
+        self._lingering.clear()
 
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, close idle connections, let in-flight answers finish (up to ``timeout``)."""

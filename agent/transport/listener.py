@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 import socket
 import stat
 import struct
+import sys
 from pathlib import Path
 
 from agent.caller import Caller
@@ -21,16 +23,65 @@ _MAX_SUN_PATH = 107
 
 
 _UCRED = struct.Struct("3i")
+_SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5+: a pidfd of the process that connected
 
 
 def peer_of(sock: socket.socket) -> Caller:
-    """The kernel's word on who is connected (``SO_PEERCRED``), and the executable it runs when readable."""
+    """The kernel's word on who is connected (``SO_PEERCRED``), and the executable it runs when readable.
+
+    The executable is read once, here, at accept, and only trusted if the process that connected was still
+    alive when it was read: a pidfd of that very process (``SO_PEERPIDFD``, else ``pidfd_open``) must
+    still signal after the read, so a pid that was recycled in between never lends its executable. The
+    process's start time is kept so that later requests can check that the pid still names it.
+    """
     pid, uid, gid = _UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+    pidfd = _pidfd_of(sock, pid)
     try:
         exe: str | None = os.readlink(f"/proc/{pid}/exe")
+        started = process_start_time(pid)
+        if pidfd is not None:
+            signal.pidfd_send_signal(pidfd, 0)  # raises if that process is gone (its pid may be reused)
     except OSError:
-        exe = None  # another user's process when we are not root, or already gone
-    return Caller(uid=uid, gid=gid, pid=pid, exe=exe)
+        exe, started = None, None  # another user's process when we are not root, or already gone
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    return Caller(uid=uid, gid=gid, pid=pid, exe=exe, started=started)
+
+
+def _pidfd_of(sock: socket.socket, pid: int) -> int | None:
+    try:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, _SO_PEERPIDFD, 4), sys.byteorder)
+    except OSError:
+        pass
+    try:
+        return os.pidfd_open(pid)  # older kernels: the pid as it is now (the start time check covers reuse)
+    except (OSError, AttributeError):
+        return None
+
+
+def process_start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot, ``/proc/PID/stat`` field 22): with the pid, it names
+    one process for good (an ``exec`` keeps both, a new process with a recycled pid does not)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may itself hold spaces or parentheses.
+    fields = stat_line[stat_line.rindex(b")") + 2 :].split()
+    return int(fields[19])
+
+
+def same_process(caller: Caller) -> bool:
+    """Is ``caller.pid`` still the process that connected, running the executable read at accept?"""
+    if caller.started is None or caller.exe is None:
+        return False
+    try:
+        exe = os.readlink(f"/proc/{caller.pid}/exe")
+    except OSError:
+        return False
+    return exe == caller.exe and process_start_time(caller.pid) == caller.started
 
 
 def prepare_directory(directory: Path) -> None:

@@ -341,10 +341,11 @@ def test_paths_that_are_not_plain_dfns_api_paths_are_refused(world: World, path:
     assert world.dfns.requests == []
 
 
-def test_a_path_that_looks_like_another_host_still_goes_to_dfns(world: World) -> None:
-    world.run(lambda flow: flow.request(DfnsCall("GET", "//evil.example/wallets", None, "main")))
-    [request] = world.dfns.requests
-    assert request.url.host == "api.dfns.test" and request.url.raw_path == b"//evil.example/wallets"
+def test_a_path_that_looks_like_another_host_is_refused(world: World) -> None:
+    # An empty segment: refused with the other malformed paths, before anything is sent (issue 13).
+    with pytest.raises(BadRequest, match="empty") as e:
+        world.run(lambda flow: flow.request(DfnsCall("GET", "//evil.example/wallets", None, "main")))
+    assert e.value.code == "invalid_path" and world.dfns.requests == []
 
 
 def test_credential_choice_follows_the_grant_and_the_dfns_settings(world: World) -> None:
