@@ -165,6 +165,17 @@ def _rounds(
     return algos
 
 
+def _ssh_key_blob(ssh: SshAgent, env: BenchEnv, what: str) -> bytes:
+    """Load the token into ``ssh`` and return the identity blob of the benchmark's P-256 key in it."""
+    ssh.load_token()
+    p256_public = serialization.load_pem_public_key(env.public_pems["p256"].encode())
+    assert isinstance(p256_public, ec.EllipticCurvePublicKey)
+    try:
+        return sshagent.check(str(ssh.socket_path), p256_public)
+    except (ValueError, OSError) as e:
+        raise SetupError(f"{what}: {e}") from None
+
+
 def _slow(args: argparse.Namespace, env: BenchEnv, lg: LoadGen, cell: Callable[..., CellResult]) -> report.SlowResult:
     """P-256 on the same token behind the slow-HSM filter, agent and ssh-agent, ``args.rounds`` rounds each.
 
@@ -187,13 +198,7 @@ def _slow(args: argparse.Namespace, env: BenchEnv, lg: LoadGen, cell: Callable[.
         agent.wait_ready()
         _agent_keys_match(agent, env)
         ssh = SshAgent(env, module=module, extra_env=extra, name="ssh-agent-slow")
-        ssh.load_token()
-        p256_public = serialization.load_pem_public_key(env.public_pems["p256"].encode())
-        assert isinstance(p256_public, ec.EllipticCurvePublicKey)
-        try:
-            blob = sshagent.check(str(ssh.socket_path), p256_public)
-        except (ValueError, OSError) as e:
-            raise SetupError(f"ssh-agent (slow HSM): {e}") from None
+        blob = _ssh_key_blob(ssh, env, "ssh-agent (slow HSM)")
         target = Target(SIGN, str(agent.socket_path), "p256", cred_id_for("p256"), env.public_pems["p256"])
         ssh_target = Target(SSH, str(ssh.socket_path), "", "", env.public_pems["p256"], blob)
         lg.prepare(target)
@@ -233,13 +238,7 @@ def run(args: argparse.Namespace) -> report.RunResult:
         _log(f"agent pid {agent.pid} on {agent.socket_path} (workers={args.workers}, sign_threads={args.sign_threads})")
 
         ssh = SshAgent(env)
-        ssh.load_token()
-        p256_public = serialization.load_pem_public_key(env.public_pems["p256"].encode())
-        assert isinstance(p256_public, ec.EllipticCurvePublicKey)
-        try:
-            blob = sshagent.check(str(ssh.socket_path), p256_public)
-        except (ValueError, OSError) as e:
-            raise SetupError(f"ssh-agent: {e}") from None
+        blob = _ssh_key_blob(ssh, env, "ssh-agent")
         _log(f"ssh-agent pid {ssh.proc.pid} holds the P-256 key from PKCS#11")
 
         lg = LoadGen(args.loadgen_procs, args.pool)
