@@ -214,21 +214,23 @@ def test_rotation_with_workers_keeps_one_chain(token_env: TokenEnv, start_agent:
 
 
 FLOOD = r"""
-import socket, sys, time
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
+import socket, sys
 n = int(sys.argv[2])
-request = b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n"
-s.settimeout(30)
-got = b""
-for i in range(0, n, 50):
-    s.sendall(request * 50)
-    while got.count(b"HTTP/1.1 403") < i + 50:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
+refused = 0
+for _ in range(n):  # a refused uid gets one 403 per connection, then the agent closes it
+    s = socket.socket(socket.AF_UNIX)
+    s.settimeout(30)
+    s.connect(sys.argv[1])
+    try:
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
+    except BrokenPipeError:
+        pass  # the answer may already be there, sent at accept
+    got = b""
+    while chunk := s.recv(65536):
         got += chunk
-print(got.count(b"HTTP/1.1 403"))
+    s.close()
+    refused += got.count(b"HTTP/1.1 403")
+print(refused)
 """
 
 
@@ -247,7 +249,7 @@ def test_a_refusal_flood_from_another_uid_writes_a_bounded_number_of_records(
     os.chmod(agent.socket_path, 0o666)
     sent = 2000
     runs = []
-    for _ in range(3):  # three connections, each to whichever worker the kernel picks
+    for _ in range(3):  # three client processes, each connecting to whichever worker the kernel picks
         r = subprocess.run(
             [SYSTEM_PYTHON, "-c", FLOOD, str(agent.socket_path), str(sent)],
             user=NOBODY,
@@ -262,8 +264,9 @@ def test_a_refusal_flood_from_another_uid_writes_a_bounded_number_of_records(
     assert runs == [sent] * 3, runs  # every request got its 403
     agent.stop()  # the summaries of the open intervals are written at shutdown
     refused = [r for r in records_of(token_env.audit_file) if r["event"] == "refused"]
-    # One record per caller (here: per client process) and reason, plus one summary with the count, per worker.
-    assert 3 <= len(refused) <= 6, len(refused)
+    # Per worker, one record per caller (here: per client process) and reason, plus one summary with the count;
+    # each process's connections reach both workers.
+    assert 3 <= len(refused) <= 3 * 2 * 2, len(refused)
     assert sum(r.get("count", 1) for r in refused) == 3 * sent
     assert {r["caller"]["uid"] for r in refused} == {NOBODY}
     assert verify(token_env.audit_file).ok

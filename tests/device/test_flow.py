@@ -313,10 +313,10 @@ def test_credential_without_dfns_settings(setup: Setup) -> None:
     ("body", "code"),
     [
         ({"method": "GET", "path": "/wallets"}, "invalid_request"),  # GET needs no user action
-        ({"method": "POST", "path": "wallets"}, "invalid_request"),
-        ({"method": "POST", "path": "https://evil.example/wallets"}, "invalid_request"),
-        ({"method": "POST", "path": "/wallets#frag"}, "invalid_request"),
-        ({"method": "POST", "path": "/a b"}, "invalid_request"),
+        ({"method": "POST", "path": "wallets"}, "invalid_path"),
+        ({"method": "POST", "path": "https://evil.example/wallets"}, "invalid_path"),
+        ({"method": "POST", "path": "/wallets#frag"}, "invalid_path"),
+        ({"method": "POST", "path": "/a b"}, "invalid_path"),
         ({"method": "PO ST", "path": "/wallets"}, "invalid_request"),
         ({"method": "POST"}, "invalid_request"),
         ({"method": "POST", "path": "/wallets", "extra": 1}, "invalid_request"),
