@@ -58,6 +58,11 @@ install_packages() {
   command -v python3 >/dev/null || want+=(python3)
   # the benchmark (and its test) compares the agent with OpenSSH's ssh-agent
   command -v ssh-agent >/dev/null && command -v ssh-add >/dev/null || want+=(openssh-client)
+  # the module contract suite (tests/modules): p11-kit remoting, opencryptoki's soft token, tpm2-pkcs11 on swtpm
+  local pkg
+  for pkg in p11-kit p11-kit-modules opencryptoki libtpm2-pkcs11-1 libtpm2-pkcs11-tools swtpm swtpm-tools tpm2-tools; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || want+=("$pkg")
+  done
   if [ ${#want[@]} -gt 0 ]; then
     say "installing ${want[*]} (apt)"
     as_root apt-get update -qq

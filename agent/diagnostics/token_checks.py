@@ -41,13 +41,15 @@ def check_module(cfg: TokenConfig) -> tuple[Any, Check]:
     for name, value in cfg.module_env.items():
         os.environ[name] = value  # e.g. SOFTHSM2_CONF: read by the module during C_Initialize
     try:
-        lib, _raw = load_module(path)
+        loaded = load_module(path)
     except TokenUnavailable as e:
         return None, failed("module", e.message, _module_fix(path, cfg))
+    lib = loaded.lib
     major, minor = lib.library_version
     ck_major, ck_minor = lib.cryptoki_version
     desc = f"{lib.library_description.strip()} {major}.{minor} by {lib.manufacturer_id.strip()}"
-    return lib, passed("module", f"{path}: {desc} (Cryptoki {ck_major}.{ck_minor})")
+    locking = "OS locking" if loaded.os_locking else "a new instance per caller, module's own locking"
+    return lib, passed("module", f"{path}: {desc} (Cryptoki {ck_major}.{ck_minor}; {locking})")
 
 
 def _module_fix(path: str, cfg: TokenConfig) -> str:

@@ -38,7 +38,7 @@ from agent.secret import Secret
 from agent.token import module
 from agent.token.gate import Gate
 from agent.token.keys import KeyInfo, KeyKind, find_key, generate_keypair, key_info, self_test, sign_with
-from agent.token.module import USER_STATES, RawModule, describe, load_module, unload_module
+from agent.token.module import USER_STATES, LoadedModule, describe, load_module, unload_module
 from agent.token.recovery import Circuit
 
 log = logging.getLogger(__name__)
@@ -68,12 +68,11 @@ class _Worker:
 class Token:
     """A logged-in token. Thread-safe: each calling thread signs on its own session."""
 
-    def __init__(self, cfg: TokenConfig, pin: Secret, lib: Any, raw: RawModule, token: Any, anchor: Any) -> None:
+    def __init__(self, cfg: TokenConfig, pin: Secret, loaded: LoadedModule, token: Any, anchor: Any) -> None:
         self.module = cfg.module
         self._cfg = cfg
         self._pin = pin  # kept only to log in again after the device dropped the session
-        self._lib = lib
-        self._raw = raw
+        self._loaded = loaded
         self._token = token
         self._anchor = anchor
         self._anchor_lock = threading.RLock()
@@ -112,10 +111,10 @@ class Token:
         """Load the module, find the token and log in once. A rejected PIN is never retried."""
         for name, value in cfg.module_env.items():
             os.environ[name] = value
-        lib, raw = load_module(cfg.module)
-        token = module.find_token(lib, cfg)
+        loaded = load_module(cfg.module)
+        token = module.find_token(loaded.lib, cfg)
         anchor = _login(token, pin, rw=rw)
-        return cls(cfg, pin, lib, raw, token, anchor)
+        return cls(cfg, pin, loaded, token, anchor)
 
     def start_probe(self, interval: float | None = None) -> None:
         """Check the token every ``interval`` seconds: keeps idle sessions alive, notices faults early."""
@@ -250,8 +249,8 @@ class Token:
         self._close_sessions()
         if reload_module:
             unload_module(self.module)
-            self._lib, self._raw = load_module(self.module)
-        token = module.find_token(self._lib, self._cfg)
+            self._loaded = load_module(self.module)
+        token = module.find_token(self._loaded.lib, self._cfg)
         serial = token.serial.decode("ascii", "replace")
         if serial != self.identity.serial:
             raise IdentityMismatch(
@@ -281,7 +280,7 @@ class Token:
                 continue
             try:
                 with self._gate.shared(), self._anchor_lock:
-                    logged_in = self._raw.session_state(self._anchor.handle) in USER_STATES
+                    logged_in = self._logged_in()
                     flags = self._token.slot.get_token().flags
                     for expected in self._expected[:1]:  # a call that reaches the device, not just the library
                         find_key(self._anchor, expected.label, expected.id or None, self.name)
@@ -299,7 +298,7 @@ class Token:
         if self.circuit.state is TokenState.OK:
             try:
                 with self._anchor_lock:
-                    logged_in = self._raw.session_state(self._anchor.handle) in USER_STATES
+                    logged_in = self._logged_in()
                 present = True
             except TokenError as e:
                 self.circuit.fault(f"health check failed: {e.message}")
@@ -307,6 +306,25 @@ class Token:
                 self.circuit.fault("the token session is no longer logged in")
         c = self.circuit
         return TokenHealth(c.state, present, logged_in, c.reconnects, c.reason)
+
+    def _logged_in(self) -> bool:
+        """Whether the anchor session is still logged in: ``C_GetSessionInfo`` where we reach the module's
+        instance; else (p11-kit) whether the token still shows a private object to it, which it does only
+        to a logged-in session. Call with the anchor lock held."""
+        state = self._loaded.session_state(self._anchor.handle)
+        if state is not None:
+            return state in USER_STATES
+        try:
+            private = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.PRIVATE: True}
+            return next(iter(self._anchor.get_objects(private)), None) is not None
+        except p11.UserNotLoggedIn:
+            return False
+        except p11.PKCS11Error as e:
+            raise TokenUnavailable(f"cannot check the login on {self.name}: {describe(e)}") from None
+
+    @property
+    def library(self) -> LoadedModule:
+        return self._loaded
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:

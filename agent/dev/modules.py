@@ -1,0 +1,212 @@
+"""Tokens on PKCS#11 modules other than plain SoftHSM, for the module contract suite (``tests/modules/``).
+
+Each :class:`Backend` makes one token with keys on it and says how an agent reaches it (module path and
+``[token.module_env]``). Backends with a process of their own (``p11-kit server``, ``swtpm``) can be
+killed and restarted, or stopped (SIGSTOP) and continued, to drill a vanished or hung HSM:
+
+- ``softhsm``: SoftHSM in the agent's process (the reference);
+- ``p11kit``: ``p11-kit-client.so`` → ``p11-kit server`` → SoftHSM, the usual stand-in for a network HSM;
+- ``opencryptoki``: opencryptoki's soft token (RSA only: the 3.8 soft token has no EC mechanisms), with
+  ``pkcsslotd`` running;
+- ``tpm2``: tpm2-pkcs11 on a software TPM (``swtpm``, reached through its socket TCTI).
+
+:func:`unavailable` names what is missing when a backend's packages are not installed; the suite skips
+only then, with that reason.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.dev import softhsm
+
+P11KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
+OPENCRYPTOKI = "/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so"
+TPM2_PKCS11 = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so"
+PIN = "module-pin-1234"
+SO_PIN = "module-so-5678"
+LABEL = "contract"
+
+
+class BackendError(RuntimeError):
+    """A backend could not be set up (a tool failed); the message has the tool's output."""
+
+
+def _run(*cmd: str, env: Mapping[str, str] | None = None, input: str | None = None) -> str:
+    r = subprocess.run(list(cmd), env=dict(env or os.environ), input=input, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise BackendError(f"{' '.join(cmd)} failed ({r.returncode}): {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout
+
+
+def _wait_for(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists():
+            return
+        if proc.poll() is not None:
+            raise BackendError(f"{what} exited with {proc.returncode} before {path} appeared")
+        time.sleep(0.02)
+    raise BackendError(f"{what}: {path} did not appear within {timeout}s")
+
+
+@dataclass
+class Backend:
+    """One token on one module: what an agent's ``[token]`` needs, and the backend process if any."""
+
+    name: str
+    directory: Path
+    module: str
+    keys: dict[str, str]  # key label -> key kind
+    module_env: dict[str, str] = field(default_factory=dict)
+    token_extra: str = ""  # more [token] settings this module needs (documented in the README's table)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def label(self) -> str:
+        return LABEL
+
+    @property
+    def pin(self) -> str:
+        return PIN
+
+    def env(self) -> dict[str, str]:
+        return {**os.environ, **self.module_env}
+
+    def token_section(self, pin_file: Path) -> str:
+        env = "".join(f'{k} = "{v}"\n' for k, v in self.module_env.items())
+        return (
+            f'[token]\nmodule = "{self.module}"\nlabel = "{self.label}"\n{self.token_extra}'
+            f'[token.module_env]\n{env}[token.pin]\nfile = "{pin_file}"\n'
+        )
+
+    # -- the backend process (none for modules that live in the agent's process) -----------------------
+
+    @property
+    def has_process(self) -> bool:
+        return self.process is not None
+
+    def start(self) -> None:
+        """Start (or restart) the backend process; nothing for in-process modules."""
+
+    # Backends run in a process group of their own (``p11-kit server`` forks a child per connection):
+    # signals go to the whole group.
+    def _signal_group(self, sig: int) -> None:
+        if self.process is not None:
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self._signal_group(signal.SIGKILL)
+            self.process.wait(10)
+
+    def pause(self) -> None:
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_group(signal.SIGCONT)
+
+    def close(self) -> None:
+        if self.process is not None:
+            self._signal_group(signal.SIGCONT)
+            self._signal_group(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self._signal_group(signal.SIGKILL)
+                self.process.wait()
+
+
+# ------------------------------------------------------------------------------------------------------
+# SoftHSM, directly and behind p11-kit
+
+
+SOFTHSM_KEYS = {"key-p256": "p256", "key-ed25519": "ed25519", "key-rsa2048": "rsa2048"}
+# p11-kit 0.24's RPC cannot carry CKM_EDDSA (it drops it from the mechanism list): no Ed25519 through it.
+P11KIT_KEYS = {"key-p256": "p256", "key-rsa2048": "rsa2048"}
+
+
+def _softhsm_token(directory: Path, keys: Mapping[str, str]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    softhsm.create_token(directory, label=LABEL, pin=PIN, so_pin=SO_PIN)
+    softhsm.generate_keys(directory, module=softhsm.require_module(), label=LABEL, pin=PIN, keys=keys)
+
+
+def softhsm_backend(directory: Path) -> Backend:
+    _softhsm_token(directory, SOFTHSM_KEYS)
+    return Backend(
+        "softhsm",
+        directory,
+        softhsm.require_module(),
+        dict(SOFTHSM_KEYS),
+        {"SOFTHSM2_CONF": str(directory / "softhsm2.conf")},
+    )
+
+
+class P11KitBackend(Backend):
+    """``p11-kit server`` exporting a SoftHSM token on a Unix socket; the agent loads p11-kit's client."""
+
+    @property
+    def socket(self) -> Path:
+        return self.directory / "p11kit.sock"
+
+    def start(self) -> None:
+        self.kill()
+        self.socket.unlink(missing_ok=True)
+        env = {**os.environ, "SOFTHSM2_CONF": str(self.directory / "softhsm2.conf")}
+        self.process = subprocess.Popen(
+            [
+                "p11-kit",
+                "server",
+                "-f",
+                "-n",
+                str(self.socket),
+                "--provider",
+                softhsm.require_module(),
+                f"pkcs11:token={LABEL}",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.directory / "p11kit.log", "ab"),  # noqa: SIM115 - the child holds it
+            start_new_session=True,
+        )
+        _wait_for(self.socket, self.process, "p11-kit server")
+
+
+def p11kit_backend(directory: Path) -> Backend:
+    _softhsm_token(directory, P11KIT_KEYS)
+    b = P11KitBackend("p11kit", directory, P11KIT_CLIENT, dict(P11KIT_KEYS))
+    b.module_env = {"P11_KIT_SERVER_ADDRESS": f"unix:path={b.socket}"}
+    b.start()
+    return b
+
+
+# ------------------------------------------------------------------------------------------------------
+# What is installed
+
+
+def unavailable(name: str) -> str | None:
+    """Why backend ``name`` cannot run on this machine, or None when it can."""
+    need: dict[str, tuple[list[str], list[str]]] = {
+        "softhsm": (["softhsm2-util"], []),
+        "p11kit": (["p11-kit", "softhsm2-util"], [P11KIT_CLIENT]),
+        "opencryptoki": (["pkcsslotd", "pkcsconf"], [OPENCRYPTOKI]),
+        "tpm2": (["swtpm", "swtpm_setup", "tpm2_ptool"], [TPM2_PKCS11]),
+    }
+    tools, files = need[name]
+    missing = [t for t in tools if shutil.which(t) is None] + [f for f in files if not os.path.exists(f)]
+    if name == "softhsm" or name == "p11kit":
+        if softhsm.find_softhsm_module() is None:
+            missing.append("libsofthsm2.so")
+    return f"{name}: not installed ({', '.join(missing)} missing)" if missing else None

@@ -1,0 +1,117 @@
+"""The contract every PKCS#11 module the agent supports must meet, run against each module of
+``agent/dev/modules.py``: keys listed with their public keys, serving concurrent signatures that verify
+with ``cryptography``, doctor passing, and surviving the backend being killed and restarted."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+import httpx
+
+from agent.core.audit import verify
+from agent.dev import modules
+from agent.dev.testing import AgentProcess, TokenEnv, check_assertion, make_challenge, run_cli, wait_until
+
+CLIENTS = 8
+PER_CLIENT = 25
+
+
+def _sign_many(
+    agent: AgentProcess, kinds: list[str], clients: int, per_client: int
+) -> tuple[list[Any], list[str], float]:
+    results: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    cred_ids = {c["name"]: c["credId"] for c in agent.http.get("/v1/credentials").json()["credentials"]}
+
+    def client(n: int) -> None:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(agent.socket_path)), base_url="http://a", timeout=60
+        ) as http:
+            for i in range(per_client):
+                kind = kinds[(n + i) % len(kinds)]
+                challenge = make_challenge(cred_ids[kind])
+                r = http.post("/v1/sign", json={"challenge": challenge, "credential": kind})
+                with lock:
+                    if r.status_code == 200:
+                        results.append((kind, challenge, r.json()))
+                    else:
+                        failures.append(f"{kind}: {r.status_code} {r.text}")
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, failures, time.monotonic() - started
+
+
+def _check(agent: AgentProcess, results: list[Any]) -> None:
+    creds = {c["name"]: c for c in agent.http.get("/v1/credentials").json()["credentials"]}
+    for kind, challenge, first_factor in results:
+        check_assertion(first_factor, challenge, creds[kind]["publicKey"], creds[kind]["credId"])
+
+
+def test_keys_list_and_public(backend: modules.Backend, module_env: TokenEnv) -> None:
+    r = run_cli(module_env, "keys", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    listed = {k["label"]: k for k in json.loads(r.stdout)}
+    for label, kind in backend.keys.items():
+        assert listed[label]["type"] == kind, listed
+        assert listed[label]["sensitive"] and not listed[label]["extractable"], listed[label]
+        pub = run_cli(module_env, "keys", "public", "--label", label)
+        assert pub.returncode == 0 and pub.stdout.startswith("-----BEGIN PUBLIC KEY-----"), pub.stderr
+
+
+def test_serves_concurrent_signatures_that_verify(
+    backend: modules.Backend, module_env: TokenEnv, start_agent: Any
+) -> None:
+    agent: AgentProcess = start_agent(module_env)
+    kinds = sorted(set(backend.keys.values()))
+    results, failures, elapsed = _sign_many(agent, kinds, CLIENTS, PER_CLIENT)
+    print(
+        f"\n{backend.name}: {len(results)} signatures ({', '.join(kinds)}) from {CLIENTS} clients "
+        f"in {elapsed:.2f}s = {len(results) / elapsed:.0f}/s"
+    )
+    assert failures == []
+    assert len(results) == CLIENTS * PER_CLIENT
+    _check(agent, results)
+    assert agent.http.get("/v1/health").json()["status"] == "ok"
+    audit = verify(module_env.audit_file)
+    assert audit.ok and audit.records == CLIENTS * PER_CLIENT
+
+
+def test_doctor_passes(backend: modules.Backend, module_env: TokenEnv) -> None:
+    r = run_cli(module_env, "doctor")
+    lines = r.stdout.splitlines()
+    token_lines = [line for line in lines if line[2:].startswith(("module", "token", "pin", "key "))]
+    assert len(token_lines) >= 3 + len(backend.keys), r.stdout
+    assert all(line.startswith("✓") for line in token_lines), r.stdout
+
+
+def test_backend_killed_and_restarted(backend: modules.Backend, module_env: TokenEnv, start_agent: Any) -> None:
+    if not backend.has_process:
+        import pytest
+
+        pytest.skip(f"{backend.name} runs inside the agent's process: no backend process to kill")
+    module_env.config.write_text(
+        module_env.config.read_text().replace("[token.module_env]", "probe_interval = 0.5\n[token.module_env]")
+    )
+    agent: AgentProcess = start_agent(module_env)
+    cred_id = agent.http.get("/v1/credentials").json()["credentials"][0]["credId"]
+    kind = agent.http.get("/v1/credentials").json()["credentials"][0]["name"]
+    backend.kill()
+    try:
+        wait_until(lambda: agent.http.get("/v1/health").json()["status"] != "ok", 20, "health not ok")
+        r = agent.post("/v1/sign", {"challenge": make_challenge(cred_id), "credential": kind})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "token_unavailable", r.text
+    finally:
+        backend.start()
+    wait_until(lambda: agent.http.get("/v1/health").json()["status"] == "ok", 60, "health ok again")
+    results, failures, _ = _sign_many(agent, [kind], 2, 5)
+    assert failures == [] and len(results) == 10
+    _check(agent, results)
