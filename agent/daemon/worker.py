@@ -169,6 +169,7 @@ def serve_worker(
             executor = pool if threads else None
             service = SigningService.from_config(token, config.credentials, audit, metrics, executor, started=started)
             token.expect_keys([c.key for c in service.credentials])
+            _self_test(token, service)
             with main_thread_signals():
                 token.start_probe()
             if announce:
@@ -186,6 +187,14 @@ def serve_worker(
             token.close()
         if audit is not None:
             audit.close()
+
+
+def _self_test(token: Token, service: SigningService) -> None:
+    """Before serving (and before a reload takes effect): every credential's key signs a nonce that verifies,
+    with a mechanism the module offers; a module that cannot sign fails here, not on the first request."""
+    for cred in service.credentials:
+        mechanism = token.check_signing(cred.key)
+        log.debug("credential %r: key %r signs with %s; self-test passed", cred.name, cred.key.label, mechanism)
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -217,6 +226,7 @@ def reload(
     if not len(service.credentials):
         raise ConfigError("no [[credential]] configured")
     dfns = read_dfns_tokens(fresh)
+    _self_test(token, service)
     state.replace(Generation(service, flow(service, dfns), Policy(fresh.rules)))
     token.expect_keys([c.key for c in service.credentials])
     log.info("reloaded %s: %d credential(s), %d policy rule(s)", fresh.path, len(service.credentials), len(fresh.rules))

@@ -68,14 +68,12 @@ class Backend:
     module_env: dict[str, str] = field(default_factory=dict)
     token_extra: str = ""  # more [token] settings this module needs (documented in the README's table)
     process: subprocess.Popen[bytes] | None = None
+    pin: str = PIN
+    serves_calls: bool = False  # the backend process answers the token calls (so killing or stopping it bites)
 
     @property
     def label(self) -> str:
         return LABEL
-
-    @property
-    def pin(self) -> str:
-        return PIN
 
     def env(self) -> dict[str, str]:
         return {**os.environ, **self.module_env}
@@ -134,6 +132,7 @@ class Backend:
 SOFTHSM_KEYS = {"key-p256": "p256", "key-ed25519": "ed25519", "key-rsa2048": "rsa2048"}
 # p11-kit 0.24's RPC cannot carry CKM_EDDSA (it drops it from the mechanism list): no Ed25519 through it.
 P11KIT_KEYS = {"key-p256": "p256", "key-rsa2048": "rsa2048"}
+UNSIGNABLE_ED25519 = "key-ed25519-not-through-p11kit"  # on the token, listed, but p11-kit cannot sign with it
 
 
 def _softhsm_token(directory: Path, keys: Mapping[str, str]) -> None:
@@ -185,10 +184,70 @@ class P11KitBackend(Backend):
 
 
 def p11kit_backend(directory: Path) -> Backend:
-    _softhsm_token(directory, P11KIT_KEYS)
-    b = P11KitBackend("p11kit", directory, P11KIT_CLIENT, dict(P11KIT_KEYS))
+    _softhsm_token(directory, {**P11KIT_KEYS, UNSIGNABLE_ED25519: "ed25519"})
+    b = P11KitBackend("p11kit", directory, P11KIT_CLIENT, dict(P11KIT_KEYS), serves_calls=True)
     b.module_env = {"P11_KIT_SERVER_ADDRESS": f"unix:path={b.socket}"}
     b.start()
+    return b
+
+
+# ------------------------------------------------------------------------------------------------------
+# opencryptoki's soft token
+
+
+OCK_SLOT = "3"  # libpkcs11_sw.so in Debian's /etc/opencryptoki/opencryptoki.conf
+OCK_STORE = Path("/var/lib/opencryptoki/swtok")
+OCK_DEFAULT_SO_PIN = "87654321"
+OCK_PIN = "33334444"  # the soft token takes 4 to 8 characters
+OCK_KEYS = {"key-rsa2048": "rsa2048"}  # the 3.8 soft token has no EC mechanisms at all
+
+
+class OpencryptokiBackend(Backend):
+    """``pkcsslotd`` in the foreground (it keeps the slots' shared state; the soft token itself runs in the
+    agent's process). opencryptoki has one store per machine: this backend wipes and re-initialises it."""
+
+    def start(self) -> None:
+        self.kill()
+        if _running_slotd():
+            return  # the machine's own pkcsslotd (a service): use it, leave it alone
+        self.process = subprocess.Popen(
+            ["pkcsslotd", "-f"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.directory / "pkcsslotd.log", "ab"),  # noqa: SIM115 - the child holds it
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 20
+        while subprocess.run(["pkcsconf", "-s", "-c", OCK_SLOT], capture_output=True).returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise BackendError(f"pkcsslotd did not come up: {(self.directory / 'pkcsslotd.log').read_text()}")
+            time.sleep(0.05)
+
+
+def _running_slotd() -> bool:
+    try:
+        pid = int(Path("/run/pkcsslotd.pid").read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return False
+    return True
+
+
+def _pkcsconf(*args: str, answers: list[str]) -> None:
+    _run("pkcsconf", *args, "-c", OCK_SLOT, input="".join(a + "\n" for a in answers))
+
+
+def opencryptoki_backend(directory: Path) -> Backend:
+    directory.mkdir(parents=True, exist_ok=True)
+    for old in [*OCK_STORE.glob("*"), *(OCK_STORE / "TOK_OBJ").glob("*")]:
+        if old.is_file():
+            old.unlink()
+    b = OpencryptokiBackend("opencryptoki", directory, OPENCRYPTOKI, dict(OCK_KEYS), pin=OCK_PIN)
+    b.start()
+    _pkcsconf("-I", answers=[OCK_DEFAULT_SO_PIN, LABEL])
+    _pkcsconf("-u", answers=[OCK_DEFAULT_SO_PIN, "11112222", "11112222"])
+    _pkcsconf("-p", answers=["11112222", OCK_PIN, OCK_PIN])  # a user PIN set by the SO must be changed once
+    softhsm.generate_keys(directory, module=OPENCRYPTOKI, label=LABEL, pin=OCK_PIN, keys=OCK_KEYS)
     return b
 
 

@@ -14,7 +14,16 @@ from agent.config import Config, CredentialConfig, TokenConfig
 from agent.diagnostics.config_checks import EXAMPLE
 from agent.diagnostics.results import Check, failed, passed
 from agent.diagnostics.secret_checks import PIN_KEYS, secret_fix
-from agent.errors import KeyNotFound, PinLocked, PinRejected, SecretError, TokenUnavailable, UnsupportedKey
+from agent.errors import (
+    KeyNotFound,
+    PinLocked,
+    PinRejected,
+    SecretError,
+    SelfTestFailed,
+    TokenUnavailable,
+    UnsupportedKey,
+    UnsupportedMechanism,
+)
 from agent.secret import Secret, read_pin
 from agent.token import Token
 
@@ -247,9 +256,18 @@ def check_key(token: Token, cred: CredentialConfig) -> Check:
             "add a [[credential]] for it and register it with Dfns (dfns-agent register --credential NEW --via "
             f"{cred.name}), then stop using {info.label!r} and destroy it",
         )
+    try:
+        mechanism = token.check_signing(info)
+    except (UnsupportedMechanism, SelfTestFailed) as e:
+        return failed(
+            name,
+            e.message,
+            "use a key type this module can sign (see the README's PKCS#11 modules table), or a module or "
+            "firmware that offers the mechanism",
+        )
     warnings = []
     if not info.always_sensitive:
         warnings.append("ALWAYS_SENSITIVE is false: the key was readable at some point, a copy may exist elsewhere")
     if not info.never_extractable:
         warnings.append("NEVER_EXTRACTABLE is false: the key was extractable at some point (e.g. imported)")
-    return passed(name, f"{where}; sensitive, not extractable", *warnings)
+    return passed(name, f"{where}; sensitive, not extractable; self-test signed with {mechanism}", *warnings)

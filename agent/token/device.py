@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pkcs11 import Attribute, ObjectClass, TokenFlag
+from pkcs11 import Attribute, Mechanism, ObjectClass, TokenFlag
 from pkcs11 import exceptions as p11
 
 from agent.config import TokenConfig
@@ -29,6 +29,7 @@ from agent.errors import (
     KeyExists,
     PinLocked,
     PinRejected,
+    SelfTestFailed,
     TokenError,
     TokenUnavailable,
     UnsupportedKey,
@@ -37,7 +38,17 @@ from agent.health import TokenHealth, TokenIdentity, TokenState
 from agent.secret import Secret
 from agent.token import module
 from agent.token.gate import Gate
-from agent.token.keys import KeyInfo, KeyKind, find_key, generate_keypair, key_info, self_test, sign_with
+from agent.token.keys import (
+    KeyInfo,
+    KeyKind,
+    choose_mechanism,
+    find_key,
+    generate_keypair,
+    key_info,
+    mechanism_name,
+    self_test,
+    sign_with,
+)
 from agent.token.module import USER_STATES, LoadedModule, describe, load_module, unload_module
 from agent.token.recovery import Circuit
 
@@ -88,6 +99,7 @@ class Token:
             model=token.model,
         )
         self._expected: list[KeyInfo] = []
+        self._mechanisms: dict[KeyKind, Mechanism] = {}
         self.circuit = Circuit(lambda: self.name, self._gate, self._reconnect)
         self._probe: threading.Thread | None = None
 
@@ -189,6 +201,35 @@ class Token:
                 raise TokenError(f"{self.name} did not honour SENSITIVE/non-EXTRACTABLE; key destroyed")
             return info
 
+    def mechanism_for(self, kind: KeyKind) -> Mechanism:
+        """The mechanism this token signs ``kind`` keys with, chosen once from what the module reports;
+        raises :class:`UnsupportedMechanism` naming the ones it lacks."""
+        found = self._mechanisms.get(kind)
+        if found is None:
+            with self._anchor_lock, self._errors("list the mechanisms"):
+                found = self._mechanisms[kind] = choose_mechanism(kind, self._token.slot, self.name)
+        return found
+
+    def check_signing(self, key: KeyInfo) -> str:
+        """The start-up and doctor self-test: a mechanism exists for the key's kind, and the key signs a fresh
+        nonce that verifies with its public key. Returns the mechanism's name."""
+        if key.kind is None:
+            raise UnsupportedKey(f"key {key.label!r} is {key.type_name}; cannot sign with it")
+        mechanism = self.mechanism_for(key.kind)
+        with self._anchor_lock:
+            try:
+                self_test(self._anchor, key, key, mechanism)
+            except IdentityMismatch:
+                raise SelfTestFailed(
+                    f"key {key.label!r} on {self.name} signed with {mechanism_name(mechanism)}, but the signature "
+                    "does not verify with its public key"
+                ) from None
+            except p11.PKCS11Error as e:
+                raise SelfTestFailed(
+                    f"key {key.label!r} on {self.name} cannot sign with {mechanism_name(mechanism)}: {describe(e)}"
+                ) from None
+        return mechanism_name(mechanism)
+
     # -- signing -------------------------------------------------------------------------------------
 
     def sign(self, key: KeyInfo, message: bytes) -> bytes:
@@ -197,11 +238,12 @@ class Token:
             raise UnsupportedKey(f"key {key.label!r} is {key.type_name}; cannot sign with it")
         if self.circuit.state is not TokenState.OK:
             raise CircuitOpen(f"{self.name} is unavailable: {self.circuit.reason}")
+        mechanism = self.mechanism_for(key.kind)
         with self._gate.shared():
             for attempt in (1, 2):
                 worker = self._worker()
                 try:
-                    return sign_with(worker.key(key), key.kind, message)
+                    return sign_with(worker.key(key), key.kind, message, mechanism)
                 except _STALE as e:
                     self._drop_worker(worker)
                     if attempt == 1:
@@ -257,6 +299,7 @@ class Token:
                 f"the token now answering has serial {serial}, not {self.identity.serial}; refusing to use it"
             )
         anchor = _login(token, self._pin, rw=False)
+        self._mechanisms.clear()  # a reloaded module may offer other mechanisms
         try:
             for expected in self._expected:
                 found = find_key(anchor, expected.label, expected.id or None, self.name)
@@ -264,7 +307,8 @@ class Token:
                     raise IdentityMismatch(
                         f"key {expected.label!r} on {self.name} is not the key the agent started with"
                     )
-                self_test(anchor, found, expected)
+                assert found.kind is not None
+                self_test(anchor, found, expected, choose_mechanism(found.kind, token.slot, self.name))
         except BaseException:
             try:
                 anchor.close()

@@ -15,6 +15,7 @@ from agent.dev.testing import AgentProcess, TokenEnv, agent_starter, short_tempd
 BACKENDS: dict[str, Callable[[Path], modules.Backend]] = {
     "softhsm": modules.softhsm_backend,
     "p11kit": modules.p11kit_backend,
+    "opencryptoki": modules.opencryptoki_backend,
 }
 
 

@@ -10,6 +10,7 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from agent.core.audit import verify
 from agent.dev import modules
@@ -94,10 +95,8 @@ def test_doctor_passes(backend: modules.Backend, module_env: TokenEnv) -> None:
 
 
 def test_backend_killed_and_restarted(backend: modules.Backend, module_env: TokenEnv, start_agent: Any) -> None:
-    if not backend.has_process:
-        import pytest
-
-        pytest.skip(f"{backend.name} runs inside the agent's process: no backend process to kill")
+    if not backend.serves_calls:
+        pytest.skip(f"{backend.name} runs inside the agent's process: no backend process that serves its calls")
     module_env.config.write_text(
         module_env.config.read_text().replace("[token.module_env]", "probe_interval = 0.5\n[token.module_env]")
     )
@@ -115,3 +114,22 @@ def test_backend_killed_and_restarted(backend: modules.Backend, module_env: Toke
     results, failures, _ = _sign_many(agent, [kind], 2, 5)
     assert failures == [] and len(results) == 10
     _check(agent, results)
+
+
+def test_a_mechanism_the_module_lacks_is_a_start_up_and_doctor_error(
+    backend: modules.Backend, module_env: TokenEnv, start_agent: Any
+) -> None:
+    """p11-kit 0.24 cannot carry CKM_EDDSA: an Ed25519 credential through it must fail before serving,
+    naming the mechanism, not on the first request (and doctor must say the same)."""
+    if backend.name != "p11kit":
+        pytest.skip(f"{backend.name} offers every mechanism its keys need")
+    extra = f'\n[[credential]]\nname = "ed"\nkey = "{modules.UNSIGNABLE_ED25519}"\n'
+    module_env.config.write_text(module_env.config.read_text() + extra)
+    agent: AgentProcess = start_agent(module_env, wait=False)
+    agent.proc.wait(60)
+    assert agent.proc.returncode != 0
+    assert "offers no CKM_EDDSA for signing: cannot sign with ed25519 keys" in agent.output(), agent.output()
+    r = run_cli(module_env, "doctor")
+    assert r.returncode == 1
+    ed = [line for line in r.stdout.splitlines() if line[2:].startswith("key ed")]
+    assert ed and ed[0].startswith("✗") and "CKM_EDDSA" in ed[0], r.stdout
