@@ -49,6 +49,11 @@ class TokenConfig:
     module_env: Mapping[str, str] = field(default_factory=dict)
     pin: SecretSource = field(default_factory=SecretSource)
     probe_interval: float = 10.0
+    # Bounded time on the token: a signature not back after sign_timeout seconds gets 504 token_timeout and
+    # opens the circuit; a token call still stuck after stuck_limit seconds means the process is wedged
+    # (watchdog pings stop; a worker exits to be replaced). 0 turns either off.
+    sign_timeout: float = 10.0
+    stuck_limit: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -212,7 +217,7 @@ def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = Non
 
 
 def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
-    _only(t, {"module", "label", "serial", "module_env", "pin", "probe_interval"}, where)
+    _only(t, {"module", "label", "serial", "module_env", "pin", "probe_interval", *_TOKEN_LIMITS}, where)
     module = _str(t, "module", where, required=True)
     label = _str(t, "label", where)
     serial = _str(t, "serial", where)
@@ -234,7 +239,13 @@ def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
         prompt=prompt,
     )
     probe = _number(t, "probe_interval", where, 10.0, lo=0.5, hi=3600.0)
-    return TokenConfig(module=module, label=label, serial=serial, module_env=env, pin=pin, probe_interval=probe)
+    limits = {name: _number(t, name, where, default, lo=0.0, hi=3600.0) for name, default in _TOKEN_LIMITS.items()}
+    return TokenConfig(
+        module=module, label=label, serial=serial, module_env=env, pin=pin, probe_interval=probe, **limits
+    )
+
+
+_TOKEN_LIMITS = {"sign_timeout": 10.0, "stuck_limit": 60.0}
 
 
 def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:

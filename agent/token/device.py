@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -100,6 +101,7 @@ class Token:
         )
         self._expected: list[KeyInfo] = []
         self._mechanisms: dict[KeyKind, Mechanism] = {}
+        self._inflight: dict[int, float] = {}  # thread id -> when its token call began (signatures, probe)
         self.circuit = Circuit(lambda: self.name, self._gate, self._reconnect)
         self._probe: threading.Thread | None = None
 
@@ -239,6 +241,15 @@ class Token:
         if self.circuit.state is not TokenState.OK:
             raise CircuitOpen(f"{self.name} is unavailable: {self.circuit.reason}")
         mechanism = self.mechanism_for(key.kind)
+        me = threading.get_ident()
+        self._inflight[me] = time.monotonic()
+        try:
+            return self._sign(key, message, mechanism)
+        finally:
+            self._inflight.pop(me, None)
+
+    def _sign(self, key: KeyInfo, message: bytes, mechanism: Mechanism) -> bytes:
+        assert key.kind is not None
         with self._gate.shared():
             for attempt in (1, 2):
                 worker = self._worker()
@@ -255,6 +266,15 @@ class Token:
                 break
         self.circuit.fault(f"signing with {key.label!r} failed: {describe(error)}")
         raise TokenUnavailable(f"{self.name} could not sign with {key.label!r}: {describe(error)}")
+
+    def fault(self, reason: str) -> None:
+        """Open the circuit from outside (a signature that did not come back in time)."""
+        self.circuit.fault(reason)
+
+    def stuck_for(self) -> float:
+        """How long the oldest token call still running has been running (0 when none is)."""
+        started = list(self._inflight.values())
+        return time.monotonic() - min(started) if started else 0.0
 
     def _worker(self) -> _Worker:
         worker: _Worker | None = getattr(self._local, "worker", None)
@@ -322,6 +342,8 @@ class Token:
         while not self.circuit.wait(period):
             if self.circuit.state is not TokenState.OK:
                 continue
+            me = threading.get_ident()
+            self._inflight[me] = time.monotonic()
             try:
                 with self._gate.shared(), self._anchor_lock:
                     logged_in = self._logged_in()
@@ -331,6 +353,8 @@ class Token:
             except (TokenError, p11.PKCS11Error) as e:
                 self.circuit.fault(f"probe failed: {e.message if isinstance(e, TokenError) else describe(e)}")
                 continue
+            finally:
+                self._inflight.pop(me, None)
             if flags & TokenFlag.USER_PIN_LOCKED:
                 self.circuit.down(f"{self.name} reports its user PIN is locked")
             elif not logged_in:

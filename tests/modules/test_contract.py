@@ -133,3 +133,78 @@ def test_a_mechanism_the_module_lacks_is_a_start_up_and_doctor_error(
     assert r.returncode == 1
     ed = [line for line in r.stdout.splitlines() if line[2:].startswith("key ed")]
     assert ed and ed[0].startswith("✗") and "CKM_EDDSA" in ed[0], r.stdout
+
+
+SIGN_TIMEOUT = 2.0
+
+
+def test_hung_backend_every_request_answered_in_time_and_health_at_once(
+    backend: modules.Backend, module_env: TokenEnv, start_agent: Any
+) -> None:
+    """SIGSTOP the backend for a while under 8 signing clients: every request is answered within the sign
+    timeout (+1 s of slack for a busy machine), health within 2 s; after SIGCONT signing resumes."""
+    if not backend.serves_calls:
+        pytest.skip(f"{backend.name} runs inside the agent's process: no backend process to stop")
+    text = module_env.config.read_text()
+    module_env.config.write_text(
+        text.replace("[token.module_env]", f"probe_interval = 0.5\nsign_timeout = {SIGN_TIMEOUT}\n[token.module_env]")
+    )
+    agent: AgentProcess = start_agent(module_env)
+    creds = agent.http.get("/v1/credentials").json()["credentials"]
+    stop = threading.Event()
+    hung = threading.Event()
+    during: list[tuple[float, int, str]] = []  # (seconds, status, code) of requests that began while hung
+    health_times: list[float] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        cred = creds[n % len(creds)]
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(agent.socket_path)), base_url="http://a", timeout=60
+        ) as http:
+            while not stop.is_set():
+                began, in_hang = time.monotonic(), hung.is_set()
+                r = http.post(
+                    "/v1/sign", json={"challenge": make_challenge(cred["credId"]), "credential": cred["name"]}
+                )
+                took = time.monotonic() - began
+                code = r.json()["error"]["code"] if r.status_code != 200 else ""
+                if in_hang:
+                    with lock:
+                        during.append((took, r.status_code, code))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        backend.pause()
+        hung.set()
+        hang_started = time.monotonic()
+        while time.monotonic() - hang_started < 6.0:
+            began = time.monotonic()
+            status = agent.http.get("/v1/health", timeout=10).json()["status"]
+            health_times.append(time.monotonic() - began)
+            time.sleep(0.2)
+        assert status != "ok"
+    finally:
+        hung.clear()
+        backend.resume()
+        stop.set()
+        for t in threads:
+            t.join(60)
+    wait_until(lambda: agent.http.get("/v1/health").json()["status"] == "ok", 60, "health ok after SIGCONT")
+    results, failures, _ = _sign_many(agent, sorted({c["name"] for c in creds}), 2, 5)
+    assert failures == [] and len(results) == 10
+    _check(agent, results)
+    slowest = max(t for t, _, _ in during)
+    codes = sorted({f"{s} {c}" for _, s, c in during})
+    print(
+        f"\n{backend.name} hang drill: {len(during)} requests during a 6 s SIGSTOP, slowest {slowest:.2f}s "
+        f"(sign_timeout {SIGN_TIMEOUT:g}s), answers {codes}; {len(health_times)} health checks, slowest "
+        f"{max(health_times):.2f}s"
+    )
+    assert during, "no request was made during the hang"
+    assert slowest <= SIGN_TIMEOUT + 1.0, during
+    assert {s for _, s, _ in during} <= {200, 503, 504}, codes
+    assert max(health_times) < 2.0, health_times
