@@ -17,6 +17,7 @@ lookup table, and the CLI can print the same words. Messages never contain a PIN
     │   ├── UnsupportedMechanism (mechanism_unsupported), SelfTestFailed (self_test_failed), TokenTimeout
     │   │   (token_timeout, 504)
     │   └── KeyNotFound (key_not_found, 404), KeyExists (key_exists, 409), UnsupportedKey (unsupported_key, 422)
+    │       └── KeyUsageRefused (key_usage_refused)
     └── DfnsError (dfns_error, Dfns's status), DfnsUnreachable (502), DfnsTimeout (504),
         DfnsNotConfigured (dfns_not_configured, 422)                                           Dfns
 
@@ -149,6 +150,12 @@ class SelfTestFailed(TokenError):
     """A key did not sign, or its signature did not verify, in the start-up/doctor self-test."""
 
     code = "self_test_failed"
+
+
+class KeyUsageRefused(UnsupportedKey):
+    """The key allows more than signing (decrypt, unwrap, derive) and the config does not accept that."""
+
+    code = "key_usage_refused"
 
 
 class Forbidden(AgentError):

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Mapping
@@ -252,6 +253,162 @@ def opencryptoki_backend(directory: Path) -> Backend:
 
 
 # ------------------------------------------------------------------------------------------------------
+# tpm2-pkcs11 on swtpm
+
+
+TPM_PIN = "tpm-user-1234"
+TPM_KEYS = {"key-p256": "p256", "key-rsa2048": "rsa2048"}
+# tpm2_ptool's keys also allow decryption (and tpm2-pkcs11 refuses a sign-only template): the agent must
+# be told to accept that (README "PKCS#11 modules").
+TPM_TOKEN_EXTRA = 'allow_other_usages = true\nkeygen_template = "module"\n'
+
+
+def _free_ports() -> int:
+    """A free TCP port whose next one is free too (the swtpm TCTI finds the control port at port + 1)."""
+    while True:
+        with socket.socket() as s, socket.socket() as ctrl:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            try:
+                ctrl.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+            return port
+
+
+class Tpm2Backend(Backend):
+    """A software TPM (``swtpm``, TCP) behind the access broker ``tpm2-abrmd`` on a private D-Bus session
+    bus: the TPM itself keeps one context per connection and runs out of object slots without a resource
+    manager. The three processes share one process group; ``pause`` stops only the TPM, ``kill`` kills the
+    TPM and the broker but leaves the bus up, as a machine's system bus stays up (GLib in the agent keeps
+    one bus connection per process and cannot replace it once the bus is gone)."""
+
+    swtpm: subprocess.Popen[bytes] | None = None
+    abrmd: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bus(self) -> str:
+        return f"unix:path={self.directory / 'bus'}"
+
+    def tools_env(self) -> dict[str, str]:
+        return {**os.environ, "DBUS_SESSION_BUS_ADDRESS": self.bus, "TPM2TOOLS_TCTI": "tabrmd:bus_type=session"}
+
+    def kill(self) -> None:
+        for proc in (self.abrmd, self.swtpm):
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait(10)
+
+    def start(self) -> None:
+        self.kill()
+        (self.directory / "tpm").mkdir(exist_ok=True)
+        log = open(self.directory / "tpm2.log", "ab")  # noqa: SIM115 - the children hold it
+        if self.process is None or self.process.poll() is not None:
+            (self.directory / "bus").unlink(missing_ok=True)
+            self.process = subprocess.Popen(
+                ["dbus-daemon", "--session", "--nofork", f"--address={self.bus}"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                process_group=0,  # a group of its own in this session, which the other two join
+            )
+            _wait_for(self.directory / "bus", self.process, "dbus-daemon")
+        group = self.process.pid
+        port = _free_ports()
+        self.swtpm = subprocess.Popen(
+            [
+                "swtpm",
+                "socket",
+                "--tpm2",
+                "--tpmstate",
+                f"dir={self.directory / 'tpm'}",
+                "--server",
+                f"type=tcp,port={port},bindaddr=127.0.0.1",
+                "--ctrl",
+                f"type=tcp,port={port + 1},bindaddr=127.0.0.1",
+                "--flags",
+                "not-need-init,startup-clear",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            process_group=group,
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if self.swtpm.poll() is not None or time.monotonic() > deadline:
+                    raise BackendError(f"swtpm did not come up: {(self.directory / 'tpm2.log').read_text()}") from None
+                time.sleep(0.05)
+        abrmd = self.abrmd = subprocess.Popen(
+            ["tpm2-abrmd", "--session", "--allow-root", "--flush-all", f"--tcti=swtpm:port={port}"],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            process_group=group,
+            env={**os.environ, "DBUS_SESSION_BUS_ADDRESS": self.bus},
+        )
+        while subprocess.run(["tpm2_getrandom", "4"], env=self.tools_env(), capture_output=True).returncode != 0:
+            if abrmd.poll() is not None or time.monotonic() > deadline:
+                raise BackendError(f"tpm2-abrmd did not come up: {(self.directory / 'tpm2.log').read_text()}")
+            time.sleep(0.1)
+
+    def pause(self) -> None:
+        assert self.swtpm is not None
+        self.swtpm.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.swtpm is not None
+        self.swtpm.send_signal(signal.SIGCONT)
+
+
+def tpm2_backend(directory: Path) -> Backend:
+    directory.mkdir(parents=True, exist_ok=True)
+    store = directory / "store"
+    store.mkdir()
+    b = Tpm2Backend(
+        "tpm2", directory, TPM2_PKCS11, dict(TPM_KEYS), pin=TPM_PIN, serves_calls=True, token_extra=TPM_TOKEN_EXTRA
+    )
+    b.module_env = {
+        "TPM2_PKCS11_TCTI": "tabrmd:bus_type=session",
+        "DBUS_SESSION_BUS_ADDRESS": b.bus,
+        "TPM2_PKCS11_STORE": str(store),
+        "TPM2_PKCS11_LOG_LEVEL": "0",
+    }
+    b.start()
+    env = b.tools_env()
+    where = f"--path={store}"
+    _run("tpm2_ptool", "init", where, env=env)
+    _run(
+        "tpm2_ptool",
+        "addtoken",
+        "--pid=1",
+        f"--sopin={SO_PIN}",
+        f"--userpin={TPM_PIN}",
+        f"--label={LABEL}",
+        where,
+        env=env,
+    )
+    algorithms = {"p256": "ecc256", "rsa2048": "rsa2048"}
+    for label, kind in TPM_KEYS.items():
+        _run(
+            "tpm2_ptool",
+            "addkey",
+            f"--algorithm={algorithms[kind]}",
+            f"--label={LABEL}",
+            f"--key-label={label}",
+            f"--userpin={TPM_PIN}",
+            where,
+            env=env,
+        )
+    return b
+
+
+# ------------------------------------------------------------------------------------------------------
 # What is installed
 
 
@@ -261,7 +418,7 @@ def unavailable(name: str) -> str | None:
         "softhsm": (["softhsm2-util"], []),
         "p11kit": (["p11-kit", "softhsm2-util"], [P11KIT_CLIENT]),
         "opencryptoki": (["pkcsslotd", "pkcsconf"], [OPENCRYPTOKI]),
-        "tpm2": (["swtpm", "swtpm_setup", "tpm2_ptool"], [TPM2_PKCS11]),
+        "tpm2": (["swtpm", "tpm2_ptool", "tpm2-abrmd", "dbus-daemon", "tpm2_getrandom"], [TPM2_PKCS11]),
     }
     tools, files = need[name]
     missing = [t for t in tools if shutil.which(t) is None] + [f for f in files if not os.path.exists(f)]

@@ -16,6 +16,7 @@ from agent.diagnostics.results import Check, failed, passed
 from agent.diagnostics.secret_checks import PIN_KEYS, secret_fix
 from agent.errors import (
     KeyNotFound,
+    KeyUsageRefused,
     PinLocked,
     PinRejected,
     SecretError,
@@ -265,9 +266,18 @@ def check_key(token: Token, cred: CredentialConfig) -> Check:
             "use a key type this module can sign (see the README's PKCS#11 modules table), or a module or "
             "firmware that offers the mechanism",
         )
+    except KeyUsageRefused as e:
+        return failed(
+            name,
+            e.message,
+            "make a sign-only key (dfns-agent keys generate), or, where the module allows no other (tpm2-pkcs11), "
+            "set [token] allow_other_usages = true",
+        )
     warnings = []
     if not info.always_sensitive:
         warnings.append("ALWAYS_SENSITIVE is false: the key was readable at some point, a copy may exist elsewhere")
     if not info.never_extractable:
         warnings.append("NEVER_EXTRACTABLE is false: the key was extractable at some point (e.g. imported)")
+    if info.other_usages:
+        warnings.append(f"also allows {', '.join(info.other_usages)} (accepted: [token] allow_other_usages)")
     return passed(name, f"{where}; sensitive, not extractable; self-test signed with {mechanism}", *warnings)

@@ -2,8 +2,9 @@
 
 - One logged-in *anchor* session lives as long as the process: closing the last session (or calling
   python-pkcs11's ``Session.close()`` on the logged-in one) logs the whole token out.
-- Each signing thread gets its own unauthenticated *worker* session (PKCS#11 forbids concurrent use of
-  one session); the anchor's login makes private keys usable on all of them.
+- Signatures take an unauthenticated *worker* session from a pool (PKCS#11 forbids concurrent use of one
+  session), at most ``[token] max_sessions`` of them; the anchor's login makes private keys usable on all.
+  In serial mode (``[token] concurrency``) every call into the module is made one at a time.
 - A stale session or handle is retried once on a fresh session; any other device error opens the circuit
   and recovery takes over (``agent/token/recovery.py``). Before signing again it checks that the token has
   the same serial and that every expected key still signs and verifies against the public key known at
@@ -12,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -23,11 +25,12 @@ from typing import Any
 from pkcs11 import Attribute, Mechanism, ObjectClass, TokenFlag
 from pkcs11 import exceptions as p11
 
-from agent.config import TokenConfig
+from agent.config import KeygenTemplate, TokenConcurrency, TokenConfig
 from agent.errors import (
     CircuitOpen,
     IdentityMismatch,
     KeyExists,
+    KeyUsageRefused,
     PinLocked,
     PinRejected,
     SelfTestFailed,
@@ -88,8 +91,10 @@ class Token:
         self._token = token
         self._anchor = anchor
         self._anchor_lock = threading.RLock()
-        self._local = threading.local()
-        self._workers: list[_Worker] = []
+        self._workers: list[_Worker] = []  # every signing session open
+        self._idle: list[_Worker] = []  # those not signing right now
+        self.serial = _serial(cfg, loaded)
+        self._slots = threading.BoundedSemaphore(cfg.max_sessions) if cfg.max_sessions else None
         self._workers_lock = threading.Lock()
         self._generation = 0
         self._gate = Gate()
@@ -149,7 +154,7 @@ class Token:
 
     def _close_sessions(self) -> None:
         with self._workers_lock:
-            workers, self._workers = self._workers, []
+            workers, self._workers, self._idle = self._workers, [], []
             self._generation += 1
         for w in workers:
             try:
@@ -188,14 +193,26 @@ class Token:
             return find_key(self._anchor, label, key_id, self.name)
 
     def generate(self, kind: KeyKind, label: str) -> KeyInfo:
-        """Generate a key pair on the device: private half SENSITIVE, non-EXTRACTABLE, PRIVATE, SIGN only."""
+        """Generate a key pair on the device: private half SENSITIVE, non-EXTRACTABLE, PRIVATE, SIGN only (or,
+        with ``keygen_template = "module"``, with the usages the module adds)."""
         if not label:
             raise UnsupportedKey("a key needs a non-empty label")
         with self._anchor_lock, self._errors("generate a key"):
             s = self._anchor
             if next(iter(s.get_objects({Attribute.LABEL: label})), None) is not None:
                 raise KeyExists(f"an object labelled {label!r} already exists on {self.name}")
-            info = key_info(s, generate_keypair(s, kind, label))
+            sign_only = self._cfg.keygen_template is KeygenTemplate.SIGN_ONLY
+            try:
+                priv = generate_keypair(s, kind, label, sign_only=sign_only)
+            except (p11.GeneralError, p11.TemplateInconsistent, p11.AttributeValueInvalid) as e:
+                if not sign_only:
+                    raise
+                raise TokenUnavailable(
+                    f"{self.name} refused the sign-only key template ({describe(e)}); if this module cannot make "
+                    'sign-only keys (tpm2-pkcs11 cannot), set [token] keygen_template = "module" and '
+                    "allow_other_usages = true: its keys then also allow what the module adds (e.g. CKA_DECRYPT)"
+                ) from None
+            info = key_info(s, priv)
             if info.extractable or not info.sensitive:
                 # A module that ignored the template must not leave an exportable key behind.
                 for obj in list(s.get_objects({Attribute.ID: info.id, Attribute.LABEL: label})):
@@ -217,6 +234,11 @@ class Token:
         nonce that verifies with its public key. Returns the mechanism's name."""
         if key.kind is None:
             raise UnsupportedKey(f"key {key.label!r} is {key.type_name}; cannot sign with it")
+        if key.other_usages and not self._cfg.allow_other_usages:
+            raise KeyUsageRefused(
+                f"key {key.label!r} on {self.name} also allows {', '.join(key.other_usages)}; refusing a key that "
+                "can do more than sign (set [token] allow_other_usages = true to accept it)"
+            )
         mechanism = self.mechanism_for(key.kind)
         with self._anchor_lock:
             try:
@@ -250,11 +272,11 @@ class Token:
 
     def _sign(self, key: KeyInfo, message: bytes, mechanism: Mechanism) -> bytes:
         assert key.kind is not None
-        with self._gate.shared():
+        with self._gate.shared(), self._one_at_a_time():
             for attempt in (1, 2):
-                worker = self._worker()
+                worker = self._checkout()
                 try:
-                    return sign_with(worker.key(key), key.kind, message, mechanism)
+                    signature = sign_with(worker.key(key), key.kind, message, mechanism)
                 except _STALE as e:
                     self._drop_worker(worker)
                     if attempt == 1:
@@ -263,9 +285,20 @@ class Token:
                 except p11.PKCS11Error as e:
                     self._drop_worker(worker)
                     error = e
+                except BaseException:
+                    self._drop_worker(worker)
+                    raise
+                else:
+                    self._checkin(worker)
+                    return signature
                 break
         self.circuit.fault(f"signing with {key.label!r} failed: {describe(error)}")
         raise TokenUnavailable(f"{self.name} could not sign with {key.label!r}: {describe(error)}")
+
+    def _one_at_a_time(self) -> Any:
+        """Serial mode: every call into the module under one lock (the anchor's, which probe and health
+        take too); else nothing."""
+        return self._anchor_lock if self.serial else contextlib.nullcontext()
 
     def fault(self, reason: str) -> None:
         """Open the circuit from outside (a signature that did not come back in time)."""
@@ -276,25 +309,41 @@ class Token:
         started = list(self._inflight.values())
         return time.monotonic() - min(started) if started else 0.0
 
-    def _worker(self) -> _Worker:
-        worker: _Worker | None = getattr(self._local, "worker", None)
-        if worker is not None and worker.generation == self._generation:
-            return worker
-        if self.circuit.closed:
-            raise TokenUnavailable(f"{self.name} is closed")
+    def _checkout(self) -> _Worker:
+        """An idle signing session of the current generation, or a new one; with ``max_sessions`` set, waits
+        until fewer than that many are in use (sessions are then never more than that)."""
+        if self._slots is not None:
+            self._slots.acquire()
         try:
-            session = self._token.open()
-        except p11.PKCS11Error as e:
-            self.circuit.fault(f"cannot open a session: {describe(e)}")
-            raise TokenUnavailable(f"cannot open a session on {self.name}: {describe(e)}") from None
+            with self._workers_lock:
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.generation == self._generation:
+                        return worker
+            if self.circuit.closed:
+                raise TokenUnavailable(f"{self.name} is closed")
+            try:
+                session = self._token.open()
+            except p11.PKCS11Error as e:
+                self.circuit.fault(f"cannot open a session: {describe(e)}")
+                raise TokenUnavailable(f"cannot open a session on {self.name}: {describe(e)}") from None
+            with self._workers_lock:
+                worker = _Worker(session, self._generation)
+                self._workers.append(worker)
+            return worker
+        except BaseException:
+            if self._slots is not None:
+                self._slots.release()
+            raise
+
+    def _checkin(self, worker: _Worker) -> None:
         with self._workers_lock:
-            worker = _Worker(session, self._generation)
-            self._workers.append(worker)
-        self._local.worker = worker
-        return worker
+            if worker.generation == self._generation and worker in self._workers:
+                self._idle.append(worker)
+        if self._slots is not None:
+            self._slots.release()
 
     def _drop_worker(self, worker: _Worker) -> None:
-        self._local.worker = None
         with self._workers_lock:
             if worker in self._workers:
                 self._workers.remove(worker)
@@ -302,6 +351,8 @@ class Token:
             worker.session.close()
         except p11.PKCS11Error:
             pass
+        if self._slots is not None:
+            self._slots.release()
 
     # -- recovery, probe and health ------------------------------------------------------------------
 
@@ -400,6 +451,21 @@ class Token:
             yield
         except p11.PKCS11Error as e:
             raise TokenUnavailable(f"cannot {what} on {self.name}: {describe(e)}") from None
+
+
+# Modules that fail when two threads call into them at once, by C_GetInfo manufacturerID: tpm2-pkcs11 1.9
+# ("Esys called in bad sequence": one ESYS context per token).
+SERIAL_MODULES = frozenset({"tpm2-software.github.io"})
+P11KIT = "PKCS#11 Kit"
+
+
+def _serial(cfg: TokenConfig, loaded: LoadedModule) -> bool:
+    """Whether calls into the module must be one at a time: as configured, else (``auto``) for the modules
+    known to need it, and for a per-call-instance module other than p11-kit (we could not give it locking)."""
+    if cfg.concurrency is not TokenConcurrency.AUTO:
+        return cfg.concurrency is TokenConcurrency.SERIAL
+    maker = loaded.manufacturer.strip()
+    return maker in SERIAL_MODULES or (not loaded.os_locking and maker != P11KIT)
 
 
 def _login(token: Any, pin: Secret, *, rw: bool) -> Any:

@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
+from pkcs11.constants import DEFAULT
 
 from agent.dfns.verify import PublicKey, verify_signature
 from agent.errors import IdentityMismatch, KeyNotFound, UnsupportedKey, UnsupportedMechanism
@@ -60,6 +61,25 @@ PRIVATE_TEMPLATE: Mapping[Attribute, Any] = {
     Attribute.UNWRAP: False,
     Attribute.DERIVE: False,
 }
+# What a private key may allow besides signing; keys that do are reported and refused unless configured.
+OTHER_USAGES = (Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE)
+# keygen_template = "module": the security attributes only, usages left to the module (tpm2-pkcs11 refuses
+# CKA_DECRYPT/CKA_ENCRYPT = FALSE: "User specified and TPM specified attr mismatch").
+MODULE_PRIVATE_TEMPLATE: Mapping[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.SIGN: True,
+    # DEFAULT: python-pkcs11 leaves the attribute out (it would set its own capabilities otherwise)
+    **{a: DEFAULT for a in (Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE)},
+}
+MODULE_PUBLIC_TEMPLATE: Mapping[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: False,
+    Attribute.VERIFY: True,
+    **{a: DEFAULT for a in (Attribute.ENCRYPT, Attribute.WRAP, Attribute.DERIVE)},
+}
 PUBLIC_TEMPLATE: Mapping[Attribute, Any] = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: False,
@@ -83,6 +103,7 @@ class KeyInfo:
     extractable: bool = False
     always_sensitive: bool = True
     never_extractable: bool = True
+    other_usages: tuple[str, ...] = ()  # what the private key allows besides signing (CKA_DECRYPT, ...)
 
     @cached_property
     def spki_der(self) -> bytes:
@@ -114,6 +135,7 @@ class KeyInfo:
             "extractable": self.extractable,
             "alwaysSensitive": self.always_sensitive,
             "neverExtractable": self.never_extractable,
+            "otherUsages": list(self.other_usages),
         }
 
 
@@ -197,6 +219,7 @@ def key_info(session: Any, priv: Any) -> KeyInfo:
         extractable=bool(_attr(priv, Attribute.EXTRACTABLE, True)),
         always_sensitive=bool(_attr(priv, Attribute.ALWAYS_SENSITIVE, False)),
         never_extractable=bool(_attr(priv, Attribute.NEVER_EXTRACTABLE, False)),
+        other_usages=tuple(f"CKA_{a.name}" for a in OTHER_USAGES if _attr(priv, a, False)),
     )
 
 
@@ -240,16 +263,20 @@ def sign_with(priv: Any, kind: KeyKind, message: bytes, mechanism: Mechanism | N
     return bytes(priv.sign(message, mechanism=Mechanism.SHA256_RSA_PKCS))
 
 
-def generate_keypair(session: Any, kind: KeyKind, label: str) -> Any:
-    """Generate a key pair on the device with the sign-only templates; returns the private key object."""
+def generate_keypair(session: Any, kind: KeyKind, label: str, *, sign_only: bool = True) -> Any:
+    """Generate a key pair on the device with the sign-only templates (or, ``sign_only=False``, with only the
+    security attributes, usages left to the module); returns the private key object."""
+    private, public = (
+        (PRIVATE_TEMPLATE, PUBLIC_TEMPLATE) if sign_only else (MODULE_PRIVATE_TEMPLATE, MODULE_PUBLIC_TEMPLATE)
+    )
     common = {"id": secrets.token_bytes(8), "label": label, "store": True}
     if kind is KeyKind.ED25519:
         try:
             _, priv = session.generate_keypair(
                 KeyType.EC_EDWARDS,
                 mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-                public_template={**PUBLIC_TEMPLATE, Attribute.EC_PARAMS: ED25519_OID},
-                private_template=PRIVATE_TEMPLATE,
+                public_template={**public, Attribute.EC_PARAMS: ED25519_OID},
+                private_template=private,
                 **common,
             )
         except (p11.DomainParamsInvalid, p11.AttributeValueInvalid):
@@ -257,16 +284,16 @@ def generate_keypair(session: Any, kind: KeyKind, label: str) -> Any:
             _, priv = session.generate_keypair(
                 KeyType.EC_EDWARDS,
                 mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-                public_template={**PUBLIC_TEMPLATE, Attribute.EC_PARAMS: ED25519_NAME},
-                private_template=PRIVATE_TEMPLATE,
+                public_template={**public, Attribute.EC_PARAMS: ED25519_NAME},
+                private_template=private,
                 **common,
             )
     elif kind in EC_PARAMS:
         params = session.create_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: EC_PARAMS[kind]}, local=True)
-        _, priv = params.generate_keypair(public_template=PUBLIC_TEMPLATE, private_template=PRIVATE_TEMPLATE, **common)
+        _, priv = params.generate_keypair(public_template=public, private_template=private, **common)
     else:
         _, priv = session.generate_keypair(
-            KeyType.RSA, RSA_BITS[kind], public_template=PUBLIC_TEMPLATE, private_template=PRIVATE_TEMPLATE, **common
+            KeyType.RSA, RSA_BITS[kind], public_template=public, private_template=private, **common
         )
     return priv
 

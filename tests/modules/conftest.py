@@ -16,6 +16,7 @@ BACKENDS: dict[str, Callable[[Path], modules.Backend]] = {
     "softhsm": modules.softhsm_backend,
     "p11kit": modules.p11kit_backend,
     "opencryptoki": modules.opencryptoki_backend,
+    "tpm2": modules.tpm2_backend,
 }
 
 
