@@ -60,7 +60,8 @@ install_packages() {
   command -v ssh-agent >/dev/null && command -v ssh-add >/dev/null || want+=(openssh-client)
   # the module contract suite (tests/modules): p11-kit remoting, opencryptoki's soft token, tpm2-pkcs11 on swtpm
   local pkg
-  for pkg in p11-kit p11-kit-modules opencryptoki libtpm2-pkcs11-1 libtpm2-pkcs11-tools swtpm swtpm-tools tpm2-tools; do
+  for pkg in p11-kit p11-kit-modules opencryptoki libtpm2-pkcs11-1 libtpm2-pkcs11-tools swtpm swtpm-tools tpm2-tools \
+    tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || want+=("$pkg")
   done
   if [ ${#want[@]} -gt 0 ]; then

@@ -242,8 +242,10 @@ def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
     module = _str(t, "module", where, required=True)
     label = _str(t, "label", where)
     serial = _str(t, "serial", where)
-    if (label is None) == (serial is None):
-        raise ConfigError(f"{where}: set exactly one of 'label' or 'serial' to select the token")
+    if label is None and serial is None:
+        # both may be set (both must match): some modules give every token one serial (opencryptoki "123",
+        # tpm2-pkcs11 "0000000000000000"), some let two tokens share a label
+        raise ConfigError(f"{where}: set 'label' or 'serial' (or both) to select the token")
     env = t.get("module_env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where}: 'module_env' must be a table of strings")

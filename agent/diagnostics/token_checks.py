@@ -101,12 +101,21 @@ def check_token(lib: Any, cfg: TokenConfig) -> tuple[Any, Check]:
             fix = (
                 f"set {line} in [token]{' (instead of label)' if cfg.label else ''} to select one of the tokens "
                 "present; the serial is safer: "
-                "labels can repeat, and slot ids change whenever a token is re-initialized"
+                "labels can repeat, and slot ids change whenever a token is re-initialized (where serials repeat "
+                "too, as on opencryptoki and tpm2-pkcs11, set both label and serial)"
             )
         return None, failed("token", problem, fix)
     serial = tok.serial.decode("ascii", "replace").strip()
+    warnings = []
+    if cfg.label is None and (not serial.strip("0") or sum(t.serial == serial for t in present_tokens(lib)) > 1):
+        warnings.append(
+            f"serial {serial} is not unique on this module: set label too; after a reconnect the agent checks "
+            "label, serial, manufacturer, model and every key's public key"
+        )
     return tok, passed(
-        "token", f"{tok.label!r}, serial {serial}, {tok.manufacturer_id.strip()} {tok.model.strip()}".rstrip()
+        "token",
+        f"{tok.label!r}, serial {serial}, {tok.manufacturer_id.strip()} {tok.model.strip()}".rstrip(),
+        *warnings,
     )
 
 

@@ -98,12 +98,7 @@ class Token:
         self._workers_lock = threading.Lock()
         self._generation = 0
         self._gate = Gate()
-        self.identity = TokenIdentity(
-            label=token.label,
-            serial=token.serial.decode("ascii", "replace"),
-            manufacturer=token.manufacturer_id,
-            model=token.model,
-        )
+        self.identity = _identity(token)
         self._expected: list[KeyInfo] = []
         self._mechanisms: dict[KeyKind, Mechanism] = {}
         self._inflight: dict[int, float] = {}  # thread id -> when its token call began (signatures, probe)
@@ -364,10 +359,12 @@ class Token:
             unload_module(self.module)
             self._loaded = load_module(self.module)
         token = module.find_token(self._loaded.lib, self._cfg)
-        serial = token.serial.decode("ascii", "replace")
-        if serial != self.identity.serial:
+        # Serial alone proves little (opencryptoki's is always 123): label, serial, manufacturer and model must
+        # all match, and below every expected key must have the same public key and pass the self-test.
+        now = _identity(token)
+        if now != self.identity:
             raise IdentityMismatch(
-                f"the token now answering has serial {serial}, not {self.identity.serial}; refusing to use it"
+                f"the token now answering is {_describe(now)}, not {_describe(self.identity)}; refusing to use it"
             )
         anchor = _login(token, self._pin, rw=False)
         self._mechanisms.clear()  # a reloaded module may offer other mechanisms
@@ -457,6 +454,21 @@ class Token:
 # ("Esys called in bad sequence": one ESYS context per token).
 SERIAL_MODULES = frozenset({"tpm2-software.github.io"})
 P11KIT = "PKCS#11 Kit"
+
+
+def _identity(token: Any) -> TokenIdentity:
+    return TokenIdentity(
+        label=token.label,
+        serial=token.serial.decode("ascii", "replace"),
+        manufacturer=token.manufacturer_id,
+        model=token.model,
+    )
+
+
+def _describe(identity: TokenIdentity) -> str:
+    return (
+        f"label {identity.label!r}, serial {identity.serial}, {identity.manufacturer.strip()} {identity.model.strip()}"
+    )
 
 
 def _serial(cfg: TokenConfig, loaded: LoadedModule) -> bool:

@@ -188,21 +188,23 @@ def unload_module(path: str) -> None:
 
 
 def find_token(lib: Any, cfg: TokenConfig) -> Any:
-    """The one token that matches the configured label or serial."""
+    """The one token that matches the configured label and/or serial."""
+    serial = cfg.serial.encode() if cfg.serial is not None else None
+    what = " and ".join(
+        ([f"label {cfg.label!r}"] if cfg.label is not None else []) + ([f"serial {cfg.serial!r}"] if serial else [])
+    )
     try:
-        if cfg.serial is not None:
-            matches = list(_tokens(lib, serial=cfg.serial.encode()))
-            what = f"serial {cfg.serial!r}"
-        else:
-            matches = list(_tokens(lib, label=cfg.label))
-            what = f"label {cfg.label!r}"
+        matches = list(_tokens(lib, label=cfg.label, serial=serial))
     except p11.PKCS11Error as e:
         raise TokenUnavailable(f"cannot list tokens of {cfg.module}: {describe(e)}") from None
     if not matches:
         available = ", ".join(repr(t.label) for t in _tokens(lib)) or "none"
         raise TokenUnavailable(f"no token with {what} in {cfg.module}; tokens present: {available}")
     if len(matches) > 1:
-        raise TokenUnavailable(f"{len(matches)} tokens have {what}; select the token by serial instead")
+        raise TokenUnavailable(
+            f"{len(matches)} tokens have {what}; set both label and serial (some modules give every token the "
+            "same serial)"
+        )
     return matches[0]
 
 
