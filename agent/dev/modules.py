@@ -244,11 +244,15 @@ def opencryptoki_backend(directory: Path) -> Backend:
         if old.is_file():
             old.unlink()
     b = OpencryptokiBackend("opencryptoki", directory, OPENCRYPTOKI, dict(OCK_KEYS), pin=OCK_PIN)
-    b.start()
-    _pkcsconf("-I", answers=[OCK_DEFAULT_SO_PIN, LABEL])
-    _pkcsconf("-u", answers=[OCK_DEFAULT_SO_PIN, "11112222", "11112222"])
-    _pkcsconf("-p", answers=["11112222", OCK_PIN, OCK_PIN])  # a user PIN set by the SO must be changed once
-    softhsm.generate_keys(directory, module=OPENCRYPTOKI, label=LABEL, pin=OCK_PIN, keys=OCK_KEYS)
+    try:
+        b.start()
+        _pkcsconf("-I", answers=[OCK_DEFAULT_SO_PIN, LABEL])
+        _pkcsconf("-u", answers=[OCK_DEFAULT_SO_PIN, "11112222", "11112222"])
+        _pkcsconf("-p", answers=["11112222", OCK_PIN, OCK_PIN])  # a user PIN set by the SO must be changed once
+        softhsm.generate_keys(directory, module=OPENCRYPTOKI, label=LABEL, pin=OCK_PIN, keys=OCK_KEYS)
+    except BaseException:
+        b.close()  # no backend process outlives a failed set-up
+        raise
     return b
 
 
@@ -379,32 +383,36 @@ def tpm2_backend(directory: Path) -> Backend:
         "TPM2_PKCS11_STORE": str(store),
         "TPM2_PKCS11_LOG_LEVEL": "0",
     }
-    b.start()
-    env = b.tools_env()
-    where = f"--path={store}"
-    _run("tpm2_ptool", "init", where, env=env)
-    _run(
-        "tpm2_ptool",
-        "addtoken",
-        "--pid=1",
-        f"--sopin={SO_PIN}",
-        f"--userpin={TPM_PIN}",
-        f"--label={LABEL}",
-        where,
-        env=env,
-    )
-    algorithms = {"p256": "ecc256", "rsa2048": "rsa2048"}
-    for label, kind in TPM_KEYS.items():
+    try:
+        b.start()
+        env = b.tools_env()
+        where = f"--path={store}"
+        _run("tpm2_ptool", "init", where, env=env)
         _run(
             "tpm2_ptool",
-            "addkey",
-            f"--algorithm={algorithms[kind]}",
-            f"--label={LABEL}",
-            f"--key-label={label}",
+            "addtoken",
+            "--pid=1",
+            f"--sopin={SO_PIN}",
             f"--userpin={TPM_PIN}",
+            f"--label={LABEL}",
             where,
             env=env,
         )
+        algorithms = {"p256": "ecc256", "rsa2048": "rsa2048"}
+        for label, kind in TPM_KEYS.items():
+            _run(
+                "tpm2_ptool",
+                "addkey",
+                f"--algorithm={algorithms[kind]}",
+                f"--label={LABEL}",
+                f"--key-label={label}",
+                f"--userpin={TPM_PIN}",
+                where,
+                env=env,
+            )
+    except BaseException:
+        b.close()  # no backend process outlives a failed set-up
+        raise
     return b
 
 
