@@ -62,6 +62,12 @@ install_packages() {
   # the benchmark's slow-HSM filter module (bench/slowhsm.c) is built with gcc against p11-kit's pkcs11.h
   command -v cc >/dev/null || want+=(gcc libc6-dev)
   [ -f /usr/include/p11-kit-1/p11-kit/pkcs11.h ] || want+=(libp11-kit-dev)
+  # the module contract suite (tests/modules): p11-kit remoting, opencryptoki's soft token, tpm2-pkcs11 on swtpm
+  local pkg
+  for pkg in p11-kit p11-kit-modules opencryptoki libtpm2-pkcs11-1 libtpm2-pkcs11-tools swtpm swtpm-tools tpm2-tools \
+    tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || want+=("$pkg")
+  done
   if [ ${#want[@]} -gt 0 ]; then
     say "installing ${want[*]} (apt)"
     as_root apt-get update -qq

@@ -13,8 +13,9 @@ import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from agent.caller import Caller
@@ -49,6 +50,31 @@ class TokenConfig:
     module_env: Mapping[str, str] = field(default_factory=dict)
     pin: SecretSource = field(default_factory=SecretSource)
     probe_interval: float = 10.0
+    # Bounded time on the token: a signature not back after sign_timeout seconds gets 504 token_timeout and
+    # opens the circuit; a token call still stuck after stuck_limit seconds means the process is wedged
+    # (watchdog pings stop; a worker exits to be replaced). 0 turns either off.
+    sign_timeout: float = 10.0
+    stuck_limit: float = 60.0
+    # How the module may be called (README "PKCS#11 modules"): auto picks serial for modules known to fail
+    # with two threads inside (tpm2-pkcs11); max_sessions bounds the sessions open for signing (0: no bound).
+    concurrency: TokenConcurrency = field(default_factory=lambda: TokenConcurrency.AUTO)
+    max_sessions: int = 0
+    # Key generation template: sign-only by default; "module" leaves usages to the module (tpm2-pkcs11
+    # rejects CKA_DECRYPT/CKA_ENCRYPT = FALSE). Keys allowing more than signing are refused unless
+    # allow_other_usages is true.
+    keygen_template: KeygenTemplate = field(default_factory=lambda: KeygenTemplate.SIGN_ONLY)
+    allow_other_usages: bool = False
+
+
+class TokenConcurrency(str, Enum):
+    AUTO = "auto"
+    PARALLEL = "parallel"
+    SERIAL = "serial"
+
+
+class KeygenTemplate(str, Enum):
+    SIGN_ONLY = "sign-only"
+    MODULE = "module"
 
 
 @dataclass(frozen=True)
@@ -225,12 +251,14 @@ def parse_config(data: Mapping[str, Any], *, base: Path, path: Path | None = Non
 
 
 def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
-    _only(t, {"module", "label", "serial", "module_env", "pin", "probe_interval"}, where)
+    _only(t, {"module", "label", "serial", "module_env", "pin", "probe_interval", *_TOKEN_LIMITS, *_TOKEN_MODES}, where)
     module = _str(t, "module", where, required=True)
     label = _str(t, "label", where)
     serial = _str(t, "serial", where)
-    if (label is None) == (serial is None):
-        raise ConfigError(f"{where}: set exactly one of 'label' or 'serial' to select the token")
+    if label is None and serial is None:
+        # both may be set (both must match): some modules give every token one serial (opencryptoki "123",
+        # tpm2-pkcs11 "0000000000000000"), some let two tokens share a label
+        raise ConfigError(f"{where}: set 'label' or 'serial' (or both) to select the token")
     env = t.get("module_env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where}: 'module_env' must be a table of strings")
@@ -247,7 +275,39 @@ def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
         prompt=prompt,
     )
     probe = _number(t, "probe_interval", where, 10.0, lo=0.5, hi=3600.0)
-    return TokenConfig(module=module, label=label, serial=serial, module_env=env, pin=pin, probe_interval=probe)
+    limits = {name: _number(t, name, where, default, lo=0.0, hi=3600.0) for name, default in _TOKEN_LIMITS.items()}
+    concurrency = _choice(t, "concurrency", where, TokenConcurrency, TokenConcurrency.AUTO)
+    template = _choice(t, "keygen_template", where, KeygenTemplate, KeygenTemplate.SIGN_ONLY)
+    other = t.get("allow_other_usages", False)
+    if not isinstance(other, bool):
+        raise ConfigError(f"{where}: 'allow_other_usages' must be true or false")
+    return TokenConfig(
+        module=module,
+        label=label,
+        serial=serial,
+        module_env=env,
+        pin=pin,
+        probe_interval=probe,
+        **limits,
+        concurrency=concurrency,
+        max_sessions=_int(t, "max_sessions", where, 0, lo=0, hi=4096),
+        keygen_template=template,
+        allow_other_usages=other,
+    )
+
+
+_TOKEN_LIMITS = {"sign_timeout": 10.0, "stuck_limit": 60.0}
+_TOKEN_MODES = ("concurrency", "max_sessions", "keygen_template", "allow_other_usages")
+_E = TypeVar("_E", bound=Enum)
+
+
+def _choice(t: Mapping[str, Any], key: str, where: str, kind: type[_E], default: _E) -> _E:
+    v = t.get(key, default.value)
+    try:
+        return kind(v)
+    except ValueError:
+        allowed = ", ".join(repr(m.value) for m in kind)
+        raise ConfigError(f"{where}: '{key}' must be one of {allowed}") from None
 
 
 def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:

@@ -14,7 +14,10 @@ lookup table, and the CLI can print the same words. Messages never contain a PIN
     ├── TokenError (token_error, 503)                                                          PKCS#11
     │   ├── TokenUnavailable (token_unavailable) └── CircuitOpen
     │   ├── PinRejected (pin_incorrect), PinLocked (pin_locked), IdentityMismatch (token_identity_changed)
+    │   ├── UnsupportedMechanism (mechanism_unsupported), SelfTestFailed (self_test_failed), TokenTimeout
+    │   │   (token_timeout, 504)
     │   └── KeyNotFound (key_not_found, 404), KeyExists (key_exists, 409), UnsupportedKey (unsupported_key, 422)
+    │       └── KeyUsageRefused (key_usage_refused)
     └── DfnsError (dfns_error, Dfns's status), DfnsUnreachable (502), DfnsTimeout (504),
         DfnsNotConfigured (dfns_not_configured, 422)                                           Dfns
 
@@ -128,6 +131,31 @@ class KeyExists(TokenError):
 class UnsupportedKey(TokenError):
     code = "unsupported_key"
     status = 422
+
+
+class UnsupportedMechanism(TokenError):
+    """The module offers no mechanism that makes the key's signature (named in the message)."""
+
+    code = "mechanism_unsupported"
+
+
+class TokenTimeout(TokenError):
+    """A token call did not return within ``[token] sign_timeout``: the circuit opens; the call is abandoned."""
+
+    code = "token_timeout"
+    status = 504
+
+
+class SelfTestFailed(TokenError):
+    """A key did not sign, or its signature did not verify, in the start-up/doctor self-test."""
+
+    code = "self_test_failed"
+
+
+class KeyUsageRefused(UnsupportedKey):
+    """The key allows more than signing (decrypt, unwrap, derive) and the config does not accept that."""
+
+    code = "key_usage_refused"
 
 
 class Forbidden(AgentError):

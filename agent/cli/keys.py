@@ -56,8 +56,8 @@ def list_keys(obj: Context, as_json: bool) -> None:
     if not found:
         click.echo("no private keys on the token")
         return
-    header = ("LABEL", "ID", "TYPE", "FINGERPRINT", "SENSITIVE", "EXTRACTABLE")
-    rows = [
+    header: tuple[str, ...] = ("LABEL", "ID", "TYPE", "FINGERPRINT", "SENSITIVE", "EXTRACTABLE")
+    rows: list[tuple[str, ...]] = [
         (
             k.label,
             k.id.hex(),
@@ -68,6 +68,9 @@ def list_keys(obj: Context, as_json: bool) -> None:
         )
         for k in found
     ]
+    if any(k.other_usages for k in found):  # keys that can do more than sign: shown, and refused by serve
+        header = (*header, "ALSO ALLOWS")
+        rows = [(*r, ",".join(k.other_usages) or "-") for r, k in zip(rows, found, strict=True)]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     for r in [header, *rows]:
         click.echo("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())

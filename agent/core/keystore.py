@@ -26,3 +26,6 @@ class KeyStore(Protocol):
     def sign(self, key: KeyInfo, message: bytes) -> bytes: ...
 
     def health(self) -> TokenHealth: ...
+
+    def fault(self, reason: str) -> None:
+        """Open the circuit: the device did not answer in time (recovery takes it from there)."""

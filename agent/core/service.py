@@ -11,10 +11,13 @@ which clientData digest; if the record cannot be written, the signature is withh
 from __future__ import annotations
 
 import asyncio
+import copy
 import os
+import signal
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
+from functools import cache
 from typing import TypeVar
 
 from agent.caller import Caller
@@ -35,11 +38,24 @@ from agent.dfns import (
     b64url,
     sha256_hex,
 )
-from agent.errors import AgentError, CircuitOpen
-from agent.health import AgentHealth, TokenState
+from agent.errors import AgentError, CircuitOpen, TokenTimeout
+from agent.health import AgentHealth, TokenHealth, TokenState
 from agent.token.keys import KeyInfo
 
 T = TypeVar("T")
+
+# How long GET /v1/health waits for the token's own answer before it answers from the state it has.
+HEALTH_WAIT = 1.0
+
+
+@cache
+def _health_thread() -> ThreadPoolExecutor:
+    """One thread per process for health checks: a check stuck in a hung token is never joined by another,
+    and never waits behind signatures stuck in the signing pool."""
+    stop = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}  # the main thread takes those, as for every helper
+    return ThreadPoolExecutor(
+        1, thread_name_prefix="health", initializer=signal.pthread_sigmask, initargs=(signal.SIG_BLOCK, stop)
+    )
 
 
 class _KeySigner:
@@ -90,8 +106,15 @@ class SigningService:
         executor: Executor | None = None,
         *,
         started: float | None = None,
+        sign_timeout: float = 0.0,
     ) -> None:
         self.keys = keys
+        # Seconds a signature may take on the signing threads before the caller gets 504 token_timeout and the
+        # circuit opens (0: no bound). Inline signing (no threads) cannot be bounded: the watchdog covers it.
+        self.sign_timeout = sign_timeout
+        self._health_check: asyncio.Future[AgentHealth] | None = None
+        self._health_check_started = 0.0
+        self._last_health: AgentHealth | None = None
         self.audit = audit
         self.metrics = metrics
         self._credentials = credentials
@@ -110,9 +133,11 @@ class SigningService:
         executor: Executor | None = None,
         *,
         started: float | None = None,
+        sign_timeout: float = 0.0,
     ) -> SigningService:
         """Find each credential's key on the token; a missing or ambiguous key is a start-up error."""
-        return cls(keys, Credentials.from_config(keys, configs), audit, metrics, executor, started=started)
+        creds = Credentials.from_config(keys, configs)
+        return cls(keys, creds, audit, metrics, executor, started=started, sign_timeout=sign_timeout)
 
     @property
     def credentials(self) -> Credentials:
@@ -193,7 +218,11 @@ class SigningService:
         error: AgentError | None = None
         result: T | None = None
         try:
-            result = await self._in_pool(work)
+            result = await self._in_pool(work, bounded=True)
+        except TokenTimeout as e:
+            # The work goes on in its thread and may still fill in the record: audit a copy as it is now.
+            error, record = e, copy.copy(record)
+            record.signature = None
         except AgentError as e:
             error = e
         outcome = _outcome(attempt, error)
@@ -214,10 +243,18 @@ class SigningService:
         assert result is not None
         return result
 
-    async def _in_pool(self, fn: Callable[[], T]) -> T:
+    async def _in_pool(self, fn: Callable[[], T], *, bounded: bool = False) -> T:
         if self._executor is None:
             return fn()
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        future = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        if not bounded or not self.sign_timeout:
+            return await future
+        try:
+            return await asyncio.wait_for(future, self.sign_timeout)
+        except asyncio.TimeoutError:
+            reason = f"a signature did not come back within {self.sign_timeout:g}s"
+            self.keys.fault(reason)
+            raise TokenTimeout(f"{self.keys.name}: {reason}; the request is abandoned") from None
 
     def _count(self, record: AuditRecord, outcome: Outcome, started: float) -> None:
         """Count the attempt under its credential, if it is a configured one; else under the fixed label
@@ -263,8 +300,43 @@ class SigningService:
             pass
 
     async def health(self) -> AgentHealth:
-        """Token state, anchor session logged in, every credential's key still the same key, audit writable."""
-        return await self._in_pool(self._health)
+        """Token state, anchor session logged in, every credential's key still the same key, audit writable.
+
+        Bounded: the check runs on its own thread, at most one at a time; when the token does not answer
+        within :data:`HEALTH_WAIT`, or an earlier check is still stuck, the answer comes from the state the
+        agent has (and the circuit opens)."""
+        loop = asyncio.get_running_loop()
+        check = self._health_check
+        if check is None or check.done():
+            check = self._health_check = asyncio.ensure_future(loop.run_in_executor(_health_thread(), self._health))
+            self._health_check_started = time.monotonic()
+        waited = time.monotonic() - self._health_check_started
+        try:
+            self._last_health = await asyncio.wait_for(asyncio.shield(check), max(HEALTH_WAIT - waited, 0.0))
+            return self._last_health
+        except asyncio.TimeoutError:
+            stuck = time.monotonic() - self._health_check_started
+            reason = f"the token has not answered a health check for {stuck:.1f}s"
+            self.keys.fault(reason)
+            return self._unanswered(reason)
+
+    def _unanswered(self, reason: str) -> AgentHealth:
+        """Health from what the agent already knows, without a call to the token."""
+        reconnects = self._last_health.token.reconnects if self._last_health is not None else 0
+        token = TokenHealth(TokenState.DEGRADED, False, False, reconnects, reason)
+        status = TokenState.DEGRADED
+        reasons = [reason]
+        if self.audit is not None and not self.audit.healthy:
+            reasons.append(self.audit.last_error or "audit log unavailable")
+            status = TokenState.DOWN
+        return AgentHealth(
+            status=status,
+            identity=self.keys.identity,
+            token=token,
+            keys={cred.name: False for cred in self._credentials},
+            uptime_seconds=round(time.time() - self.started, 3),
+            reason="; ".join(reasons),
+        )
 
     def _health(self) -> AgentHealth:
         token = self.keys.health()

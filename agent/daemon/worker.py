@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
+import sys
 from collections.abc import Callable, Collection, Coroutine, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Literal, TextIO
@@ -172,8 +174,12 @@ def serve_worker(
         threads = config.server.sign_threads
         with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sign", initializer=_block_loop_signals) as pool:
             executor = pool if threads else None
-            service = SigningService.from_config(token, config.credentials, audit, metrics, executor, started=started)
+            service = SigningService.from_config(
+                token, config.credentials, audit, metrics, executor, started=started,
+                sign_timeout=config.token.sign_timeout,
+            )
             token.expect_keys([c.key for c in service.credentials])
+            _self_test(token, service)
             with main_thread_signals():
                 token.start_probe()
             if announce:
@@ -193,6 +199,14 @@ def serve_worker(
         finally:
             if token is not None:
                 token.close()
+
+
+def _self_test(token: Token, service: SigningService) -> None:
+    """Before serving (and before a reload takes effect): every credential's key signs a nonce that verifies,
+    with a mechanism the module offers; a module that cannot sign fails here, not on the first request."""
+    for cred in service.credentials:
+        mechanism = token.check_signing(cred.key)
+        log.debug("credential %r: key %r signs with %s; self-test passed", cred.name, cred.key.label, mechanism)
 
 
 def _run_loop(main: Coroutine[Any, Any, None]) -> None:
@@ -219,11 +233,13 @@ def reload(
         log.warning("token settings changed in %s; restart the agent to apply them", config.path)
     previous = state.current.service
     service = SigningService.from_config(
-        token, fresh.credentials, audit, previous.metrics, executor, started=previous.started
+        token, fresh.credentials, audit, previous.metrics, executor, started=previous.started,
+        sign_timeout=fresh.token.sign_timeout,
     )
     if not len(service.credentials):
         raise ConfigError("no [[credential]] configured")
     dfns = read_dfns_tokens(fresh)
+    _self_test(token, service)
     state.replace(Generation(service, flow(service, dfns), Policy(fresh.rules, buckets=SHARED)))
     token.expect_keys([c.key for c in service.credentials])
     log.info("reloaded %s: %d credential(s), %d policy rule(s)", fresh.path, len(service.credentials), len(fresh.rules))
@@ -273,7 +289,9 @@ async def _serve_until_signalled(
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_hup()))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, LOOP_SIGNALS)  # a worker's early signal is delivered now
         interval = systemd.watchdog_interval()
-        pinger = loop.create_task(_keep_watchdog(interval)) if interval else None
+        pinger = loop.create_task(_keep_watchdog(interval, token, config.token.stuck_limit)) if interval else None
+        if config.server.workers > 1 and config.token.stuck_limit:
+            pinger = pinger or loop.create_task(_exit_when_stuck(token, config.token.stuck_limit))
         server = Server(app.handle, app.limits, on_protocol_error=app.count_protocol_error, admit=app.admit_connection)
         try:
             await server.start(sock)
@@ -302,11 +320,29 @@ class _StopEvent(asyncio.Event):
         return await super().wait()
 
 
-async def _keep_watchdog(interval: float) -> None:
-    """WATCHDOG=1 from the event loop: a wedged loop stops the pings and systemd restarts the agent."""
+async def _keep_watchdog(interval: float, token: Token, stuck_limit: float) -> None:
+    """WATCHDOG=1 from the event loop: a wedged loop stops the pings and systemd restarts the agent; so does
+    a token call stuck for longer than ``stuck_limit`` (the loop still runs, the token does not)."""
     while True:
-        systemd.watchdog()
+        stuck = token.stuck_for()
+        if stuck_limit and stuck > stuck_limit:
+            log.error("a token call has been stuck for %.0fs; no more watchdog pings", stuck)
+        else:
+            systemd.watchdog()
         await asyncio.sleep(interval)
+
+
+async def _exit_when_stuck(token: Token, stuck_limit: float) -> None:
+    """A worker (the supervisor pings systemd for all of them) whose token call is stuck for longer than
+    ``stuck_limit`` exits, so the supervisor replaces it; one whose module still hangs then blocks the
+    supervisor's start-up of it, and its pings stop."""
+    while True:
+        await asyncio.sleep(min(1.0, stuck_limit / 4))
+        stuck = token.stuck_for()
+        if stuck > stuck_limit:
+            log.error("a token call has been stuck for %.0fs; exiting so the supervisor replaces this worker", stuck)
+            sys.stderr.flush()
+            os._exit(70)  # EX_SOFTWARE; the stuck thread cannot be joined
 
 
 def _announce(

@@ -104,6 +104,7 @@ class SoftKeyStore:
         self.reconnects = 0
         self.signatures = 0
         self.sign_threads: list[str] = []
+        self._hold: threading.Event | None = None
 
     @classmethod
     def with_keys(cls, labels: Iterable[tuple[str, KeyKind]], *, fresh: bool = False) -> SoftKeyStore:
@@ -152,9 +153,13 @@ class SoftKeyStore:
             self.signatures += 1
             self.sign_threads.append(threading.current_thread().name)
             private = entry.private
+        if self._hold is not None:
+            self._hold.wait()
         return sign_dfns(private, message)
 
     def health(self) -> TokenHealth:
+        if self._hold is not None:
+            self._hold.wait()
         with self._lock:
             up = self._state is TokenState.OK
             return TokenHealth(self._state, up, up and self._logged_in, self.reconnects, self._reason)
@@ -198,6 +203,15 @@ class SoftKeyStore:
         assert kind is not None
         self.remove(label)
         return self.add(label, key if key is not None else kind, old.info.id)
+
+    def fault(self, reason: str) -> None:
+        """As the token's circuit opening: ``degraded`` with ``reason``."""
+        self.set_state(TokenState.DEGRADED, reason)
+
+    def hold_signatures(self) -> threading.Event:
+        """Signatures and health checks block (as on a hung HSM) until the returned event is set."""
+        self._hold = threading.Event()
+        return self._hold
 
     def fail_next_sign(self, error: AgentError | None = None, times: int = 1) -> None:
         """The next ``times`` signatures raise ``error`` (default: :class:`TokenUnavailable`)."""

@@ -14,7 +14,17 @@ from agent.config import Config, CredentialConfig, TokenConfig
 from agent.diagnostics.config_checks import EXAMPLE
 from agent.diagnostics.results import Check, failed, passed
 from agent.diagnostics.secret_checks import PIN_KEYS, secret_fix
-from agent.errors import KeyNotFound, PinLocked, PinRejected, SecretError, TokenUnavailable, UnsupportedKey
+from agent.errors import (
+    KeyNotFound,
+    KeyUsageRefused,
+    PinLocked,
+    PinRejected,
+    SecretError,
+    SelfTestFailed,
+    TokenUnavailable,
+    UnsupportedKey,
+    UnsupportedMechanism,
+)
 from agent.secret import Secret, read_pin
 from agent.token import Token
 
@@ -41,13 +51,15 @@ def check_module(cfg: TokenConfig) -> tuple[Any, Check]:
     for name, value in cfg.module_env.items():
         os.environ[name] = value  # e.g. SOFTHSM2_CONF: read by the module during C_Initialize
     try:
-        lib, _raw = load_module(path)
+        loaded = load_module(path)
     except TokenUnavailable as e:
         return None, failed("module", e.message, _module_fix(path, cfg))
+    lib = loaded.lib
     major, minor = lib.library_version
     ck_major, ck_minor = lib.cryptoki_version
     desc = f"{lib.library_description.strip()} {major}.{minor} by {lib.manufacturer_id.strip()}"
-    return lib, passed("module", f"{path}: {desc} (Cryptoki {ck_major}.{ck_minor})")
+    locking = "OS locking" if loaded.os_locking else "a new instance per caller, module's own locking"
+    return lib, passed("module", f"{path}: {desc} (Cryptoki {ck_major}.{ck_minor}; {locking})")
 
 
 def _module_fix(path: str, cfg: TokenConfig) -> str:
@@ -89,12 +101,21 @@ def check_token(lib: Any, cfg: TokenConfig) -> tuple[Any, Check]:
             fix = (
                 f"set {line} in [token]{' (instead of label)' if cfg.label else ''} to select one of the tokens "
                 "present; the serial is safer: "
-                "labels can repeat, and slot ids change whenever a token is re-initialized"
+                "labels can repeat, and slot ids change whenever a token is re-initialized (where serials repeat "
+                "too, as on opencryptoki and tpm2-pkcs11, set both label and serial)"
             )
         return None, failed("token", problem, fix)
     serial = tok.serial.decode("ascii", "replace").strip()
+    warnings = []
+    if cfg.label is None and (not serial.strip("0") or sum(t.serial == serial for t in present_tokens(lib)) > 1):
+        warnings.append(
+            f"serial {serial} is not unique on this module: set label too; after a reconnect the agent checks "
+            "label, serial, manufacturer, model and every key's public key"
+        )
     return tok, passed(
-        "token", f"{tok.label!r}, serial {serial}, {tok.manufacturer_id.strip()} {tok.model.strip()}".rstrip()
+        "token",
+        f"{tok.label!r}, serial {serial}, {tok.manufacturer_id.strip()} {tok.model.strip()}".rstrip(),
+        *warnings,
     )
 
 
@@ -245,9 +266,27 @@ def check_key(token: Token, cred: CredentialConfig) -> Check:
             "add a [[credential]] for it and register it with Dfns (dfns-agent register --credential NEW --via "
             f"{cred.name}), then stop using {info.label!r} and destroy it",
         )
+    try:
+        mechanism = token.check_signing(info)
+    except (UnsupportedMechanism, SelfTestFailed) as e:
+        return failed(
+            name,
+            e.message,
+            "use a key type this module can sign (see the README's PKCS#11 modules table), or a module or "
+            "firmware that offers the mechanism",
+        )
+    except KeyUsageRefused as e:
+        return failed(
+            name,
+            e.message,
+            "make a sign-only key (dfns-agent keys generate), or, where the module allows no other (tpm2-pkcs11), "
+            "set [token] allow_other_usages = true",
+        )
     warnings = []
     if not info.always_sensitive:
         warnings.append("ALWAYS_SENSITIVE is false: the key was readable at some point, a copy may exist elsewhere")
     if not info.never_extractable:
         warnings.append("NEVER_EXTRACTABLE is false: the key was extractable at some point (e.g. imported)")
-    return passed(name, f"{where}; sensitive, not extractable", *warnings)
+    if info.other_usages:
+        warnings.append(f"also allows {', '.join(info.other_usages)} (accepted: [token] allow_other_usages)")
+    return passed(name, f"{where}; sensitive, not extractable; self-test signed with {mechanism}", *warnings)

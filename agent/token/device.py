@@ -2,8 +2,9 @@
 
 - One logged-in *anchor* session lives as long as the process: closing the last session (or calling
   python-pkcs11's ``Session.close()`` on the logged-in one) logs the whole token out.
-- Each signing thread gets its own unauthenticated *worker* session (PKCS#11 forbids concurrent use of
-  one session); the anchor's login makes private keys usable on all of them.
+- Signatures take an unauthenticated *worker* session from a pool (PKCS#11 forbids concurrent use of one
+  session), at most ``[token] max_sessions`` of them; the anchor's login makes private keys usable on all.
+  In serial mode (``[token] concurrency``) every call into the module is made one at a time.
 - A stale session or handle is retried once on a fresh session; any other device error opens the circuit
   and recovery takes over (``agent/token/recovery.py``). Before signing again it checks that the token has
   the same serial and that every expected key still signs and verifies against the public key known at
@@ -12,23 +13,27 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pkcs11 import Attribute, ObjectClass, TokenFlag
+from pkcs11 import Attribute, Mechanism, ObjectClass, TokenFlag
 from pkcs11 import exceptions as p11
 
-from agent.config import TokenConfig
+from agent.config import KeygenTemplate, TokenConcurrency, TokenConfig
 from agent.errors import (
     CircuitOpen,
     IdentityMismatch,
     KeyExists,
+    KeyUsageRefused,
     PinLocked,
     PinRejected,
+    SelfTestFailed,
     TokenError,
     TokenUnavailable,
     UnsupportedKey,
@@ -37,8 +42,18 @@ from agent.health import TokenHealth, TokenIdentity, TokenState
 from agent.secret import Secret
 from agent.token import module
 from agent.token.gate import Gate
-from agent.token.keys import KeyInfo, KeyKind, find_key, generate_keypair, key_info, self_test, sign_with
-from agent.token.module import USER_STATES, RawModule, describe, load_module, unload_module
+from agent.token.keys import (
+    KeyInfo,
+    KeyKind,
+    choose_mechanism,
+    find_key,
+    generate_keypair,
+    key_info,
+    mechanism_name,
+    self_test,
+    sign_with,
+)
+from agent.token.module import USER_STATES, LoadedModule, describe, load_module, unload_module
 from agent.token.recovery import Circuit
 
 log = logging.getLogger(__name__)
@@ -68,27 +83,25 @@ class _Worker:
 class Token:
     """A logged-in token. Thread-safe: each calling thread signs on its own session."""
 
-    def __init__(self, cfg: TokenConfig, pin: Secret, lib: Any, raw: RawModule, token: Any, anchor: Any) -> None:
+    def __init__(self, cfg: TokenConfig, pin: Secret, loaded: LoadedModule, token: Any, anchor: Any) -> None:
         self.module = cfg.module
         self._cfg = cfg
         self._pin = pin  # kept only to log in again after the device dropped the session
-        self._lib = lib
-        self._raw = raw
+        self._loaded = loaded
         self._token = token
         self._anchor = anchor
         self._anchor_lock = threading.RLock()
-        self._local = threading.local()
-        self._workers: list[_Worker] = []
+        self._workers: list[_Worker] = []  # every signing session open
+        self._idle: list[_Worker] = []  # those not signing right now
+        self.serial = _serial(cfg, loaded)
+        self._slots = threading.BoundedSemaphore(cfg.max_sessions) if cfg.max_sessions else None
         self._workers_lock = threading.Lock()
         self._generation = 0
         self._gate = Gate()
-        self.identity = TokenIdentity(
-            label=token.label,
-            serial=token.serial.decode("ascii", "replace"),
-            manufacturer=token.manufacturer_id,
-            model=token.model,
-        )
+        self.identity = _identity(token)
         self._expected: list[KeyInfo] = []
+        self._mechanisms: dict[KeyKind, Mechanism] = {}
+        self._inflight: dict[int, float] = {}  # thread id -> when its token call began (signatures, probe)
         self.circuit = Circuit(lambda: self.name, self._gate, self._reconnect)
         self._probe: threading.Thread | None = None
 
@@ -112,10 +125,10 @@ class Token:
         """Load the module, find the token and log in once. A rejected PIN is never retried."""
         for name, value in cfg.module_env.items():
             os.environ[name] = value
-        lib, raw = load_module(cfg.module)
-        token = module.find_token(lib, cfg)
+        loaded = load_module(cfg.module)
+        token = module.find_token(loaded.lib, cfg)
         anchor = _login(token, pin, rw=rw)
-        return cls(cfg, pin, lib, raw, token, anchor)
+        return cls(cfg, pin, loaded, token, anchor)
 
     def start_probe(self, interval: float | None = None) -> None:
         """Check the token every ``interval`` seconds: keeps idle sessions alive, notices faults early."""
@@ -136,7 +149,7 @@ class Token:
 
     def _close_sessions(self) -> None:
         with self._workers_lock:
-            workers, self._workers = self._workers, []
+            workers, self._workers, self._idle = self._workers, [], []
             self._generation += 1
         for w in workers:
             try:
@@ -175,20 +188,66 @@ class Token:
             return find_key(self._anchor, label, key_id, self.name)
 
     def generate(self, kind: KeyKind, label: str) -> KeyInfo:
-        """Generate a key pair on the device: private half SENSITIVE, non-EXTRACTABLE, PRIVATE, SIGN only."""
+        """Generate a key pair on the device: private half SENSITIVE, non-EXTRACTABLE, PRIVATE, SIGN only (or,
+        with ``keygen_template = "module"``, with the usages the module adds)."""
         if not label:
             raise UnsupportedKey("a key needs a non-empty label")
         with self._anchor_lock, self._errors("generate a key"):
             s = self._anchor
             if next(iter(s.get_objects({Attribute.LABEL: label})), None) is not None:
                 raise KeyExists(f"an object labelled {label!r} already exists on {self.name}")
-            info = key_info(s, generate_keypair(s, kind, label))
+            sign_only = self._cfg.keygen_template is KeygenTemplate.SIGN_ONLY
+            try:
+                priv = generate_keypair(s, kind, label, sign_only=sign_only)
+            except (p11.GeneralError, p11.TemplateInconsistent, p11.AttributeValueInvalid) as e:
+                if not sign_only:
+                    raise
+                raise TokenUnavailable(
+                    f"{self.name} refused the sign-only key template ({describe(e)}); if this module cannot make "
+                    'sign-only keys (tpm2-pkcs11 cannot), set [token] keygen_template = "module" and '
+                    "allow_other_usages = true: its keys then also allow what the module adds (e.g. CKA_DECRYPT)"
+                ) from None
+            info = key_info(s, priv)
             if info.extractable or not info.sensitive:
                 # A module that ignored the template must not leave an exportable key behind.
                 for obj in list(s.get_objects({Attribute.ID: info.id, Attribute.LABEL: label})):
                     obj.destroy()
                 raise TokenError(f"{self.name} did not honour SENSITIVE/non-EXTRACTABLE; key destroyed")
             return info
+
+    def mechanism_for(self, kind: KeyKind) -> Mechanism:
+        """The mechanism this token signs ``kind`` keys with, chosen once from what the module reports;
+        raises :class:`UnsupportedMechanism` naming the ones it lacks."""
+        found = self._mechanisms.get(kind)
+        if found is None:
+            with self._anchor_lock, self._errors("list the mechanisms"):
+                found = self._mechanisms[kind] = choose_mechanism(kind, self._token.slot, self.name)
+        return found
+
+    def check_signing(self, key: KeyInfo) -> str:
+        """The start-up and doctor self-test: a mechanism exists for the key's kind, and the key signs a fresh
+        nonce that verifies with its public key. Returns the mechanism's name."""
+        if key.kind is None:
+            raise UnsupportedKey(f"key {key.label!r} is {key.type_name}; cannot sign with it")
+        if key.other_usages and not self._cfg.allow_other_usages:
+            raise KeyUsageRefused(
+                f"key {key.label!r} on {self.name} also allows {', '.join(key.other_usages)}; refusing a key that "
+                "can do more than sign (set [token] allow_other_usages = true to accept it)"
+            )
+        mechanism = self.mechanism_for(key.kind)
+        with self._anchor_lock:
+            try:
+                self_test(self._anchor, key, key, mechanism)
+            except IdentityMismatch:
+                raise SelfTestFailed(
+                    f"key {key.label!r} on {self.name} signed with {mechanism_name(mechanism)}, but the signature "
+                    "does not verify with its public key"
+                ) from None
+            except p11.PKCS11Error as e:
+                raise SelfTestFailed(
+                    f"key {key.label!r} on {self.name} cannot sign with {mechanism_name(mechanism)}: {describe(e)}"
+                ) from None
+        return mechanism_name(mechanism)
 
     # -- signing -------------------------------------------------------------------------------------
 
@@ -198,11 +257,21 @@ class Token:
             raise UnsupportedKey(f"key {key.label!r} is {key.type_name}; cannot sign with it")
         if self.circuit.state is not TokenState.OK:
             raise CircuitOpen(f"{self.name} is unavailable: {self.circuit.reason}")
-        with self._gate.shared():
+        mechanism = self.mechanism_for(key.kind)
+        me = threading.get_ident()
+        self._inflight[me] = time.monotonic()
+        try:
+            return self._sign(key, message, mechanism)
+        finally:
+            self._inflight.pop(me, None)
+
+    def _sign(self, key: KeyInfo, message: bytes, mechanism: Mechanism) -> bytes:
+        assert key.kind is not None
+        with self._gate.shared(), self._one_at_a_time():
             for attempt in (1, 2):
-                worker = self._worker()
+                worker = self._checkout()
                 try:
-                    return sign_with(worker.key(key), key.kind, message)
+                    signature = sign_with(worker.key(key), key.kind, message, mechanism)
                 except _STALE as e:
                     self._drop_worker(worker)
                     if attempt == 1:
@@ -211,29 +280,65 @@ class Token:
                 except p11.PKCS11Error as e:
                     self._drop_worker(worker)
                     error = e
+                except BaseException:
+                    self._drop_worker(worker)
+                    raise
+                else:
+                    self._checkin(worker)
+                    return signature
                 break
         self.circuit.fault(f"signing with {key.label!r} failed: {describe(error)}")
         raise TokenUnavailable(f"{self.name} could not sign with {key.label!r}: {describe(error)}")
 
-    def _worker(self) -> _Worker:
-        worker: _Worker | None = getattr(self._local, "worker", None)
-        if worker is not None and worker.generation == self._generation:
-            return worker
-        if self.circuit.closed:
-            raise TokenUnavailable(f"{self.name} is closed")
+    def _one_at_a_time(self) -> Any:
+        """Serial mode: every call into the module under one lock (the anchor's, which probe and health
+        take too); else nothing."""
+        return self._anchor_lock if self.serial else contextlib.nullcontext()
+
+    def fault(self, reason: str) -> None:
+        """Open the circuit from outside (a signature that did not come back in time)."""
+        self.circuit.fault(reason)
+
+    def stuck_for(self) -> float:
+        """How long the oldest token call still running has been running (0 when none is)."""
+        started = list(self._inflight.values())
+        return time.monotonic() - min(started) if started else 0.0
+
+    def _checkout(self) -> _Worker:
+        """An idle signing session of the current generation, or a new one; with ``max_sessions`` set, waits
+        until fewer than that many are in use (sessions are then never more than that)."""
+        if self._slots is not None:
+            self._slots.acquire()
         try:
-            session = self._token.open()
-        except p11.PKCS11Error as e:
-            self.circuit.fault(f"cannot open a session: {describe(e)}")
-            raise TokenUnavailable(f"cannot open a session on {self.name}: {describe(e)}") from None
+            with self._workers_lock:
+                while self._idle:
+                    worker = self._idle.pop()
+                    if worker.generation == self._generation:
+                        return worker
+            if self.circuit.closed:
+                raise TokenUnavailable(f"{self.name} is closed")
+            try:
+                session = self._token.open()
+            except p11.PKCS11Error as e:
+                self.circuit.fault(f"cannot open a session: {describe(e)}")
+                raise TokenUnavailable(f"cannot open a session on {self.name}: {describe(e)}") from None
+            with self._workers_lock:
+                worker = _Worker(session, self._generation)
+                self._workers.append(worker)
+            return worker
+        except BaseException:
+            if self._slots is not None:
+                self._slots.release()
+            raise
+
+    def _checkin(self, worker: _Worker) -> None:
         with self._workers_lock:
-            worker = _Worker(session, self._generation)
-            self._workers.append(worker)
-        self._local.worker = worker
-        return worker
+            if worker.generation == self._generation and worker in self._workers:
+                self._idle.append(worker)
+        if self._slots is not None:
+            self._slots.release()
 
     def _drop_worker(self, worker: _Worker) -> None:
-        self._local.worker = None
         with self._workers_lock:
             if worker in self._workers:
                 self._workers.remove(worker)
@@ -241,6 +346,8 @@ class Token:
             worker.session.close()
         except p11.PKCS11Error:
             pass
+        if self._slots is not None:
+            self._slots.release()
 
     # -- recovery, probe and health ------------------------------------------------------------------
 
@@ -250,14 +357,17 @@ class Token:
         self._close_sessions()
         if reload_module:
             unload_module(self.module)
-            self._lib, self._raw = load_module(self.module)
-        token = module.find_token(self._lib, self._cfg)
-        serial = token.serial.decode("ascii", "replace")
-        if serial != self.identity.serial:
+            self._loaded = load_module(self.module)
+        token = module.find_token(self._loaded.lib, self._cfg)
+        # Serial alone proves little (opencryptoki's is always 123): label, serial, manufacturer and model must
+        # all match, and below every expected key must have the same public key and pass the self-test.
+        now = _identity(token)
+        if now != self.identity:
             raise IdentityMismatch(
-                f"the token now answering has serial {serial}, not {self.identity.serial}; refusing to use it"
+                f"the token now answering is {_describe(now)}, not {_describe(self.identity)}; refusing to use it"
             )
         anchor = _login(token, self._pin, rw=False)
+        self._mechanisms.clear()  # a reloaded module may offer other mechanisms
         try:
             for expected in self._expected:
                 found = find_key(anchor, expected.label, expected.id or None, self.name)
@@ -265,7 +375,8 @@ class Token:
                     raise IdentityMismatch(
                         f"key {expected.label!r} on {self.name} is not the key the agent started with"
                     )
-                self_test(anchor, found, expected)
+                assert found.kind is not None
+                self_test(anchor, found, expected, choose_mechanism(found.kind, token.slot, self.name))
         except BaseException:
             try:
                 anchor.close()
@@ -279,15 +390,19 @@ class Token:
         while not self.circuit.wait(period):
             if self.circuit.state is not TokenState.OK:
                 continue
+            me = threading.get_ident()
+            self._inflight[me] = time.monotonic()
             try:
                 with self._gate.shared(), self._anchor_lock:
-                    logged_in = self._raw.session_state(self._anchor.handle) in USER_STATES
+                    logged_in = self._logged_in()
                     flags = self._token.slot.get_token().flags
                     for expected in self._expected[:1]:  # a call that reaches the device, not just the library
                         find_key(self._anchor, expected.label, expected.id or None, self.name)
             except (TokenError, p11.PKCS11Error) as e:
                 self.circuit.fault(f"probe failed: {e.message if isinstance(e, TokenError) else describe(e)}")
                 continue
+            finally:
+                self._inflight.pop(me, None)
             if flags & TokenFlag.USER_PIN_LOCKED:
                 self.circuit.down(f"{self.name} reports its user PIN is locked")
             elif not logged_in:
@@ -299,7 +414,7 @@ class Token:
         if self.circuit.state is TokenState.OK:
             try:
                 with self._anchor_lock:
-                    logged_in = self._raw.session_state(self._anchor.handle) in USER_STATES
+                    logged_in = self._logged_in()
                 present = True
             except TokenError as e:
                 self.circuit.fault(f"health check failed: {e.message}")
@@ -308,12 +423,61 @@ class Token:
         c = self.circuit
         return TokenHealth(c.state, present, logged_in, c.reconnects, c.reason)
 
+    def _logged_in(self) -> bool:
+        """Whether the anchor session is still logged in: ``C_GetSessionInfo`` where we reach the module's
+        instance; else (p11-kit) whether the token still shows a private object to it, which it does only
+        to a logged-in session. Call with the anchor lock held."""
+        state = self._loaded.session_state(self._anchor.handle)
+        if state is not None:
+            return state in USER_STATES
+        try:
+            private = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.PRIVATE: True}
+            return next(iter(self._anchor.get_objects(private)), None) is not None
+        except p11.UserNotLoggedIn:
+            return False
+        except p11.PKCS11Error as e:
+            raise TokenUnavailable(f"cannot check the login on {self.name}: {describe(e)}") from None
+
+    @property
+    def library(self) -> LoadedModule:
+        return self._loaded
+
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
         try:
             yield
         except p11.PKCS11Error as e:
             raise TokenUnavailable(f"cannot {what} on {self.name}: {describe(e)}") from None
+
+
+# Modules that fail when two threads call into them at once, by C_GetInfo manufacturerID: tpm2-pkcs11 1.9
+# ("Esys called in bad sequence": one ESYS context per token).
+SERIAL_MODULES = frozenset({"tpm2-software.github.io"})
+P11KIT = "PKCS#11 Kit"
+
+
+def _identity(token: Any) -> TokenIdentity:
+    return TokenIdentity(
+        label=token.label,
+        serial=token.serial.decode("ascii", "replace"),
+        manufacturer=token.manufacturer_id,
+        model=token.model,
+    )
+
+
+def _describe(identity: TokenIdentity) -> str:
+    return (
+        f"label {identity.label!r}, serial {identity.serial}, {identity.manufacturer.strip()} {identity.model.strip()}"
+    )
+
+
+def _serial(cfg: TokenConfig, loaded: LoadedModule) -> bool:
+    """Whether calls into the module must be one at a time: as configured, else (``auto``) for the modules
+    known to need it, and for a per-call-instance module other than p11-kit (we could not give it locking)."""
+    if cfg.concurrency is not TokenConcurrency.AUTO:
+        return cfg.concurrency is TokenConcurrency.SERIAL
+    maker = loaded.manufacturer.strip()
+    return maker in SERIAL_MODULES or (not loaded.os_locking and maker != P11KIT)
 
 
 def _login(token: Any, pin: Secret, *, rw: bool) -> Any:

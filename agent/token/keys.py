@@ -2,6 +2,11 @@
 
 Signatures come back in the standard encodings that ``cryptography`` verifies and Dfns expects: Ed25519
 raw 64 bytes, ECDSA DER ``SEQUENCE{r, s}`` over SHA-256, RSA PKCS#1 v1.5 over SHA-256.
+
+The mechanism for each kind is chosen from what the module reports (``C_GetMechanismList``/``Info``, with
+``CKF_SIGN``): RSA prefers ``CKM_SHA256_RSA_PKCS`` and falls back to ``CKM_RSA_PKCS`` over a DigestInfo
+built here (opencryptoki 3.8's soft token has only that); ECDSA hashes here and signs with ``CKM_ECDSA``
+(SoftHSM 2.6 has no ``CKM_ECDSA_SHA256``); Ed25519 needs ``CKM_EDDSA``.
 """
 
 from __future__ import annotations
@@ -17,11 +22,12 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
-from pkcs11 import Attribute, KeyType, Mechanism, ObjectClass
+from pkcs11 import Attribute, KeyType, Mechanism, MechanismFlag, ObjectClass
 from pkcs11 import exceptions as p11
+from pkcs11.constants import DEFAULT
 
 from agent.dfns.verify import PublicKey, verify_signature
-from agent.errors import IdentityMismatch, KeyNotFound, UnsupportedKey
+from agent.errors import IdentityMismatch, KeyNotFound, UnsupportedKey, UnsupportedMechanism
 
 
 class KeyKind(str, Enum):
@@ -55,6 +61,25 @@ PRIVATE_TEMPLATE: Mapping[Attribute, Any] = {
     Attribute.UNWRAP: False,
     Attribute.DERIVE: False,
 }
+# What a private key may allow besides signing; keys that do are reported and refused unless configured.
+OTHER_USAGES = (Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE)
+# keygen_template = "module": the security attributes only, usages left to the module (tpm2-pkcs11 refuses
+# CKA_DECRYPT/CKA_ENCRYPT = FALSE: "User specified and TPM specified attr mismatch").
+MODULE_PRIVATE_TEMPLATE: Mapping[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: True,
+    Attribute.SENSITIVE: True,
+    Attribute.EXTRACTABLE: False,
+    Attribute.SIGN: True,
+    # DEFAULT: python-pkcs11 leaves the attribute out (it would set its own capabilities otherwise)
+    **{a: DEFAULT for a in (Attribute.DECRYPT, Attribute.UNWRAP, Attribute.DERIVE)},
+}
+MODULE_PUBLIC_TEMPLATE: Mapping[Attribute, Any] = {
+    Attribute.TOKEN: True,
+    Attribute.PRIVATE: False,
+    Attribute.VERIFY: True,
+    **{a: DEFAULT for a in (Attribute.ENCRYPT, Attribute.WRAP, Attribute.DERIVE)},
+}
 PUBLIC_TEMPLATE: Mapping[Attribute, Any] = {
     Attribute.TOKEN: True,
     Attribute.PRIVATE: False,
@@ -78,6 +103,7 @@ class KeyInfo:
     extractable: bool = False
     always_sensitive: bool = True
     never_extractable: bool = True
+    other_usages: tuple[str, ...] = ()  # what the private key allows besides signing (CKA_DECRYPT, ...)
 
     @cached_property
     def spki_der(self) -> bytes:
@@ -109,6 +135,7 @@ class KeyInfo:
             "extractable": self.extractable,
             "alwaysSensitive": self.always_sensitive,
             "neverExtractable": self.never_extractable,
+            "otherUsages": list(self.other_usages),
         }
 
 
@@ -192,30 +219,64 @@ def key_info(session: Any, priv: Any) -> KeyInfo:
         extractable=bool(_attr(priv, Attribute.EXTRACTABLE, True)),
         always_sensitive=bool(_attr(priv, Attribute.ALWAYS_SENSITIVE, False)),
         never_extractable=bool(_attr(priv, Attribute.NEVER_EXTRACTABLE, False)),
+        other_usages=tuple(f"CKA_{a.name}" for a in OTHER_USAGES if _attr(priv, a, False)),
     )
 
 
-def sign_with(priv: Any, kind: KeyKind, message: bytes) -> bytes:
+# The mechanisms that can make each kind's signature, best first.
+SIGN_MECHANISMS: dict[KeyKind, tuple[Mechanism, ...]] = {
+    KeyKind.ED25519: (Mechanism.EDDSA,),
+    KeyKind.P256: (Mechanism.ECDSA,),
+    KeyKind.SECP256K1: (Mechanism.ECDSA,),
+    KeyKind.RSA2048: (Mechanism.SHA256_RSA_PKCS, Mechanism.RSA_PKCS),
+    KeyKind.RSA3072: (Mechanism.SHA256_RSA_PKCS, Mechanism.RSA_PKCS),
+}
+# DER DigestInfo header for SHA-256 (RFC 8017 §9.2 note 1): what CKM_RSA_PKCS signs in front of the digest.
+SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")
+
+
+def mechanism_name(mechanism: Mechanism) -> str:
+    return f"CKM_{mechanism.name}"
+
+
+def choose_mechanism(kind: KeyKind, slot: Any, where: str) -> Mechanism:
+    """The best mechanism the slot offers for signing with ``kind`` keys; names the ones it lacks."""
+    offered = slot.get_mechanisms()
+    for mechanism in SIGN_MECHANISMS[kind]:
+        if mechanism in offered and slot.get_mechanism_info(mechanism).flags & MechanismFlag.SIGN:
+            return mechanism
+    wanted = " or ".join(mechanism_name(m) for m in SIGN_MECHANISMS[kind])
+    raise UnsupportedMechanism(f"{where} offers no {wanted} for signing: cannot sign with {kind.value} keys")
+
+
+def sign_with(priv: Any, kind: KeyKind, message: bytes, mechanism: Mechanism | None = None) -> bytes:
+    """Sign with ``mechanism`` (one of :data:`SIGN_MECHANISMS`; default: the first for ``kind``)."""
+    mechanism = mechanism or SIGN_MECHANISMS[kind][0]
     if kind is KeyKind.ED25519:
         return bytes(priv.sign(message, mechanism=Mechanism.EDDSA))
     if kind in EC_PARAMS:
-        # SoftHSM 2.6 has no CKM_ECDSA_SHA256: hash here, sign the digest with CKM_ECDSA (raw r||s).
         raw = bytes(priv.sign(hashlib.sha256(message).digest(), mechanism=Mechanism.ECDSA))
         half = len(raw) // 2
         return encode_dss_signature(int.from_bytes(raw[:half], "big"), int.from_bytes(raw[half:], "big"))
+    if mechanism is Mechanism.RSA_PKCS:
+        return bytes(priv.sign(SHA256_DIGEST_INFO + hashlib.sha256(message).digest(), mechanism=Mechanism.RSA_PKCS))
     return bytes(priv.sign(message, mechanism=Mechanism.SHA256_RSA_PKCS))
 
 
-def generate_keypair(session: Any, kind: KeyKind, label: str) -> Any:
-    """Generate a key pair on the device with the sign-only templates; returns the private key object."""
+def generate_keypair(session: Any, kind: KeyKind, label: str, *, sign_only: bool = True) -> Any:
+    """Generate a key pair on the device with the sign-only templates (or, ``sign_only=False``, with only the
+    security attributes, usages left to the module); returns the private key object."""
+    private, public = (
+        (PRIVATE_TEMPLATE, PUBLIC_TEMPLATE) if sign_only else (MODULE_PRIVATE_TEMPLATE, MODULE_PUBLIC_TEMPLATE)
+    )
     common = {"id": secrets.token_bytes(8), "label": label, "store": True}
     if kind is KeyKind.ED25519:
         try:
             _, priv = session.generate_keypair(
                 KeyType.EC_EDWARDS,
                 mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-                public_template={**PUBLIC_TEMPLATE, Attribute.EC_PARAMS: ED25519_OID},
-                private_template=PRIVATE_TEMPLATE,
+                public_template={**public, Attribute.EC_PARAMS: ED25519_OID},
+                private_template=private,
                 **common,
             )
         except (p11.DomainParamsInvalid, p11.AttributeValueInvalid):
@@ -223,16 +284,16 @@ def generate_keypair(session: Any, kind: KeyKind, label: str) -> Any:
             _, priv = session.generate_keypair(
                 KeyType.EC_EDWARDS,
                 mechanism=Mechanism.EC_EDWARDS_KEY_PAIR_GEN,
-                public_template={**PUBLIC_TEMPLATE, Attribute.EC_PARAMS: ED25519_NAME},
-                private_template=PRIVATE_TEMPLATE,
+                public_template={**public, Attribute.EC_PARAMS: ED25519_NAME},
+                private_template=private,
                 **common,
             )
     elif kind in EC_PARAMS:
         params = session.create_domain_parameters(KeyType.EC, {Attribute.EC_PARAMS: EC_PARAMS[kind]}, local=True)
-        _, priv = params.generate_keypair(public_template=PUBLIC_TEMPLATE, private_template=PRIVATE_TEMPLATE, **common)
+        _, priv = params.generate_keypair(public_template=public, private_template=private, **common)
     else:
         _, priv = session.generate_keypair(
-            KeyType.RSA, RSA_BITS[kind], public_template=PUBLIC_TEMPLATE, private_template=PRIVATE_TEMPLATE, **common
+            KeyType.RSA, RSA_BITS[kind], public_template=public, private_template=private, **common
         )
     return priv
 
@@ -256,10 +317,10 @@ def find_key(session: Any, label: str, key_id: bytes | None, where: str) -> KeyI
     return info
 
 
-def self_test(session: Any, found: KeyInfo, expected: KeyInfo) -> None:
+def self_test(session: Any, found: KeyInfo, expected: KeyInfo, mechanism: Mechanism | None = None) -> None:
     """Sign a fresh nonce with the key on the device and verify it with the public key known at start-up."""
     assert found.kind is not None and expected.public_key is not None
     nonce = b"dfns-agent self-test " + secrets.token_bytes(16)
     priv = session.get_key(object_class=ObjectClass.PRIVATE_KEY, label=found.label, id=found.id or None)
-    if not verify_signature(expected.public_key, sign_with(priv, found.kind, nonce), nonce):
+    if not verify_signature(expected.public_key, sign_with(priv, found.kind, nonce, mechanism), nonce):
         raise IdentityMismatch(f"key {found.label!r} failed the sign/verify self-test")

@@ -4,14 +4,23 @@ python-pkcs11 calls ``C_Initialize(NULL)``; SoftHSM then turns its mutexes into 
 releases the GIL around every call, so two signing threads corrupt its heap. Right after loading we redo
 ``C_Finalize`` + ``C_Initialize({flags=CKF_OS_LOCKING_OK})`` through the module's own function list, before
 any session exists (``shared/reference/pkcs11-softhsm.md``). A module is loaded once per process.
+
+That only works when ``C_GetFunctionList`` hands every caller the same instance (SoftHSM, opencryptoki,
+tpm2-pkcs11 and most vendor modules). p11-kit's client and proxy hand out a new, uninitialised instance on
+every call, so the list we would get is not python-pkcs11's: there we leave python-pkcs11's instance alone
+(p11-kit locks internally and refuses only explicit locking arguments without ``CKF_OS_LOCKING_OK``) and
+never call through a list of our own (:attr:`LoadedModule.raw` is None). Which case applies is measured
+(two calls, two pointers), not guessed from the file name.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import re
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pkcs11
@@ -19,14 +28,25 @@ from pkcs11 import exceptions as p11
 
 from agent.config import TokenConfig
 from agent.errors import TokenUnavailable
+from agent.token.ckr import EXCEPTION_CKR, ckr_name
+
+_UNMAPPED = re.compile(r"Unmapped error code (0x[0-9a-fA-F]+)")
 
 
 def describe(exc: BaseException) -> str:
-    """A short name for a PKCS#11 error (python-pkcs11's messages are usually empty)."""
+    """A short name for a PKCS#11 error, with its ``CKR_*`` name (python-pkcs11's messages are usually empty,
+    and codes it does not know come as "Unmapped error code 0x140")."""
     if isinstance(exc, p11.NoSuchKey):
         return "NoSuchKey: the key is no longer on the token"
     text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    unmapped = _UNMAPPED.search(text)
+    if unmapped:
+        return ckr_name(int(unmapped.group(1), 16))
+    name = type(exc).__name__
+    ckr = EXCEPTION_CKR.get(name)
+    if ckr:
+        name = f"{name} ({ckr})"
+    return f"{name}: {text}" if text else name
 
 
 class _CK_C_INITIALIZE_ARGS(ctypes.Structure):
@@ -62,19 +82,28 @@ _InitFn = ctypes.CFUNCTYPE(_RV, ctypes.c_void_p)
 _SessionInfoFn = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.POINTER(_CK_SESSION_INFO))
 
 
+def _function_list(dll: ctypes.CDLL, path: str) -> ctypes._Pointer[_CK_FUNCTION_LIST_HEAD]:
+    head = ctypes.POINTER(_CK_FUNCTION_LIST_HEAD)()
+    get_list = dll.C_GetFunctionList
+    get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_CK_FUNCTION_LIST_HEAD))]
+    get_list.restype = _RV
+    rv = get_list(ctypes.byref(head))
+    if rv != 0:
+        raise TokenUnavailable(f"C_GetFunctionList of {path} failed ({ckr_name(rv)})")
+    return head
+
+
+def _address(head: ctypes._Pointer[_CK_FUNCTION_LIST_HEAD]) -> int:
+    return ctypes.cast(head, ctypes.c_void_p).value or 0
+
+
 class RawModule:
-    """The few entry points python-pkcs11 does not expose, reached through ``C_GetFunctionList``."""
+    """The few entry points python-pkcs11 does not expose, reached through ``C_GetFunctionList``; only for
+    modules whose function list is one shared instance (see :func:`shares_one_instance`)."""
 
     def __init__(self, path: str) -> None:
         self._dll = ctypes.CDLL(path)  # same dlopen handle python-pkcs11 holds
-        head = ctypes.POINTER(_CK_FUNCTION_LIST_HEAD)()
-        get_list = self._dll.C_GetFunctionList
-        get_list.argtypes = [ctypes.POINTER(ctypes.POINTER(_CK_FUNCTION_LIST_HEAD))]
-        get_list.restype = _RV
-        rv = get_list(ctypes.byref(head))
-        if rv != 0:
-            raise TokenUnavailable(f"C_GetFunctionList of {path} failed (CKR 0x{rv:x})")
-        fl = head.contents
+        fl = _function_list(self._dll, path).contents
         self.initialize = _InitFn(fl.f0)
         self.finalize = _InitFn(fl.f1)
         self.get_session_info = _SessionInfoFn(fl.f15)
@@ -82,25 +111,53 @@ class RawModule:
     def reinitialize_with_locking(self) -> None:
         rv = self.finalize(None)
         if rv != 0:
-            raise TokenUnavailable(f"C_Finalize failed while enabling OS locking (CKR 0x{rv:x})")
+            raise TokenUnavailable(f"C_Finalize failed while enabling OS locking ({ckr_name(rv)})")
         args = _CK_C_INITIALIZE_ARGS(None, None, None, None, _CKF_OS_LOCKING_OK, None)
         rv = self.initialize(ctypes.byref(args))
         if rv not in (0, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
-            raise TokenUnavailable(f"C_Initialize with CKF_OS_LOCKING_OK failed (CKR 0x{rv:x})")
+            raise TokenUnavailable(f"C_Initialize with CKF_OS_LOCKING_OK failed ({ckr_name(rv)})")
 
     def session_state(self, handle: int) -> int:
         info = _CK_SESSION_INFO()
         rv = self.get_session_info(handle, ctypes.byref(info))
         if rv != 0:
-            raise TokenUnavailable(f"C_GetSessionInfo failed (CKR 0x{rv:x})")
+            raise TokenUnavailable(f"C_GetSessionInfo failed ({ckr_name(rv)})")
         return int(info.state)
 
 
-_modules: dict[str, tuple[Any, RawModule]] = {}
+def shares_one_instance(path: str) -> bool:
+    """Whether ``C_GetFunctionList`` returns the same list on every call (so python-pkcs11's instance is the
+    one we reach). p11-kit's client and proxy return a new instance each time."""
+    dll = ctypes.CDLL(path)
+    return _address(_function_list(dll, path)) == _address(_function_list(dll, path))
+
+
+@dataclass(frozen=True)
+class LoadedModule:
+    """A loaded, initialised module: python-pkcs11's ``lib``, and our own entry points when they reach the
+    same instance (``raw`` None: a per-call-instance module such as p11-kit's, which locks by itself)."""
+
+    path: str
+    lib: Any
+    raw: RawModule | None
+    manufacturer: str
+    description: str
+
+    @property
+    def os_locking(self) -> bool:
+        """True when we initialised it with ``CKF_OS_LOCKING_OK`` ourselves."""
+        return self.raw is not None
+
+    def session_state(self, handle: int) -> int | None:
+        """The session's ``CKS_*`` state, or None when this module gives us no way to ask."""
+        return self.raw.session_state(handle) if self.raw is not None else None
+
+
+_modules: dict[str, LoadedModule] = {}
 _modules_lock = threading.Lock()
 
 
-def load_module(path: str) -> tuple[Any, RawModule]:
+def load_module(path: str) -> LoadedModule:
     """Load a PKCS#11 module once per process, initialized for multi-threaded use."""
     with _modules_lock:
         if path in _modules:
@@ -115,10 +172,13 @@ def load_module(path: str) -> tuple[Any, RawModule]:
             lib = pkcs11.lib(path)
         except p11.PKCS11Error as e:
             raise TokenUnavailable(f"cannot load PKCS#11 module {path}: {describe(e)}") from None
-        raw = RawModule(path)
-        raw.reinitialize_with_locking()
-        _modules[path] = (lib, raw)
-        return lib, raw
+        raw: RawModule | None = None
+        if shares_one_instance(path):
+            raw = RawModule(path)
+            raw.reinitialize_with_locking()
+        loaded = LoadedModule(path, lib, raw, lib.manufacturer_id, lib.library_description)
+        _modules[path] = loaded
+        return loaded
 
 
 def unload_module(path: str) -> None:
@@ -128,21 +188,23 @@ def unload_module(path: str) -> None:
 
 
 def find_token(lib: Any, cfg: TokenConfig) -> Any:
-    """The one token that matches the configured label or serial."""
+    """The one token that matches the configured label and/or serial."""
+    serial = cfg.serial.encode() if cfg.serial is not None else None
+    what = " and ".join(
+        ([f"label {cfg.label!r}"] if cfg.label is not None else []) + ([f"serial {cfg.serial!r}"] if serial else [])
+    )
     try:
-        if cfg.serial is not None:
-            matches = list(_tokens(lib, serial=cfg.serial.encode()))
-            what = f"serial {cfg.serial!r}"
-        else:
-            matches = list(_tokens(lib, label=cfg.label))
-            what = f"label {cfg.label!r}"
+        matches = list(_tokens(lib, label=cfg.label, serial=serial))
     except p11.PKCS11Error as e:
         raise TokenUnavailable(f"cannot list tokens of {cfg.module}: {describe(e)}") from None
     if not matches:
         available = ", ".join(repr(t.label) for t in _tokens(lib)) or "none"
         raise TokenUnavailable(f"no token with {what} in {cfg.module}; tokens present: {available}")
     if len(matches) > 1:
-        raise TokenUnavailable(f"{len(matches)} tokens have {what}; select the token by serial instead")
+        raise TokenUnavailable(
+            f"{len(matches)} tokens have {what}; set both label and serial (some modules give every token the "
+            "same serial)"
+        )
     return matches[0]
 
 

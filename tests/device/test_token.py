@@ -154,11 +154,11 @@ def _fail_first(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> dict[s
     real = agent_token.sign_with
     calls = {"n": 0}
 
-    def flaky(priv: Any, kind: KeyKind, message: bytes) -> bytes:
+    def flaky(priv: Any, kind: KeyKind, message: bytes, mechanism: Any = None) -> bytes:
         calls["n"] += 1
         if calls["n"] == 1:
             raise error
-        return real(priv, kind, message)
+        return real(priv, kind, message, mechanism)
 
     monkeypatch.setattr(agent_token, "sign_with", flaky)
     return calls

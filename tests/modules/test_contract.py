@@ -1,0 +1,237 @@
+"""The contract every PKCS#11 module the agent supports must meet, run against each module of
+``agent/dev/modules.py``: keys listed with their public keys, serving concurrent signatures that verify
+with ``cryptography``, doctor passing, and surviving the backend being killed and restarted."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+import time
+from typing import Any
+
+import httpx
+import pytest
+
+from agent.core.audit import verify
+from agent.dev import modules
+from agent.dev.testing import AgentProcess, TokenEnv, check_assertion, make_challenge, run_cli, wait_until
+
+CLIENTS = 8
+PER_CLIENT = 25
+
+
+def _sign_many(
+    agent: AgentProcess, kinds: list[str], clients: int, per_client: int
+) -> tuple[list[Any], list[str], float]:
+    results: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
+    failures: list[str] = []
+    lock = threading.Lock()
+    cred_ids = {c["name"]: c["credId"] for c in agent.http.get("/v1/credentials").json()["credentials"]}
+
+    def client(n: int) -> None:
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(agent.socket_path)), base_url="http://a", timeout=60
+        ) as http:
+            for i in range(per_client):
+                kind = kinds[(n + i) % len(kinds)]
+                challenge = make_challenge(cred_ids[kind])
+                r = http.post("/v1/sign", json={"challenge": challenge, "credential": kind})
+                with lock:
+                    if r.status_code == 200:
+                        results.append((kind, challenge, r.json()))
+                    else:
+                        failures.append(f"{kind}: {r.status_code} {r.text}")
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, failures, time.monotonic() - started
+
+
+def _check(agent: AgentProcess, results: list[Any]) -> None:
+    creds = {c["name"]: c for c in agent.http.get("/v1/credentials").json()["credentials"]}
+    for kind, challenge, first_factor in results:
+        check_assertion(first_factor, challenge, creds[kind]["publicKey"], creds[kind]["credId"])
+
+
+def test_keys_list_and_public(backend: modules.Backend, module_env: TokenEnv) -> None:
+    r = run_cli(module_env, "keys", "list", "--json")
+    assert r.returncode == 0, r.stderr
+    listed = {k["label"]: k for k in json.loads(r.stdout)}
+    for label, kind in backend.keys.items():
+        assert listed[label]["type"] == kind, listed
+        assert listed[label]["sensitive"] and not listed[label]["extractable"], listed[label]
+        pub = run_cli(module_env, "keys", "public", "--label", label)
+        assert pub.returncode == 0 and pub.stdout.startswith("-----BEGIN PUBLIC KEY-----"), pub.stderr
+
+
+def test_serves_concurrent_signatures_that_verify(
+    backend: modules.Backend, module_env: TokenEnv, start_agent: Any
+) -> None:
+    agent: AgentProcess = start_agent(module_env)
+    kinds = sorted(set(backend.keys.values()))
+    results, failures, elapsed = _sign_many(agent, kinds, CLIENTS, PER_CLIENT)
+    print(
+        f"\n{backend.name}: {len(results)} signatures ({', '.join(kinds)}) from {CLIENTS} clients "
+        f"in {elapsed:.2f}s = {len(results) / elapsed:.0f}/s"
+    )
+    assert failures == []
+    assert len(results) == CLIENTS * PER_CLIENT
+    _check(agent, results)
+    assert agent.http.get("/v1/health").json()["status"] == "ok"
+    audit = verify(module_env.audit_file)
+    assert audit.ok and audit.records == CLIENTS * PER_CLIENT
+
+
+def test_doctor_passes(backend: modules.Backend, module_env: TokenEnv) -> None:
+    r = run_cli(module_env, "doctor")
+    lines = r.stdout.splitlines()
+    token_lines = [line for line in lines if line[2:].startswith(("module", "token", "pin", "key "))]
+    assert len(token_lines) >= 3 + len(backend.keys), r.stdout
+    assert all(line.startswith("✓") for line in token_lines), r.stdout
+
+
+def test_backend_killed_and_restarted(backend: modules.Backend, module_env: TokenEnv, start_agent: Any) -> None:
+    if not backend.serves_calls:
+        pytest.skip(f"{backend.name} runs inside the agent's process: no backend process that serves its calls")
+    module_env.config.write_text(
+        module_env.config.read_text().replace("[token.module_env]", "probe_interval = 0.5\n[token.module_env]")
+    )
+    agent: AgentProcess = start_agent(module_env)
+    cred_id = agent.http.get("/v1/credentials").json()["credentials"][0]["credId"]
+    kind = agent.http.get("/v1/credentials").json()["credentials"][0]["name"]
+    backend.kill()
+    try:
+        # Some modules (tpm2-pkcs11) answer the probe from their own store: the first signature may be what
+        # finds the backend gone. Either way the answer is a clean 503/504 and health stops saying ok.
+        def refused() -> bool:
+            r = agent.post("/v1/sign", {"challenge": make_challenge(cred_id), "credential": kind})
+            assert r.status_code in (200, 503, 504), r.text
+            return r.status_code != 200 and r.json()["error"]["code"] in ("token_unavailable", "token_timeout")
+
+        wait_until(refused, 30, "a signature refused while the backend is gone")
+        wait_until(lambda: agent.http.get("/v1/health").json()["status"] != "ok", 20, "health not ok")
+    finally:
+        backend.start()
+    try:
+        wait_until(lambda: agent.http.get("/v1/health").json()["status"] == "ok", 60, "health ok again")
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{agent.output()[-3000:]}") from None
+    results, failures, _ = _sign_many(agent, [kind], 2, 5)
+    assert failures == [] and len(results) == 10
+    _check(agent, results)
+
+
+def test_a_mechanism_the_module_lacks_is_a_start_up_and_doctor_error(
+    backend: modules.Backend, module_env: TokenEnv, start_agent: Any
+) -> None:
+    """p11-kit 0.24 cannot carry CKM_EDDSA: an Ed25519 credential through it must fail before serving,
+    naming the mechanism, not on the first request (and doctor must say the same)."""
+    if backend.name != "p11kit":
+        pytest.skip(f"{backend.name} offers every mechanism its keys need")
+    extra = f'\n[[credential]]\nname = "ed"\nkey = "{modules.UNSIGNABLE_ED25519}"\n'
+    module_env.config.write_text(module_env.config.read_text() + extra)
+    agent: AgentProcess = start_agent(module_env, wait=False)
+    agent.proc.wait(60)
+    assert agent.proc.returncode != 0
+    assert "offers no CKM_EDDSA for signing: cannot sign with ed25519 keys" in agent.output(), agent.output()
+    r = run_cli(module_env, "doctor")
+    assert r.returncode == 1
+    ed = [line for line in r.stdout.splitlines() if line[2:].startswith("key ed")]
+    assert ed and ed[0].startswith("✗") and "CKM_EDDSA" in ed[0], r.stdout
+
+
+SIGN_TIMEOUT = 2.0
+
+
+def test_hung_backend_every_request_answered_in_time_and_health_at_once(
+    backend: modules.Backend, module_env: TokenEnv, start_agent: Any
+) -> None:
+    """SIGSTOP the backend for a while under 8 signing clients: every request is answered within the sign
+    timeout (+1 s of slack for a busy machine), health within 2 s; after SIGCONT signing resumes."""
+    if not backend.serves_calls:
+        pytest.skip(f"{backend.name} runs inside the agent's process: no backend process to stop")
+    text = module_env.config.read_text()
+    module_env.config.write_text(
+        text.replace("[token.module_env]", f"probe_interval = 0.5\nsign_timeout = {SIGN_TIMEOUT}\n[token.module_env]")
+    )
+    agent: AgentProcess = start_agent(module_env)
+    creds = agent.http.get("/v1/credentials").json()["credentials"]
+    stop = threading.Event()
+    hung = threading.Event()
+    during: list[tuple[float, int, str]] = []  # (seconds, status, code) of requests that began while hung
+    health_times: list[float] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        cred = creds[n % len(creds)]
+        with httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(agent.socket_path)), base_url="http://a", timeout=60
+        ) as http:
+            while not stop.is_set():
+                began, in_hang = time.monotonic(), hung.is_set()
+                r = http.post(
+                    "/v1/sign", json={"challenge": make_challenge(cred["credId"]), "credential": cred["name"]}
+                )
+                took = time.monotonic() - began
+                code = r.json()["error"]["code"] if r.status_code != 200 else ""
+                if in_hang:
+                    with lock:
+                        during.append((took, r.status_code, code))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(0.5)
+        backend.pause()
+        hung.set()
+        hang_started = time.monotonic()
+        while time.monotonic() - hang_started < 6.0:
+            began = time.monotonic()
+            status = agent.http.get("/v1/health", timeout=10).json()["status"]
+            health_times.append(time.monotonic() - began)
+            time.sleep(0.2)
+        assert status != "ok"
+    finally:
+        hung.clear()
+        backend.resume()
+        stop.set()
+        for t in threads:
+            t.join(60)
+    wait_until(lambda: agent.http.get("/v1/health").json()["status"] == "ok", 60, "health ok after SIGCONT")
+    results, failures, _ = _sign_many(agent, sorted({c["name"] for c in creds}), 2, 5)
+    assert failures == [] and len(results) == 10
+    _check(agent, results)
+    slowest = max(t for t, _, _ in during)
+    codes = sorted({f"{s} {c}" for _, s, c in during})
+    print(
+        f"\n{backend.name} hang drill: {len(during)} requests during a 6 s SIGSTOP, slowest {slowest:.2f}s "
+        f"(sign_timeout {SIGN_TIMEOUT:g}s), answers {codes}; {len(health_times)} health checks, slowest "
+        f"{max(health_times):.2f}s"
+    )
+    assert during, "no request was made during the hang"
+    assert slowest <= SIGN_TIMEOUT + 1.0, during
+    assert {s for _, s, _ in during} <= {200, 503, 504}, codes
+    assert max(health_times) < 2.0, health_times
+
+
+def test_keys_generated_on_the_module(backend: modules.Backend, module_env: TokenEnv) -> None:
+    """``keys generate`` for every kind the module signs: sign-only keys, or (tpm2-pkcs11, which refuses the
+    sign-only template) the module's own usages, as its documented [token] settings ask."""
+    listed: dict[str, Any] = {}
+    for kind in sorted(set(backend.keys.values())):
+        label = f"gen-{kind}-{secrets.token_hex(3)}"
+        r = run_cli(module_env, "keys", "generate", "--type", kind, "--label", label)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith("-----BEGIN PUBLIC KEY-----") or "BEGIN PUBLIC KEY" in r.stdout, r.stdout
+        out = run_cli(module_env, "keys", "list", "--json")
+        listed = {k["label"]: k for k in json.loads(out.stdout)}
+        key = listed[label]
+        assert key["type"] == kind and key["sensitive"] and not key["extractable"], key
+        if "keygen_template" not in backend.token_extra:
+            assert key["otherUsages"] == [], key
