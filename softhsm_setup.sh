@@ -58,6 +58,9 @@ install_packages() {
   command -v python3 >/dev/null || want+=(python3)
   # the benchmark (and its test) compares the agent with OpenSSH's ssh-agent
   command -v ssh-agent >/dev/null && command -v ssh-add >/dev/null || want+=(openssh-client)
+  # the systemd end-to-end test (tests/systemd) boots a Debian 12 rootfs with systemd-nspawn
+  command -v systemd-nspawn >/dev/null || want+=(systemd-container)
+  command -v debootstrap >/dev/null || want+=(debootstrap)
   if [ ${#want[@]} -gt 0 ]; then
     say "installing ${want[*]} (apt)"
     as_root apt-get update -qq
