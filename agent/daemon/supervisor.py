@@ -198,12 +198,25 @@ class Supervisor:
                 continue
             metrics.process_dead(pid)
             log.warning("worker %d (pid %d) ended with status %d; restarting it", index, pid, status)
+            self._restart(index)
+
+    def _restart(self, index: int) -> None:
+        """Start worker ``index`` again, within the restart budget. A start that fails on the token (e.g.
+        SoftHSM's GeneralError while another process logs in) is tried again; a rejected PIN or a config
+        error ends the agent (with its exit status)."""
+        while not self.stop_pending():
             now = time.monotonic()
             self.restarts = [t for t in self.restarts if now - t < _RESTART_WINDOW] + [now]
             if len(self.restarts) > _MAX_RESTARTS:
                 raise TokenError(f"workers keep dying ({len(self.restarts)} in {_RESTART_WINDOW:g}s); giving up")
-            if not self.stop_pending():
+            try:
                 log.info("worker %d restarted (pid %d)", index, self.spawn(index))
+                return
+            except (PinRejected, ConfigError):
+                raise
+            except TokenError as e:
+                log.warning("worker %d could not start (%s); trying again", index, e.message)
+                time.sleep(0.5)
 
     def reload(self) -> None:
         """Check the new config here first (and keep it for workers started later), then have every worker

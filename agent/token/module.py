@@ -9,8 +9,10 @@ any session exists (``shared/reference/pkcs11-softhsm.md``). A module is loaded 
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,6 +21,8 @@ from pkcs11 import exceptions as p11
 
 from agent.config import TokenConfig
 from agent.errors import TokenUnavailable
+
+log = logging.getLogger(__name__)
 
 
 def describe(exc: BaseException) -> str:
@@ -127,8 +131,30 @@ def unload_module(path: str) -> None:
             pkcs11.unload(path)
 
 
+# Pauses before looking for the token again; None: report what was found. SoftHSM rewrites its token file
+# on every C_Login, and another process listing tokens meanwhile gets GeneralError, or misses the token.
+_FIND_RETRIES: tuple[float | None, ...] = (0.05, 0.25, None)
+
+
 def find_token(lib: Any, cfg: TokenConfig) -> Any:
-    """The one token that matches the configured label or serial."""
+    """The one token that matches the configured label or serial (looked for again after a short pause
+    when it is missing or listing fails: a login elsewhere can hide it for a moment)."""
+    for retry in _FIND_RETRIES:
+        try:
+            return _find_token_once(lib, cfg)
+        except _NotFoundNow as e:
+            if retry is None:
+                raise TokenUnavailable(e.message) from None
+            log.info("%s; looking again in %gs", e.message, retry)
+            time.sleep(retry)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _NotFoundNow(TokenUnavailable):
+    """Listing failed or found no match: maybe only for a moment (see _FIND_RETRIES)."""
+
+
+def _find_token_once(lib: Any, cfg: TokenConfig) -> Any:
     try:
         if cfg.serial is not None:
             matches = list(_tokens(lib, serial=cfg.serial.encode()))
@@ -137,10 +163,13 @@ def find_token(lib: Any, cfg: TokenConfig) -> Any:
             matches = list(_tokens(lib, label=cfg.label))
             what = f"label {cfg.label!r}"
     except p11.PKCS11Error as e:
-        raise TokenUnavailable(f"cannot list tokens of {cfg.module}: {describe(e)}") from None
+        raise _NotFoundNow(f"cannot list tokens of {cfg.module}: {describe(e)}") from None
     if not matches:
-        available = ", ".join(repr(t.label) for t in _tokens(lib)) or "none"
-        raise TokenUnavailable(f"no token with {what} in {cfg.module}; tokens present: {available}")
+        try:
+            available = ", ".join(repr(t.label) for t in _tokens(lib)) or "none"
+        except p11.PKCS11Error as e:
+            available = f"(cannot list them: {describe(e)})"
+        raise _NotFoundNow(f"no token with {what} in {cfg.module}; tokens present: {available}")
     if len(matches) > 1:
         raise TokenUnavailable(f"{len(matches)} tokens have {what}; select the token by serial instead")
     return matches[0]
