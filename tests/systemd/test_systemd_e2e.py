@@ -57,7 +57,7 @@ NOT_SOURCES = shutil.ignore_patterns(
 def readme_blocks() -> dict[str, str]:
     text = (ROOT / "README.md").read_text()
     blocks = dict(re.findall(r"<!-- systemd-deploy: (\w+) -->\n```sh\n(.*?)```", text, re.S))
-    assert set(blocks) == {"install", "softhsm", "start"}, sorted(blocks)
+    assert set(blocks) == {"install", "softhsm", "start", "dfns"}, sorted(blocks)
     return blocks
 
 
@@ -84,8 +84,8 @@ def wheelhouse(work: Path) -> Path:
 
 
 class Deployment:
-    def __init__(self, c: nspawn.Container, pin: str, start_block: str) -> None:
-        self.c, self.pin, self.start_block = c, pin, start_block
+    def __init__(self, c: nspawn.Container, pin: str, blocks: dict[str, str]) -> None:
+        self.c, self.pin, self.blocks = c, pin, blocks
 
     def sh(self, script: str, **kw: Any) -> nspawn.Result:
         return self.c.run(script, **kw)
@@ -146,7 +146,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         (deploy / "agent.toml").write_text(AGENT_TOML)
         (deploy / "pin").write_text(pin + "\n")
         blocks = readme_blocks()
-        d = Deployment(c, pin, blocks["start"])
+        d = Deployment(c, pin, blocks)
         for name in ("install", "softhsm"):
             d.sh(f"cd {DEPLOY}\n{blocks[name]}", timeout=600, check=True)
         took = time.monotonic() - t_boot
@@ -161,7 +161,7 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 
 def test_readme_start_block_socket_activation_and_doctor(deployed: Deployment) -> None:
     d = deployed
-    r = d.sh(f"cd {DEPLOY}\n{d.start_block}", timeout=300)
+    r = d.sh(f"cd {DEPLOY}\n{d.blocks['start']}", timeout=300)
     print(r.out)
     assert r.returncode == 0, r.out
     assert "✗" not in r.stdout and "✓ unit:" in r.stdout and "✓ pin:" in r.stdout, r.stdout
@@ -303,3 +303,39 @@ def test_the_sandbox_exposure(deployed: Deployment) -> None:
     assert score <= 1.0, r.stdout
     assert d.prop("PrivateUsers") == "no"
     assert d.prop("MemoryDenyWriteExecute") == "yes"
+
+
+def test_the_dfns_flow_deployment_with_the_token_credential_and_the_network_drop_in(
+    deployed: Deployment, tmp_path: Path
+) -> None:
+    """The README's Dfns step, against the local Dfns-compatible server on the host (the container shares
+    the host's network; the unit alone has none): the token arrives as the credential dfns-token."""
+    d = deployed
+    cred_id, public = d.credential()
+    (tmp_path / "dev.pem").write_text(public)
+    dev = subprocess.Popen(
+        [str(ROOT / ".venv/bin/dfns-agent"), "dev-dfns", "--port", "0", "--service-account",
+         f"dev={tmp_path / 'dev.pem'}", "--tokens-dir", str(tmp_path / "tokens")],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert dev.stdout is not None
+        url = re.search(r"listening on (http://\S+)", dev.stdout.readline()).group(1)  # type: ignore[union-attr]
+        dev.stdout.readline()  # the account line: the token file is written
+        shutil.copy(tmp_path / "tokens" / "dev.token", d.c.path(f"{DEPLOY}/dfns-token"))
+        d.c.path(CONFIG).write_text(AGENT_TOML + f'\n[credential.dfns]\nbase_url = "{url}"\n')
+        r = d.sh(f"cd {DEPLOY}\n{d.blocks['dfns']}", timeout=120)
+        assert r.returncode == 0, r.out
+        body = shlex.quote(json.dumps({"method": "POST", "path": "/wallets", "body": {"network": "Ethereum"}}))
+        r = d.sh(f"curl -s -w '\\n%{{http_code}}' --unix-socket {SOCKET} -d {body} http://agent/v1/request")
+        answer, status = r.stdout.rsplit("\n", 1)
+        print("POST /wallets through the agent and the dev Dfns:", status, answer[:120])
+        assert status == "200", r.out
+        assert json.loads(answer)["network"] == "Ethereum"
+        doctor = d.sh(f"dfns-agent --config {CONFIG} doctor --unit {UNIT}")
+        assert doctor.returncode == 0, doctor.out
+        assert "dfns-token (/etc/credstore/dfns-agent.dfns-token)" in doctor.stdout, doctor.stdout
+        assert "✓ dfns token default: from systemd credential dfns-token" in doctor.stdout, doctor.stdout
+    finally:
+        dev.terminate()
+        dev.wait(10)
