@@ -79,16 +79,18 @@ def print_file(name: str) -> None:
 
 
 @files.command("install")
-@click.option("--systemd-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/etc/systemd/system"),
-              show_default=True, help="Where the system units go.")
-@click.option("--config-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("/etc/dfns-agent"),
-              show_default=True, help="Where agent.example.toml goes (never over an agent.toml).")
-@click.option("--user", "user_units", is_flag=True, help="Install the per-user units into ~/.config/systemd/user.")
-def install_files(systemd_dir: Path, config_dir: Path, user_units: bool) -> None:
+@click.option("--systemd-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the units go [default: /etc/systemd/system; with --user ~/.config/systemd/user].")
+@click.option("--config-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where agent.example.toml goes [default: /etc/dfns-agent; with --user ~/.config/dfns-agent].")
+@click.option("--user", "user_units", is_flag=True, help="Install the per-user units.")
+def install_files(systemd_dir: Path | None, config_dir: Path | None, user_units: bool) -> None:
     """Install the units (mode 0644) and the example config; existing files are left as they are."""
     if user_units:
-        systemd_dir = Path.home() / ".config" / "systemd" / "user"
-        config_dir = Path.home() / ".config" / "dfns-agent"
+        systemd_dir = systemd_dir or Path.home() / ".config" / "systemd" / "user"
+        config_dir = config_dir or Path.home() / ".config" / "dfns-agent"
+    systemd_dir = systemd_dir or Path("/etc/systemd/system")
+    config_dir = config_dir or Path("/etc/dfns-agent")
     names = [n for n in FILES if n.startswith("user/") == user_units and n != "agent.example.toml"]
     wanted = {systemd_dir / Path(n).name: n for n in names}
     wanted[config_dir / "agent.example.toml"] = "agent.example.toml"

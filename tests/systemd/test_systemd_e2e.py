@@ -57,7 +57,7 @@ NOT_SOURCES = shutil.ignore_patterns(
 def readme_blocks() -> dict[str, str]:
     text = (ROOT / "README.md").read_text()
     blocks = dict(re.findall(r"<!-- systemd-deploy: (\w+) -->\n```sh\n(.*?)```", text, re.S))
-    assert set(blocks) == {"install", "softhsm", "start", "dfns"}, sorted(blocks)
+    assert set(blocks) == {"install", "softhsm", "start", "dfns", "user"}, sorted(blocks)
     return blocks
 
 
@@ -137,8 +137,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
     try:
         c.boot()
         t_boot = time.monotonic()
-        shutil.copytree(wheels, c.path("/root/wheels"))
-        c.path("/etc/pip.conf").write_text("[global]\nno-index = true\nfind-links = /root/wheels\n")
+        shutil.copytree(wheels, c.path("/opt/wheels"))
+        c.path("/etc/pip.conf").write_text("[global]\nno-index = true\nfind-links = /opt/wheels\n")
         shutil.copy(nspawn.HERE / "e2e_client.py", c.path("/root/e2e_client.py"))
         pin = hashlib.sha256(str(time.time()).encode()).hexdigest()[:8]
         deploy = c.path(DEPLOY)
@@ -257,6 +257,8 @@ def test_a_wrong_pin_is_tried_once_with_a_client_waiting(deployed: Deployment) -
     wait_until(lambda: d.active("dfns-agent.socket") == "inactive", 60, "the socket stopped after the PIN failed")
     wait_until(lambda: d.active() == "failed", 60, "the service failed")
     waiting.communicate(timeout=60)
+    d.sh("journalctl --sync")  # what the agent wrote before it exited is in the journal now
+    wait_until(lambda: "pin_incorrect" in d.journal(cursor), 30, "the PIN refusal in the journal")
     log = d.journal(cursor)
     attempts = log.count("pin_incorrect")
     print(f"PIN attempts with a client waiting: {attempts}; exit status {d.prop('ExecMainStatus')}")
@@ -303,6 +305,48 @@ def test_the_sandbox_exposure(deployed: Deployment) -> None:
     assert score <= 1.0, r.stdout
     assert d.prop("PrivateUsers") == "no"
     assert d.prop("MemoryDenyWriteExecute") == "yes"
+
+
+def test_user_units_serve_and_try_a_wrong_pin_once(deployed: Deployment) -> None:
+    """The README's per-user deployment under a user manager (lingering user), then the PIN rule there."""
+    d = deployed
+    d.sh("id bob >/dev/null 2>&1 || useradd --create-home bob; loginctl enable-linger bob", check=True)
+    uid = d.sh("id -u bob", check=True).stdout.strip()
+    wait_until(lambda: d.active(f"user@{uid}.service") == "active", 60, "bob's user manager")
+    deploy = d.c.path("/home/bob/deploy")
+    deploy.mkdir()
+    toml = AGENT_TOML.replace(f'socket = "{SOCKET}"\n', "")
+    env = '[token.module_env]\nSOFTHSM2_CONF = "/home/bob/.config/softhsm2.conf"\n'
+    toml = toml.replace('label = "dfns"\n', 'label = "dfns"\n' + env)
+    (deploy / "agent.toml").write_text(toml)
+    (deploy / "pin").write_text(d.pin + "\n")
+    d.sh("chown -R bob: /home/bob/deploy", check=True)
+    login = f"export XDG_RUNTIME_DIR=/run/user/{uid}; cd ~/deploy\n"
+    r = d.sh(login + d.blocks["user"], user="bob", timeout=300)
+    assert r.returncode == 0, r.out
+    sock = f"/run/user/{uid}/dfns-agent/agent.sock"
+    user_ctl = f"XDG_RUNTIME_DIR=/run/user/{uid} systemctl --user"
+    health = d.sh(f"curl -sf --max-time 30 --unix-socket {sock} http://agent/v1/health", user="bob")
+    assert '"status": "ok"' in health.stdout, health.out  # the first connection started it
+    assert d.sh(f"{user_ctl} is-active dfns-agent.service", user="bob").stdout.strip() == "active"
+    d.sh(f"{user_ctl} stop dfns-agent.service", user="bob", check=True)
+    d.c.path("/home/bob/.config/dfns-agent/pin").write_text("wrong-pin\n")
+    cursor = d.cursor()
+    d.sh(f"curl -s --max-time 30 --unix-socket {sock} http://agent/v1/health || true", user="bob")
+
+    def socket_state() -> str:
+        return d.sh(f"{user_ctl} is-active dfns-agent.socket || true", user="bob").stdout.strip()
+
+    wait_until(lambda: socket_state() == "inactive", 60, "the user socket stopped after the PIN failed")
+    d.sh("journalctl --sync")
+    journal = f"journalctl _UID={uid} --no-pager -o cat --after-cursor={shlex.quote(cursor)}"
+    wait_until(lambda: "pin_incorrect" in d.sh(journal).stdout, 30, "the PIN refusal in the journal")
+    log = d.sh(journal).stdout
+    attempts = log.count("pin_incorrect")
+    print(f"user units: PIN attempts with a client waiting: {attempts}")
+    assert attempts == 1, log
+    status = d.sh(f"{user_ctl} show -p ExecMainStatus --value dfns-agent.service", user="bob").stdout.strip()
+    assert status == "77"
 
 
 def test_the_dfns_flow_deployment_with_the_token_credential_and_the_network_drop_in(
