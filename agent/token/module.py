@@ -145,7 +145,7 @@ def find_token(lib: Any, cfg: TokenConfig) -> Any:
         except _NotFoundNow as e:
             if retry is None:
                 raise TokenUnavailable(e.message) from None
-            log.info("%s; looking again in %gs", e.message, retry)
+            log.debug("%s; looking again in %gs", e.message, retry)
             time.sleep(retry)
     raise AssertionError("unreachable")  # pragma: no cover
 
