@@ -68,6 +68,9 @@ install_packages() {
     tpm2-abrmd libtss2-tcti-tabrmd0 dbus-daemon; do
     dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || want+=("$pkg")
   done
+  # the systemd end-to-end test (tests/systemd) boots a Debian 12 rootfs with systemd-nspawn
+  command -v systemd-nspawn >/dev/null || want+=(systemd-container)
+  command -v debootstrap >/dev/null || want+=(debootstrap)
   if [ ${#want[@]} -gt 0 ]; then
     say "installing ${want[*]} (apt)"
     as_root apt-get update -qq

@@ -27,6 +27,7 @@ the agent's answer (it carries the code the agent sent), and the dev area has it
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import Any
 
 
@@ -212,3 +213,22 @@ class DfnsNotConfigured(AgentError):
 
     code = "dfns_not_configured"
     status = 422
+
+
+class ExitStatus(IntEnum):
+    """How ``dfns-agent`` ends, for service managers: systemd units list PIN and CONFIG in
+    ``RestartPreventExitStatus=`` (a restart cannot fix them, and a PIN retried in a loop locks the token)
+    and stop the socket on them, so a client waiting on it cannot start the agent again either."""
+
+    OK = 0
+    FAILURE = 1  # anything a restart may fix: the token or module unavailable, a worker that keeps dying
+    CONFIG = 2  # the configuration or a secret's source is missing, unreadable or inconsistent (as usage errors)
+    PIN = 77  # the token rejected the PIN or reports it locked (EX_NOPERM)
+
+
+def exit_status_for(error: AgentError) -> ExitStatus:
+    if isinstance(error, (PinRejected, PinLocked)):
+        return ExitStatus.PIN
+    if isinstance(error, (ConfigError, SecretError)):
+        return ExitStatus.CONFIG
+    return ExitStatus.FAILURE

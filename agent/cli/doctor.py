@@ -3,8 +3,12 @@ for each ✗), and exit 0 only when none failed."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from contextlib import closing
+from pathlib import Path
 from typing import TextIO
 
 import click
@@ -50,18 +54,90 @@ def _can_encode(out: TextIO, text: str) -> bool:
 
 @click.command()
 @socket_option(help="Check this socket path instead of the configured one.")
+@click.option(
+    "--unit",
+    metavar="UNIT",
+    help="Check as this systemd service will run (e.g. dfns-agent.service): as its user and groups, with its "
+    "credentials, environment and socket. Run it as root (sudo).",
+)
 @click.pass_obj
-def doctor(obj: Context, socket_path: str | None) -> None:
+def doctor(obj: Context, socket_path: str | None, unit: str | None) -> None:
     """Check everything the agent needs, with a fix for each problem.
 
     Module, token, PIN, keys, socket, config, audit log and Dfns (reachable, token accepted); exit 0 if
     all pass. The PIN is tried once; nothing is written.
     """
+    report = Report(sys.stdout)
+    if unit is not None:
+        sys.exit(_as_unit(obj, report, unit, socket_path))
+    _run_checks(obj, report, socket_path, None)
+    sys.exit(0 if report.ok else 1)
+
+
+def _run_checks(obj: Context, report: Report, socket_path: str | None, socket_unit: str | None) -> None:
     from agent.diagnostics.doctor import run
 
-    report = Report(sys.stdout)
     # config_path, not obj.config: a config that does not load is the doctor's first finding, not an error.
-    with closing(run(obj.config_path, socket_override=socket_path)) as checks:
+    with closing(run(obj.config_path, socket_override=socket_path, socket_unit=socket_unit)) as checks:
         for check in checks:
             report.add(check)
-    sys.exit(0 if report.ok else 1)
+
+
+def _as_unit(obj: Context, report: Report, unit: str, socket_path: str | None) -> int:
+    """Read the unit from systemd, then run every check in a child process that has what the service will
+    have: its user and groups, a private $CREDENTIALS_DIRECTORY holding copies of its credentials, and
+    its environment."""
+    from agent.diagnostics.results import failed, passed
+    from agent.diagnostics.unit import UnitError, as_unit_user, read_unit, user_ids
+
+    if os.geteuid() != 0:
+        fix = f"sudo dfns-agent --config FILE doctor --unit {unit}"
+        report.add(failed("unit", f"reading {unit}'s credentials needs root", fix))
+        return 1
+    try:
+        settings = read_unit(unit)
+    except UnitError as e:
+        report.add(failed("unit", e.message, "install the units: sudo dfns-agent files install"))
+        return 1
+    missing = [c.name for c in settings.credentials if c.source is None and c.required]
+    described = ", ".join(f"{c.name} ({c.source or 'not present'})" for c in settings.credentials) or "none"
+    who = f"runs as {settings.user}" if settings.user else "runs as root"
+    if missing:
+        report.add(failed("unit", f"{unit} {who}; credentials: {described}",
+                          f"create {', '.join(missing)} (mode 0600, root): systemd refuses to start without them"))
+    else:
+        report.add(passed("unit", f"{unit} {who}; credentials: {described}"))
+    creds = Path(tempfile.mkdtemp(prefix="dfns-agent-doctor-"))
+    try:
+        uid, gid = user_ids(settings.user) if settings.user else (0, 0)
+        for c in settings.credentials:
+            if c.source is not None:
+                target = creds / c.name
+                shutil.copyfile(c.source, target)
+                os.chmod(target, 0o400)
+                os.chown(target, uid, gid)
+        os.chmod(creds, 0o500)
+        os.chown(creds, uid, gid)
+        sys.stdout.flush()
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.environ["CREDENTIALS_DIRECTORY"] = str(creds)
+                os.environ.update(dict(settings.environment))
+                if settings.user:
+                    import pwd
+
+                    os.environ["HOME"] = pwd.getpwnam(settings.user).pw_dir
+                    os.environ["USER"] = os.environ["LOGNAME"] = settings.user
+                as_unit_user(settings)
+                sock = socket_path or (str(settings.socket) if settings.socket else None)
+                _run_checks(obj, report, sock, settings.socket_unit if socket_path is None else None)
+                code = 0 if report.ok and not missing else 1
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        return os.waitstatus_to_exitcode(status) or 0
+    finally:
+        shutil.rmtree(creds, ignore_errors=True)

@@ -12,23 +12,24 @@ from typing import Any
 import click
 
 from agent import __version__, logs
-from agent.cli import audit, dev, doctor, keys, remote
+from agent.cli import audit, dev, doctor, keys, remote, service
 from agent.cli.util import AUDIT_DEFAULT, CONFIG_HELP, CliError, Context, add_config_option, socket_option
 from agent.client import AgentClientError
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, exit_status_for
 
 
 class _Group(click.Group):
     """The one error handler: the agent's own errors, a running agent's refusals and input a command cannot
-    use become one line on stderr, ``dfns-agent: CODE: MESSAGE``, and a non-zero exit (2 for a config error,
-    as for a usage error; else 1)."""
+    use become one line on stderr, ``dfns-agent: CODE: MESSAGE``, and a non-zero exit
+    (:class:`agent.errors.ExitStatus`: 2 for a config or secret-source error, as for a usage error; 77 for a
+    rejected or locked PIN; else 1)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except AgentError as e:
             _error(e.code, e.message)
-            ctx.exit(2 if isinstance(e, ConfigError) else 1)
+            ctx.exit(exit_status_for(e))
         except AgentClientError as e:
             _error(e.code, e.message)
             ctx.exit(1)
@@ -84,5 +85,7 @@ for command in (
     remote.status,
     audit.audit,
     dev.dev_dfns,
+    service.reload,
+    service.files,
 ):
     main.add_command(command)

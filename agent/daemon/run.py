@@ -16,7 +16,9 @@ signals are ignored so the clean-up finishes. A SIGHUP before the agent serves i
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import signal
 import socket
 import sys
@@ -26,6 +28,7 @@ from typing import TextIO
 
 from agent.config import Config
 from agent.core import metrics
+from agent.daemon import reload_status
 from agent.daemon.hardening import harden_process
 from agent.daemon.supervisor import Supervisor
 from agent.daemon.worker import (
@@ -56,6 +59,7 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
     metrics_dir: Path | None = None
     try:
         harden_process()
+        _warn_unmatchable_exes(config)
         if not config.credentials:
             raise ConfigError(f"{config.path or 'config'}: no [[credential]] configured; nothing to sign with")
         with held_stop_signals():  # a file made here is always one the clean-up knows about
@@ -69,7 +73,12 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
         with held_stop_signals():
             metrics_dir = metrics.prepare()  # before any worker imports prometheus_client
         if config.server.workers == 1:
-            serve_worker(config, pin, dfns, sock, out, announce=True, started=started)
+            reloads = itertools.count(1)
+
+            def reloaded(ok: bool, message: str) -> None:
+                reload_status.write(os.getpid(), reload_status.ReloadOutcome(next(reloads), ok, message))
+
+            serve_worker(config, pin, dfns, sock, out, announce=True, started=started, on_reload=reloaded)
         else:
             Supervisor(config, pin, dfns, sock, out, started=started).run()
         log.info("stopped")
@@ -83,3 +92,20 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
             sock.close()
         if metrics_dir is not None:
             metrics.cleanup(metrics_dir)
+        reload_status.remove(os.getpid())
+
+
+def _warn_unmatchable_exes(config: Config) -> None:
+    """``exes`` selectors read /proc/PID/exe, which the kernel shows only for processes this agent may
+    ptrace: its own uid's (for root, everyone's). Say so for rules that could select other users."""
+    me = os.geteuid()
+    if me == 0:
+        return
+    for rule in config.rules:
+        if rule.exes and (not rule.uids or any(uid != me for uid in rule.uids)):
+            log.warning(
+                "policy rule %r selects executables (exes) but may match callers other than uid %d, whose "
+                "/proc/PID/exe this agent cannot read: it never matches them; select them by uids/gids",
+                rule.name,
+                me,
+            )

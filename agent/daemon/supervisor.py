@@ -10,19 +10,22 @@ import signal
 import socket
 import sys
 import time
+from dataclasses import replace
 from typing import TextIO
 
-from agent.config import Config
+from agent.config import Config, load_config
 from agent.core import metrics
+from agent.daemon import reload_status
 from agent.daemon.worker import (
     LOOP_SIGNALS,
     STOP_SIGNALS,
     DfnsSettings,
     check_stop,
     ignore_stop_signals,
+    read_dfns_tokens,
     serve_worker,
 )
-from agent.errors import AgentError, ConfigError, TokenError
+from agent.errors import AgentError, ConfigError, ExitStatus, PinRejected, TokenError, exit_status_for
 from agent.secret import Secret
 from agent.transport import systemd
 
@@ -32,6 +35,24 @@ _PR_SET_PDEATHSIG = 1
 _MAX_RESTARTS = 5  # within _RESTART_WINDOW seconds, then give up and let the service manager restart us
 _RESTART_WINDOW = 60.0
 _STOP_CHECK = 0.05  # how often a supervisor waiting for a worker to start looks for SIGTERM/SIGINT
+_RELOAD_WAIT = 60.0  # how long a reload waits for every worker's answer before calling it failed
+
+# A worker's lines to the supervisor on its control pipe (each one write, well under PIPE_BUF: atomic).
+_READY = b"ready\n"
+_RELOADED = b"reloaded "
+_REFUSED = b"refused "
+_START_FAILED = b"failed "  # + the exit status class, a space, the message
+
+
+def _start_error(line: bytes, index: int) -> AgentError:
+    """The error a worker's start-up failure is re-raised as in the supervisor: of the same exit class, so a
+    rejected PIN or a config error ends the agent with the status systemd's units look for."""
+    text = line.decode("utf-8", "replace").rstrip("\n")
+    if not text.startswith(_START_FAILED.decode()):
+        return TokenError(f"worker {index} exited during start-up")
+    status, _, message = text[len(_START_FAILED) :].partition(" ")
+    kind = {str(int(ExitStatus.PIN)): PinRejected, str(int(ExitStatus.CONFIG)): ConfigError}.get(status, TokenError)
+    return kind(message or f"worker {index} exited during start-up")
 
 
 def _tell(fd: int, data: bytes) -> None:
@@ -60,13 +81,17 @@ class Supervisor:
         self.config, self.pin, self.dfns, self.sock, self.out = config, pin, dfns, sock, out
         self.started = time.time() if started is None else started  # the agent's start: every worker's uptime
         self.workers: dict[int, int] = {}  # pid -> index
+        self.control: dict[int, int] = {}  # pid -> read end of its control pipe (ready, then reload outcomes)
         self.restarts: list[float] = []
+        self.reloads = 0
 
     def spawn(self, index: int) -> int:
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(read_end)
+            for fd in self.control.values():  # the other workers' pipes are the supervisor's
+                os.close(fd)
             systemd.unset_environment()  # only the supervisor (systemd's main pid) notifies
             code = 0
             try:
@@ -76,8 +101,10 @@ class Supervisor:
                 ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
                 def ready() -> None:
-                    _tell(write_end, b"ok")
-                    os.close(write_end)
+                    _tell(write_end, _READY)
+
+                def reloaded(ok: bool, message: str) -> None:
+                    _tell(write_end, (_RELOADED if ok else _REFUSED) + message.encode("utf-8", "replace")[:400] + b"\n")
 
                 serve_worker(
                     self.config,
@@ -88,10 +115,11 @@ class Supervisor:
                     announce=index == 0,
                     ready=ready,
                     started=self.started,
+                    on_reload=reloaded,
                 )
             except AgentError as e:
-                code = 2 if isinstance(e, ConfigError) else 1
-                _tell(write_end, e.message.encode("utf-8", "replace"))
+                code = exit_status_for(e)
+                _tell(write_end, _START_FAILED + f"{code} {e.message}".encode("utf-8", "replace")[:3000] + b"\n")
             except BaseException:  # noqa: BLE001 - a worker must never fall back into the supervisor's code
                 log.exception("worker %d failed", index)
                 code = 70
@@ -101,16 +129,22 @@ class Supervisor:
                 os._exit(code)
         os.close(write_end)
         self.workers[pid] = index  # from now on stop() stops it, even while it starts
-        with os.fdopen(read_end, "rb") as pipe:
-            while not select.select([pipe], [], [], _STOP_CHECK)[0]:
-                if self.stop_pending():
-                    return pid  # it starts (its signals held) and is stopped with the rest
-            answer = pipe.read().decode("utf-8", "replace")
-        if answer != "ok":
+        self.control[pid] = read_end
+        while not select.select([read_end], [], [], _STOP_CHECK)[0]:
+            if self.stop_pending():
+                return pid  # it starts (its signals held) and is stopped with the rest
+        answer = _read_line(read_end)
+        if answer != _READY:
             self.workers.pop(pid, None)
+            self._forget(pid)
             os.waitpid(pid, 0)
-            raise TokenError(answer or f"worker {index} exited during start-up")
+            raise _start_error(answer, index)
         return pid
+
+    def _forget(self, pid: int) -> None:
+        fd = self.control.pop(pid, None)
+        if fd is not None:
+            os.close(fd)
 
     @staticmethod
     def stop_pending() -> bool:
@@ -143,8 +177,8 @@ class Supervisor:
                     systemd.stopping()
                     break
                 if info.si_signo == signal.SIGHUP:
-                    systemd.reloading()  # workers reload on their own; READY=1 means they were told
-                    self.signal_all(signal.SIGHUP)
+                    systemd.reloading()
+                    self.reload()
                     systemd.ready(serving)
                     continue
                 self.reap()
@@ -159,16 +193,70 @@ class Supervisor:
             if pid == 0:
                 return
             index = self.workers.pop(pid, None)
+            self._forget(pid)
             if index is None:
                 continue
             metrics.process_dead(pid)
             log.warning("worker %d (pid %d) ended with status %d; restarting it", index, pid, status)
+            self._restart(index)
+
+    def _restart(self, index: int) -> None:
+        """Start worker ``index`` again, within the restart budget. A start that fails on the token (e.g.
+        SoftHSM's GeneralError while another process logs in) is tried again; a rejected PIN or a config
+        error ends the agent (with its exit status)."""
+        while not self.stop_pending():
             now = time.monotonic()
             self.restarts = [t for t in self.restarts if now - t < _RESTART_WINDOW] + [now]
             if len(self.restarts) > _MAX_RESTARTS:
                 raise TokenError(f"workers keep dying ({len(self.restarts)} in {_RESTART_WINDOW:g}s); giving up")
-            if not self.stop_pending():
+            try:
                 log.info("worker %d restarted (pid %d)", index, self.spawn(index))
+                return
+            except (PinRejected, ConfigError):
+                raise
+            except TokenError as e:
+                log.warning("worker %d could not start (%s); trying again", index, e.message)
+                time.sleep(0.5)
+
+    def reload(self) -> None:
+        """Check the new config here first (and keep it for workers started later), then have every worker
+        apply it and wait for each one's answer; the outcome goes to ``dfns-agent reload``
+        (agent/daemon/reload_status.py). A config refused by any worker is a failed reload."""
+        self.reloads += 1
+        try:
+            fresh = load_config(self.config.path)
+            dfns = read_dfns_tokens(fresh)
+        except AgentError as e:
+            log.error("reload failed; keeping the previous configuration: %s", e.message)
+            self._reloaded(False, e.message)
+            return
+        waiting = {fd: pid for pid, fd in self.control.items() if pid in self.workers}
+        self.signal_all(signal.SIGHUP)
+        refusals: list[str] = []
+        deadline = time.monotonic() + _RELOAD_WAIT
+        while waiting and (left := deadline - time.monotonic()) > 0:
+            for fd in select.select(list(waiting), [], [], left)[0]:
+                pid = waiting.pop(fd)
+                line = _read_line(fd)
+                if line.startswith(_REFUSED):
+                    refusals.append(line[len(_REFUSED) :].decode("utf-8", "replace").strip())
+                elif not line.startswith(_RELOADED):
+                    refusals.append(f"worker pid {pid} ended during the reload")
+        if waiting:
+            refusals.append(f"{len(waiting)} worker(s) did not answer within {_RELOAD_WAIT:g}s")
+        if refusals:
+            self._reloaded(False, refusals[0])
+            return
+        # Workers started from now on get the new credentials, policy and Dfns tokens (token and server
+        # settings need a restart, as in the workers).
+        self.config = replace(fresh, token=self.config.token, server=self.config.server)
+        self.dfns = dfns
+        self._reloaded(True, f"{len(fresh.credentials)} credential(s) in {len(self.workers)} workers")
+
+    def _reloaded(self, ok: bool, message: str) -> None:
+        if ok:
+            log.info("new configuration applied by every worker: %s", message)
+        reload_status.write(os.getpid(), reload_status.ReloadOutcome(self.reloads, ok, message))
 
     def signal_all(self, signo: int) -> None:
         for pid in list(self.workers):
@@ -191,3 +279,13 @@ class Supervisor:
         for pid in list(self.workers):
             os.waitpid(pid, 0)
         self.workers.clear()
+        for pid in list(self.control):
+            self._forget(pid)
+
+
+def _read_line(fd: int) -> bytes:
+    """One line a worker wrote (a single atomic write), or b"" at end of file (the worker is gone)."""
+    try:
+        return os.read(fd, 4096)
+    except OSError:
+        return b""

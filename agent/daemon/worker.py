@@ -116,6 +116,7 @@ def _block_loop_signals() -> None:
 
 
 DfnsSettings = dict[str, tuple[DfnsConfig, Secret]]
+ReloadReport = Callable[[bool, str], None]  # (applied, what was loaded or why it was refused)
 
 
 def read_dfns_tokens(config: Config) -> dict[str, tuple[DfnsConfig, Secret]]:
@@ -160,9 +161,11 @@ def serve_worker(
     announce: bool,
     ready: Callable[[], None] | None = None,
     started: float | None = None,
+    on_reload: ReloadReport | None = None,
 ) -> None:
     """Log in, find the keys, open the audit log; report ready; serve until SIGTERM/SIGINT. ``started`` is
-    when the agent started (the supervisor's start, for a worker): health's uptime counts from it."""
+    when the agent started (the supervisor's start, for a worker): health's uptime counts from it.
+    ``on_reload`` hears the outcome of every SIGHUP (applied, or refused with why)."""
     token: Token | None = None
     audit: AuditLog | None = None
     try:
@@ -190,7 +193,7 @@ def serve_worker(
             # delivered to it (it unblocks them once its handlers are in place).
             signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
             check_stop()
-            _run_loop(_serve_until_signalled(config, service, dfns, sock, token, audit, executor))
+            _run_loop(_serve_until_signalled(config, service, dfns, sock, token, audit, executor, on_reload))
     finally:
         ignore_stop_signals()
         try:
@@ -254,6 +257,7 @@ async def _serve_until_signalled(
     token: Token,
     audit: AuditLog | None,
     executor: Executor | None,
+    on_reload: ReloadReport | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     current = [config]
@@ -278,7 +282,15 @@ async def _serve_until_signalled(
                 current[0] = await loop.run_in_executor(None, reload, state, current[0], token, audit, flow, executor)
             except AgentError as e:
                 log.error("reload failed; keeping the previous configuration: %s", e.message)
+                outcome: tuple[bool, str] = (False, e.message)
+            except Exception as e:  # noqa: BLE001 - the reload is refused, the agent keeps serving
+                log.exception("reload failed; keeping the previous configuration")
+                outcome = (False, f"{type(e).__name__}: {e}")
+            else:
+                outcome = (True, f"{len(state.current.service.credentials)} credential(s)")
             systemd.ready(serving())
+            if on_reload is not None:
+                on_reload(*outcome)
 
         def on_stop() -> None:
             systemd.stopping()

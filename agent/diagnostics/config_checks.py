@@ -8,7 +8,12 @@ from agent.config import Config, find_config, load_config
 from agent.diagnostics.results import Check, failed, passed
 from agent.errors import ConfigError
 
-EXAMPLE = "pkcs11_config/agent.example.toml"  # named in fixes: it documents every setting
+# Named in fixes: it documents every setting (a checkout's file; `dfns-agent files print` has the packaged copy).
+EXAMPLE = "`dfns-agent files print agent.example.toml` (pkcs11_config/agent.example.toml in a checkout)"
+_NO_ACCESS = (
+    "run the doctor as the agent's user (the config must be readable by it), or for a systemd service as root: "
+    "sudo dfns-agent --config FILE doctor --unit dfns-agent.service"
+)
 
 
 @dataclass(frozen=True)
@@ -23,6 +28,8 @@ def load(config_path: str | None) -> Loaded:
     """Find and load the config as ``serve`` does; a failure is a check with its fix, not an exception."""
     try:
         path = find_config(config_path)
+    except OSError as e:  # a default location in a directory this user may not look into
+        return Loaded(None, failed("config", f"cannot look for the configuration file: {e}", _NO_ACCESS))
     except ConfigError as e:
         return Loaded(
             None, failed("config", e.message, "pass --config PATH, set DFNS_AGENT_CONFIG, or create that file")
@@ -31,7 +38,11 @@ def load(config_path: str | None) -> Loaded:
         return Loaded(load_config(path))
     except ConfigError as e:
         fix = f"correct {path} ({EXAMPLE} documents every setting), then run the doctor again"
-        if not path.exists():
+        try:
+            missing = not path.exists()
+        except OSError:  # e.g. /etc/dfns-agent is 0750 root:dfns-agent and this user is not in the group
+            return Loaded(None, failed("config", e.message, _NO_ACCESS))
+        if missing:
             fix = f"create {path} (start from {EXAMPLE}) or pass the right --config"
         return Loaded(None, failed("config", e.message, fix))
 

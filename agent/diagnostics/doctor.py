@@ -44,11 +44,18 @@ from agent.token import Token
 
 R = TypeVar("R")
 
+_NO_PERMISSION = (
+    "run the doctor as the agent's user, or for a systemd service as root with --unit "
+    "(sudo dfns-agent --config FILE doctor --unit dfns-agent.service), which checks as the service will run"
+)
 _REPORT_BUG = "an unexpected failure in this check; if the message does not explain it, report it with this output"
 
 
-def run(config_path: str | None, *, socket_override: str | None = None) -> Generator[Check, None, None]:
+def run(
+    config_path: str | None, *, socket_override: str | None = None, socket_unit: str | None = None
+) -> Generator[Check, None, None]:
     """Every check, each yielded as soon as it finishes (the network checks can take seconds).
+    ``socket_unit``: the socket is that systemd socket unit's (it makes the directory and the file).
 
     Iterate to the end or close the generator: the token logged in for the key checks is logged out then.
     """
@@ -80,11 +87,11 @@ def run(config_path: str | None, *, socket_override: str | None = None) -> Gener
         else:
             yield from _key_checks(config, token)
         # 5: socket.
-        yield _safely("socket", lambda: check_socket(_socket_path(config, socket_override)))
+        yield _safely("socket", lambda: check_socket(_socket_path(config, socket_override), managed_by=socket_unit))
         # 6: the rest of the config.
         yield _safely("config", lambda: check_config_summary(config))
         if not pin.source_checked:
-            pin_source = check_pin_source(config.token.pin)
+            pin_source = _attempt("pin file", lambda: check_pin_source(config.token.pin), _same)
             if pin_source is not None:
                 yield pin_source
         yield _safely("audit log", lambda: check_audit(config.audit))
@@ -142,6 +149,9 @@ def _attempt(name: str, fn: Callable[[], R], on_error: Callable[[Check], R]) -> 
     """Run one check; an unexpected exception fails that check (``on_error`` wraps it), not the whole run."""
     try:
         return fn()
+    except PermissionError as e:
+        where = f" {e.filename}" if e.filename else ""
+        return on_error(failed(name, f"permission denied{where}", _NO_PERMISSION))
     except Exception as e:  # noqa: BLE001 - a doctor must report, not crash
         text = getattr(e, "message", None) or str(e) or type(e).__name__
         return on_error(failed(name, f"unexpected error: {type(e).__name__}: {text}", _REPORT_BUG))
@@ -149,6 +159,10 @@ def _attempt(name: str, fn: Callable[[], R], on_error: Callable[[Check], R]) -> 
 
 def _safely(name: str, fn: Callable[[], Check]) -> Check:
     return _attempt(name, fn, lambda check: check)
+
+
+def _same(check: Check) -> Check | None:
+    return check
 
 
 def _nothing(check: Check) -> tuple[None, Check]:

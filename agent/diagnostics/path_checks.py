@@ -17,8 +17,12 @@ from agent.diagnostics.results import Check, failed, passed
 _MAX_SUN_PATH = 107  # bytes of sun_path usable for a path (agent/transport/listener.py refuses longer ones)
 
 
-def check_socket(path: Path) -> Check:
-    """The socket path `serve` would use: length, a private directory of ours, and what is on it now."""
+def check_socket(path: Path, *, managed_by: str | None = None) -> Check:
+    """The socket path `serve` would use: length, a private directory of ours, and what is on it now.
+    ``managed_by``: a systemd socket unit holds it; it makes the directory (root's, traversable) and the
+    socket file, whose owner and mode then decide who may connect."""
+    if managed_by is not None:
+        return _check_unit_socket(path, managed_by)
     if len(os.fsencode(path)) > _MAX_SUN_PATH:
         return failed(
             "socket",
@@ -53,6 +57,29 @@ def check_socket(path: Path) -> Check:
             f"chmod 700 {directory}",
         )
     return _check_socket_file(path, f"{directory} is yours, mode 0700")
+
+
+def _check_unit_socket(path: Path, unit: str) -> Check:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return failed(
+            "socket",
+            f"{path} does not exist: {unit} is not listening",
+            f"systemctl enable --now {unit} (after a rejected PIN or a config error the agent stops it: fix "
+            f"that first; journalctl -u {unit.removesuffix('.socket')}.service says which)",
+        )
+    if not stat.S_ISSOCK(st.st_mode):
+        return failed("socket", f"{path} is not a socket", f"move {path} away and restart {unit}")
+    mode = stat.S_IMODE(st.st_mode)
+    if st.st_uid != os.geteuid() or mode & 0o007:
+        return failed(
+            "socket",
+            f"{path} belongs to uid {st.st_uid} with mode {mode:04o}; the agent's user ({os.geteuid()}) should own "
+            "it and others should not reach it",
+            f"set SocketUser= to the service's user and SocketMode=0600 (or 0660 with SocketGroup=) in {unit}",
+        )
+    return _check_socket_file(path, f"held by {unit}, mode {mode:04o}")
 
 
 def existing_ancestor(p: Path) -> Path:

@@ -59,6 +59,8 @@ from agent.token.recovery import Circuit
 log = logging.getLogger(__name__)
 
 # Errors on one session or handle: retried once on a fresh session before the token is suspected.
+# Pauses before probing again after a failed probe; None: give up (the fault is real). See _probe_loop.
+_PROBE_RETRIES: tuple[float | None, ...] = (0.05, 0.25, None)
 _STALE = (p11.SessionHandleInvalid, p11.SessionClosed, p11.ObjectHandleInvalid, p11.KeyHandleInvalid)
 
 
@@ -386,23 +388,42 @@ class Token:
         with self._anchor_lock:
             self._token, self._anchor = token, anchor
 
+    def _probe_once(self) -> tuple[bool, int]:
+        me = threading.get_ident()
+        self._inflight[me] = time.monotonic()  # a probe that hangs counts as stuck, like a signature
+        try:
+            with self._gate.shared(), self._anchor_lock:
+                logged_in = self._logged_in()
+                flags = self._token.slot.get_token().flags
+                for expected in self._expected[:1]:  # a call that reaches the device, not just the library
+                    find_key(self._anchor, expected.label, expected.id or None, self.name)
+        finally:
+            self._inflight.pop(me, None)
+        return logged_in, int(flags)
+
     def _probe_loop(self, period: float) -> None:
         while not self.circuit.wait(period):
             if self.circuit.state is not TokenState.OK:
                 continue
-            me = threading.get_ident()
-            self._inflight[me] = time.monotonic()
-            try:
-                with self._gate.shared(), self._anchor_lock:
-                    logged_in = self._logged_in()
-                    flags = self._token.slot.get_token().flags
-                    for expected in self._expected[:1]:  # a call that reaches the device, not just the library
-                        find_key(self._anchor, expected.label, expected.id or None, self.name)
-            except (TokenError, p11.PKCS11Error) as e:
-                self.circuit.fault(f"probe failed: {e.message if isinstance(e, TokenError) else describe(e)}")
+            # A fault must be seen twice: SoftHSM rewrites token.object on every C_Login, and another process
+            # on the same token (a worker logging in) reading it meanwhile gets NoSuchToken/GeneralError.
+            result: tuple[bool, int] | None = None
+            error = ""
+            for retry in _PROBE_RETRIES:
+                try:
+                    result = self._probe_once()
+                    break
+                except (TokenError, p11.PKCS11Error) as e:
+                    error = e.message if isinstance(e, TokenError) else describe(e)
+                    if retry is None or self.circuit.wait(retry):
+                        break
+                    log.info("%s: probe failed (%s); probing again in %gs", self.name, error, retry)
+            if self.circuit.closed:
+                return
+            if result is None:
+                self.circuit.fault(f"probe failed: {error}")
                 continue
-            finally:
-                self._inflight.pop(me, None)
+            logged_in, flags = result
             if flags & TokenFlag.USER_PIN_LOCKED:
                 self.circuit.down(f"{self.name} reports its user PIN is locked")
             elif not logged_in:

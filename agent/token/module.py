@@ -16,9 +16,11 @@ never call through a list of our own (:attr:`LoadedModule.raw` is None). Which c
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +33,8 @@ from agent.errors import TokenUnavailable
 from agent.token.ckr import EXCEPTION_CKR, ckr_name
 
 _UNMAPPED = re.compile(r"Unmapped error code (0x[0-9a-fA-F]+)")
+
+log = logging.getLogger(__name__)
 
 
 def describe(exc: BaseException) -> str:
@@ -187,8 +191,30 @@ def unload_module(path: str) -> None:
             pkcs11.unload(path)
 
 
+# Pauses before looking for the token again; None: report what was found. SoftHSM rewrites its token file
+# on every C_Login, and another process listing tokens meanwhile gets GeneralError, or misses the token.
+_FIND_RETRIES: tuple[float | None, ...] = (0.05, 0.25, None)
+
+
 def find_token(lib: Any, cfg: TokenConfig) -> Any:
-    """The one token that matches the configured label and/or serial."""
+    """The one token that matches the configured label and/or serial (looked for again after a short pause
+    when it is missing or listing fails: a login elsewhere can hide it for a moment)."""
+    for retry in _FIND_RETRIES:
+        try:
+            return _find_token_once(lib, cfg)
+        except _NotFoundNow as e:
+            if retry is None:
+                raise TokenUnavailable(e.message) from None
+            log.debug("%s; looking again in %gs", e.message, retry)
+            time.sleep(retry)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class _NotFoundNow(TokenUnavailable):
+    """Listing failed or found no match: maybe only for a moment (see _FIND_RETRIES)."""
+
+
+def _find_token_once(lib: Any, cfg: TokenConfig) -> Any:
     serial = cfg.serial.encode() if cfg.serial is not None else None
     what = " and ".join(
         ([f"label {cfg.label!r}"] if cfg.label is not None else []) + ([f"serial {cfg.serial!r}"] if serial else [])
@@ -196,10 +222,13 @@ def find_token(lib: Any, cfg: TokenConfig) -> Any:
     try:
         matches = list(_tokens(lib, label=cfg.label, serial=serial))
     except p11.PKCS11Error as e:
-        raise TokenUnavailable(f"cannot list tokens of {cfg.module}: {describe(e)}") from None
+        raise _NotFoundNow(f"cannot list tokens of {cfg.module}: {describe(e)}") from None
     if not matches:
-        available = ", ".join(repr(t.label) for t in _tokens(lib)) or "none"
-        raise TokenUnavailable(f"no token with {what} in {cfg.module}; tokens present: {available}")
+        try:
+            available = ", ".join(repr(t.label) for t in _tokens(lib)) or "none"
+        except p11.PKCS11Error as e:
+            available = f"(cannot list them: {describe(e)})"
+        raise _NotFoundNow(f"no token with {what} in {cfg.module}; tokens present: {available}")
     if len(matches) > 1:
         raise TokenUnavailable(
             f"{len(matches)} tokens have {what}; set both label and serial (some modules give every token the "

@@ -43,6 +43,7 @@ _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _MAX_QUEUED = 16  # pipelined requests read ahead per connection before reading pauses
 _MAX_HEAD = 64 * 1024  # request line and headers; llhttp itself sets no bound
 _READ_DRAIN = 64 * 1024
+_DRAIN_POLL = 0.005  # how often a drain looks whether every accepted connection has sent its request
 
 
 @dataclass
@@ -52,6 +53,7 @@ class Limits:
     idle_timeout: float = 15.0
     max_connections: int = 256
     max_connections_per_uid: int = 128
+    drain_grace: float = 0.5  # on stop, how long an accepted connection may still take to send its request
 
 
 @dataclass
@@ -423,6 +425,11 @@ class Connection(asyncio.Protocol):
         if self._task is None and not self._queue:
             self._close()
 
+    @property
+    def awaiting_request(self) -> bool:
+        """Open, answering nothing, and free to send a request (none refused, no Connection: close yet)."""
+        return not self._closing and not self._stopped and self._task is None and not self._queue
+
     def _expect(self, delay: float, on_deadline: Callable[[], None]) -> None:
         self._deadline = deadline = self._loop.time() + delay
         self._on_deadline = on_deadline
@@ -577,14 +584,27 @@ class Server:
         self._lingering.clear()
 
     async def shutdown(self, timeout: float) -> None:
-        """Stop accepting, close idle connections, let in-flight answers finish (up to ``timeout``)."""
+        """Stop accepting and drain, within ``timeout`` in all.
+
+        The drain rule: a connection the agent has accepted is owed the reading and answering of one more
+        request, if that request arrives within ``limits.drain_grace`` of the stop (a client may connect,
+        then take a moment to send). Its answer says ``Connection: close``; requests already being read or
+        answered finish as well. Connections still silent after the grace are closed unanswered (nobody
+        asked anything). Connections not yet accepted stay queued on the listening socket: with socket
+        activation systemd keeps it, and the next agent answers them.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._server is not None:
             self._server.close()
         self.draining = True
+        grace_end = min(deadline, loop.time() + self.limits.drain_grace)
+        while loop.time() < grace_end and any(c.awaiting_request for c in self.connections):
+            await asyncio.sleep(_DRAIN_POLL)
         for conn in list(self.connections):
             conn.close_if_idle()
         if self.tasks:
-            _, late = await asyncio.wait(set(self.tasks), timeout=timeout)
+            _, late = await asyncio.wait(set(self.tasks), timeout=max(0.0, deadline - loop.time()))
             for task in late:
                 task.cancel()
         for conn in list(self.connections):
