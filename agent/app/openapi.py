@@ -24,6 +24,10 @@ def _error(description: str) -> dict[str, Any]:
 
 
 _B64URL = {"type": "string", "pattern": "^[A-Za-z0-9_-]+={0,2}$"}
+# A path character, or a percent escape of anything but '.', '/', '\\' and NUL (agent.dfnsapi.flow.check_path).
+_PCHAR = r"(?:[A-Za-z0-9_~!$&'()*+,;=:@-]|%(?:0[1-9A-Fa-f]|[13-46-9A-Fa-f][0-9A-Fa-f]|2[0-9A-Da-d]|5[0-9ABD-Fabd-f]))"
+_SEGMENT = rf"(?:{_PCHAR}(?:{_PCHAR}|\.)*|\.{_PCHAR}(?:{_PCHAR}|\.)*|\.\.(?:{_PCHAR}|\.)+)"  # not empty, . or ..
+_DFNS_PATH = rf"^(?:/{_SEGMENT})+(?:\?(?:{_PCHAR}|[./?])*)?$"
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -46,12 +50,13 @@ SCHEMAS: dict[str, Any] = {
     "UserActionChallenge": {
         "type": "object",
         "description": "The body of Dfns's POST /auth/action/init answer, passed through unchanged.",
-        "required": ["challenge"],
+        "required": ["challenge", "allowCredentials"],
         "properties": {
             "challenge": {**_B64URL, "maxLength": 1024},
             "challengeIdentifier": {"type": "string"},
             "allowCredentials": {
                 "type": "object",
+                "required": ["key"],
                 "properties": {
                     "key": {
                         "type": "array",
@@ -138,15 +143,15 @@ SCHEMAS: dict[str, Any] = {
         "additionalProperties": False,
         "properties": {
             "method": {
-                "type": "string",
-                "pattern": "^[A-Za-z]+$",
-                "description": "POST, PUT, DELETE, PATCH (GET: /v1/request only)",
+                "enum": ["GET", "POST", "PUT", "DELETE", "PATCH"],
+                "description": "POST, PUT, DELETE, PATCH (GET: /v1/request only, else 400)",
             },
             "path": {
                 "type": "string",
-                "pattern": "^/",
+                "pattern": _DFNS_PATH,
                 "maxLength": 2048,
-                "description": "e.g. /wallets; query allowed",
+                "description": "e.g. /wallets; query allowed; no empty, '.' or '..' segment and no encoded '.', "
+                "'/', '\\' or NUL (else 400 invalid_path)",
             },
             "body": {"description": "JSON body; serialized once, compactly; omitted or null means {}"},
             "credential": {"type": "string", "minLength": 1, "description": "default: the first with Dfns settings"},
@@ -224,12 +229,27 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+# /v1/user-action: the same call, but only methods that need a user action (GET there is 400).
+SCHEMAS["UserActionCall"] = {
+    **SCHEMAS["DfnsCall"],
+    "description": "A mutating Dfns API call for the agent to get a user action for.",
+    "properties": {
+        **SCHEMAS["DfnsCall"]["properties"],
+        "method": {"enum": ["POST", "PUT", "DELETE", "PATCH"], "description": "a method that needs a user action"},
+    },
+}
+
+
 def document() -> dict[str, Any]:
     common = {
-        "400": _error("malformed request (codes invalid_json, invalid_request, invalid_challenge)"),
+        "400": _error("malformed request (codes invalid_json, invalid_request, invalid_challenge, invalid_path)"),
         "413": _error("request body too large (payload_too_large)"),
         "431": _error("request line and headers over 64 KiB (headers_too_large)"),
-        "403": _error("the policy refuses this caller or request (forbidden; the message names the rule)"),
+        "403": _error(
+            "the policy refuses this caller or request (forbidden; the message names the rule), or bytes came from "
+            "another process than the one that connected (sender_changed)"
+        ),
+        "405": _error("method not allowed on this path (method_not_allowed); the Allow header lists those that are"),
         "408": _error("request body not received in time (request_timeout)"),
         "429": _error("a policy rule's rate limit (rate_limited)"),
         "503": _error("token_unavailable, audit_unavailable"),
@@ -300,7 +320,10 @@ def document() -> dict[str, Any]:
                 "post": {
                     "operationId": "userAction",
                     "summary": "Run /auth/action/init, sign on the token, /auth/action; return the user action.",
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("DfnsCall")}}},
+                    "requestBody": {
+                        "required": True,
+                        "content": {"application/json": {"schema": _ref("UserActionCall")}},
+                    },
                     "responses": {
                         "200": _json(_ref("UserAction"), "user action and the exact payload to send"),
                         **common,
