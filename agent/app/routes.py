@@ -25,6 +25,7 @@ from agent.config import Rule
 from agent.core.policy import Endpoint as PolicyEndpoint
 from agent.core.policy import Grant
 from agent.core.records import Action
+from agent.core.service import SigningService
 from agent.errors import AgentError, CircuitOpen, Forbidden
 from agent.transport.http import (
     Admission,
@@ -89,11 +90,10 @@ class App:
         try:
             rule = now.policy.admit(caller)
         except Forbidden as e:
-            log.warning("refused a connection of %s: %s", caller, e.message)
             service = now.service
             if service.metrics is not None:
                 service.metrics.refusal(e.rule, e.code)
-            task = asyncio.get_running_loop().create_task(service.audit_refusal(caller, "connect", e))
+            task = asyncio.get_running_loop().create_task(_refused_connection(service, caller, e))
             self._refusal_records.add(task)
             task.add_done_callback(self._refusal_records.discard)
             return Admission(refusal=json_response(e.to_json(), e.status))
@@ -170,9 +170,19 @@ class App:
         self, request: Request, now: Generation, caller: Caller | None, refusal: _Refusal, e: AgentError
     ) -> Response:
         if isinstance(e, Forbidden):
-            log.warning("refused %s %s for %s: %s", request.method, request.path, caller, e.message)
             service = now.service
-            await service.audit_refusal(caller, request.path, e, credential=refusal.credential, action=refusal.action)
+            first = await service.audit_refusal(
+                caller, request.path, e, credential=refusal.credential, action=refusal.action
+            )
+            # Logged like the audit aggregates: the first per caller and reason in an interval, the rest at debug.
+            log.log(
+                logging.WARNING if first else logging.DEBUG,
+                "refused %s %s for %s: %s",
+                request.method,
+                request.path,
+                caller,
+                e.message,
+            )
             if service.metrics is not None:
                 service.metrics.refusal(e.rule, e.code)
         elif e.status >= 500 and not isinstance(e, CircuitOpen):
@@ -258,3 +268,8 @@ ROUTES: list[tuple[str, str, Route]] = [
     ("GET", "/v1/metrics", metrics_endpoint),
     ("GET", "/v1/openapi.json", openapi_document),
 ]
+
+
+async def _refused_connection(service: SigningService, caller: Caller, e: Forbidden) -> None:
+    first = await service.audit_refusal(caller, "connect", e)
+    log.log(logging.WARNING if first else logging.DEBUG, "refused a connection of %s: %s", caller, e.message)

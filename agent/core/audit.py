@@ -607,11 +607,14 @@ class AuditLog:
         except asyncio.TimeoutError:
             raise AuditUnavailable(f"audit log {self.path} did not confirm a write within {_WAIT:g}s") from None
 
-    async def refusal(self, record: AuditRecord) -> None:
+    async def refusal(self, record: AuditRecord) -> bool:
         """Record a refusal, aggregated per caller and reason (``agent/core/refusals.py``): the first of an
-        interval is written (and awaited) now, the others only counted into the interval's summary."""
+        interval is written (and awaited) now, the others only counted into the interval's summary.
+        True when this one was the first (callers log only those, for the same reason)."""
         if self.refusals.admit(record):
             await self.record_async(record)
+            return True
+        return False
 
     def _writer(self) -> None:
         while True:

@@ -278,12 +278,13 @@ class SigningService:
         *,
         credential: str | None = None,
         action: Action | None = None,
-    ) -> None:
+    ) -> bool:
         """Record a request the policy refused (best effort: the refusal stands either way). Aggregated per
         caller and reason (one record, then one summary with a count per interval: a flood cannot fill the
-        disk), and awaited, so a caller hammering refused requests does not stall the event loop on fsyncs."""
+        disk), and awaited, so a caller hammering refused requests does not stall the event loop on fsyncs.
+        True when the refusal opened a new interval (or nothing aggregates: audit off), i.e. is worth a log line."""
         if self.audit is None:
-            return
+            return True
         record = AuditRecord(
             Event.REFUSED,
             caller,
@@ -295,9 +296,9 @@ class SigningService:
             reason=error.message,
         )
         try:
-            await self.audit.refusal(record)
+            return await self.audit.refusal(record)
         except AgentError:
-            pass
+            return True
 
     async def health(self) -> AgentHealth:
         """Token state, anchor session logged in, every credential's key still the same key, audit writable.

@@ -357,12 +357,12 @@ def test_a_refusal_flood_writes_two_records_and_a_count(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     log = AuditLog(path, settings=replace(AuditConfig(), refusal_interval=3600.0))
 
-    async def flood() -> None:
-        for _ in range(5000):
-            await log.refusal(refusal())
+    async def flood() -> list[bool]:
+        return [await log.refusal(refusal()) for _ in range(5000)]
 
     try:
-        asyncio.run(flood())
+        firsts = asyncio.run(flood())
+        assert firsts == [True] + [False] * 4999  # only the first is worth a log line too
         assert len(lines(path)) == 1
     finally:
         log.close()
