@@ -599,7 +599,8 @@ class Server:
             self._server.close()
         self.draining = True
         grace_end = min(deadline, loop.time() + self.limits.drain_grace)
-        while loop.time() < grace_end and any(c.awaiting_request for c in self.connections):
+        # Accepted but still being opened (connect_accepted_socket): not yet in self.connections, owed the same.
+        while loop.time() < grace_end and (self._opening or any(c.awaiting_request for c in self.connections)):
             await asyncio.sleep(_DRAIN_POLL)
         for conn in list(self.connections):
             conn.close_if_idle()
