@@ -15,7 +15,17 @@ import pytest
 
 from agent.core.audit import verify
 from agent.dev import modules
-from agent.dev.testing import AgentProcess, TokenEnv, check_assertion, make_challenge, run_cli, wait_until
+from agent.dev.testing import (
+    AgentProcess,
+    TokenEnv,
+    check_assertion,
+    child_pids,
+    make_challenge,
+    run_cli,
+    wait_all_workers,
+    wait_until,
+)
+from tests.modules.conftest import write_module_config
 
 CLIENTS = 8
 PER_CLIENT = 25
@@ -218,6 +228,40 @@ def test_hung_backend_every_request_answered_in_time_and_health_at_once(
     assert slowest <= SIGN_TIMEOUT + 1.0, during
     assert {s for _, s, _ in during} <= {200, 503, 504}, codes
     assert max(health_times) < 2.0, health_times
+
+
+def test_a_worker_stuck_in_the_token_is_replaced(
+    backend: modules.Backend, module_env: TokenEnv, start_agent: Any
+) -> None:
+    """With several workers the supervisor pings systemd for all of them, so a worker whose token call stays
+    stuck past [token] stuck_limit must exit and be replaced; once the backend answers again, so does the agent."""
+    if not backend.serves_calls:
+        pytest.skip(f"{backend.name} runs inside the agent's process: no backend process to stop")
+    write_module_config(
+        module_env,
+        backend,
+        token_extra="probe_interval = 0.5\nsign_timeout = 1\nstuck_limit = 2\n",
+        server="workers = 2\n",
+    )
+    agent: AgentProcess = start_agent(module_env)
+    first = wait_all_workers(agent, 2)
+    cred = agent.http.get("/v1/credentials").json()["credentials"][0]
+    backend.pause()
+    try:
+        r = agent.http.post(
+            "/v1/sign", json={"challenge": make_challenge(cred["credId"]), "credential": cred["name"]}, timeout=30
+        )
+        assert r.status_code in (503, 504), r.text  # the signature is stuck in the module: answered in time
+        wait_until(lambda: child_pids(agent.proc.pid) - first, 30, "a stuck worker replaced")
+        assert "stuck for" in agent.output()
+    finally:
+        backend.resume()
+    wait_until(lambda: agent.http.get("/v1/health").json()["status"] == "ok", 60, "health ok after SIGCONT")
+    results, failures, _ = _sign_many(agent, [cred["name"]], 2, 5)
+    assert failures == [] and len(results) == 10
+    _check(agent, results)
+    replaced = first - child_pids(agent.proc.pid)
+    print(f"\n{backend.name} stuck worker: {len(replaced)} of 2 workers replaced, signing resumed")
 
 
 def test_keys_generated_on_the_module(backend: modules.Backend, module_env: TokenEnv) -> None:
