@@ -18,6 +18,7 @@ import contextlib
 import hashlib
 import json
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -28,6 +29,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -612,3 +614,47 @@ def samples_of(text: str) -> Samples:
 
 def total(samples: Samples, name: str, **labels: str) -> float:
     return sum(v for (n, ls), v in samples.items() if n == name and all((k, v2) in ls for k, v2 in labels.items()))
+
+
+# --- another uid on the same host, and a full disk -------------------------------------------------------
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"  # clients run as nobody, who cannot read this checkout's virtualenv
+
+
+def open_to_everyone(socket_path: Path) -> None:
+    """Open the socket up the way a deployment sharing it with a group would; the policy must still decide."""
+    for directory in socket_path.parents:
+        if str(directory) in ("/", "/tmp"):
+            break
+        os.chmod(directory, 0o755)
+    os.chmod(socket_path, 0o666)
+
+
+def run_as_nobody(script: str, *args: str, timeout: float = 60.0) -> str:
+    """Run ``script`` with the system's python3 as uid and gid nobody; its standard output (it must exit 0)."""
+    r = subprocess.run(
+        [SYSTEM_PYTHON, "-c", script, *args],
+        user=NOBODY,
+        group=NOBODY,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@contextmanager
+def files_cannot_grow_past(size: int) -> Iterator[None]:
+    """Writes to regular files fail with EFBIG beyond ``size`` bytes, and a write that crosses it comes up
+    short (a full disk, as the kernel says it), for this process, until the block ends."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)

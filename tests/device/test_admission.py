@@ -26,23 +26,12 @@ from typing import Any
 
 import pytest
 
-from agent.dev.testing import AgentProcess, TokenEnv, wait_until
+from agent.dev.testing import NOBODY, SYSTEM_PYTHON, AgentProcess, TokenEnv, open_to_everyone, run_as_nobody, wait_until
 
-NOBODY = 65534
 FLOOD = 512
-SYSTEM_PYTHON = "/usr/bin/python3"
 SLEEP = "/usr/bin/sleep"
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid needs root (CI runs as root)")
-
-
-def open_to_everyone(agent: AgentProcess) -> None:
-    """Open the socket up the way a deployment sharing it with a group would; the policy must still decide."""
-    for directory in agent.socket_path.parents:
-        if str(directory) in ("/", "/tmp"):
-            break
-        os.chmod(directory, 0o755)
-    os.chmod(agent.socket_path, 0o666)
 
 
 @contextmanager
@@ -118,7 +107,7 @@ def test_a_flood_from_a_uid_no_rule_admits_costs_others_nothing(token_env: Token
     # The connection cap is small, so that if refused connections counted against it they would fill it.
     token_env.write_config(server="workers = 2\nmax_connections = 64\nidle_timeout = 15.0\n")
     agent: AgentProcess = start_agent(token_env)
-    open_to_everyone(agent)
+    open_to_everyone(agent.socket_path)
     quiet = served_latencies(agent)
     with idle_connections_as_nobody(agent.socket_path, FLOOD, answered=FLOOD) as firsts:
         during = served_latencies(agent)
@@ -143,7 +132,7 @@ def test_a_flood_from_an_admitted_uid_is_bounded_per_uid(token_env: TokenEnv, st
         extra_top=ADMIT_NOBODY,
     )
     agent: AgentProcess = start_agent(token_env)
-    open_to_everyone(agent)
+    open_to_everyone(agent.socket_path)
     with idle_connections_as_nobody(agent.socket_path, FLOOD, answered=FLOOD - 2 * 16) as firsts:
         # At most 16 per worker are served (they wait, idle, for a request); the rest are turned away at once.
         served = [f for f in firsts if not f]
@@ -190,7 +179,7 @@ def test_the_fork_exec_trick_does_not_borrow_an_admitted_executable(token_env: T
         pytest.skip(f"{SYSTEM_PYTHON} and {SLEEP} are needed")
     token_env.write_config(extra_top=EXE_RULE)
     agent: AgentProcess = start_agent(token_env)
-    open_to_everyone(agent)
+    open_to_everyone(agent.socket_path)
     # The agent is stopped while the trick connects and execs, so that when it accepts, the process that
     # connected already runs /usr/bin/sleep: the exe it reads is the admitted one. What must catch the trick
     # is that the bytes come from another process.
@@ -251,15 +240,6 @@ def test_the_admitted_executable_itself_is_served_on_a_checked_connection(
         pytest.skip(f"{SYSTEM_PYTHON} is needed")
     token_env.write_config(extra_top=PYTHON_RULE)
     agent: AgentProcess = start_agent(token_env)
-    open_to_everyone(agent)
-    r = subprocess.run(
-        [SYSTEM_PYTHON, "-c", PLAIN_CLIENT, str(agent.socket_path)],
-        user=NOBODY,
-        group=NOBODY,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-    )
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.count("HTTP/1.1 200") == 4, r.stdout
+    open_to_everyone(agent.socket_path)
+    out = run_as_nobody(PLAIN_CLIENT, str(agent.socket_path))
+    assert out.count("HTTP/1.1 200") == 4, out

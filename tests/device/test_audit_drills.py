@@ -15,17 +15,19 @@ import pytest
 
 from agent.core.audit import GENESIS, line_hash, verify
 from agent.dev.testing import (
+    NOBODY,
+    SYSTEM_PYTHON,
     AgentProcess,
     TokenEnv,
     cred_id_for,
     make_challenge,
+    open_to_everyone,
+    run_as_nobody,
     run_cli,
     wait_all_workers,
     wait_until,
 )
 
-NOBODY = 65534
-SYSTEM_PYTHON = "/usr/bin/python3"
 TWO_WORKERS = "workers = 2\n"
 AUDIT_KEY = "audit-ed25519"
 
@@ -242,25 +244,11 @@ def test_a_refusal_flood_from_another_uid_writes_a_bounded_number_of_records(
     token_env.write_config(server=TWO_WORKERS)
     agent: AgentProcess = start_agent(token_env)
     wait_all_workers(agent, 2)
-    for directory in agent.socket_path.parents:
-        if str(directory) in ("/", "/tmp"):
-            break
-        os.chmod(directory, 0o755)
-    os.chmod(agent.socket_path, 0o666)
+    open_to_everyone(agent.socket_path)
     sent = 2000
     runs = []
     for _ in range(3):  # three client processes, each connecting to whichever worker the kernel picks
-        r = subprocess.run(
-            [SYSTEM_PYTHON, "-c", FLOOD, str(agent.socket_path), str(sent)],
-            user=NOBODY,
-            group=NOBODY,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd="/",
-        )
-        assert r.returncode == 0, r.stderr
-        runs.append(int(r.stdout))
+        runs.append(int(run_as_nobody(FLOOD, str(agent.socket_path), str(sent), timeout=120)))
     assert runs == [sent] * 3, runs  # every request got its 403
     agent.stop()  # the summaries of the open intervals are written at shutdown
     refused = [r for r in records_of(token_env.audit_file) if r["event"] == "refused"]

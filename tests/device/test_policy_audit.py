@@ -18,23 +18,24 @@ import pytest
 from agent.core.audit import GENESIS, verify
 from agent.dev.testing import (
     KINDS,
+    NOBODY,
     PIN,
     ROOT,
+    SYSTEM_PYTHON,
     AgentProcess,
     TokenEnv,
     b64url_decode,
     connect_raw,
     cred_id_for,
     make_challenge,
+    open_to_everyone,
+    run_as_nobody,
     run_cli,
     verify_signature,
     wait_answering,
     wait_until,
 )
 from agent.dfns import KEY_GET, client_data
-
-NOBODY = 65534
-SYSTEM_PYTHON = "/usr/bin/python3"
 
 # A stdlib-only client, so it runs as another uid without access to the project's virtualenv.
 CLIENT = r"""
@@ -65,23 +66,10 @@ def as_nobody(agent: AgentProcess, calls: list[tuple[str, str, Any]]) -> list[tu
         pytest.skip("switching to another uid needs root (CI runs as root)")
     if not os.path.exists(SYSTEM_PYTHON):
         pytest.skip(f"{SYSTEM_PYTHON} is needed to run a client as another uid")
-    # Open the socket up the way a deployment sharing it with a group would; the policy must still refuse.
-    for directory in agent.socket_path.parents:
-        if str(directory) in ("/", "/tmp"):
-            break
-        os.chmod(directory, 0o755)
-    os.chmod(agent.socket_path, 0o666)
-    r = subprocess.run(
-        [SYSTEM_PYTHON, "-c", CLIENT, str(agent.socket_path), json.dumps(calls)],
-        user=NOBODY,
-        group=NOBODY,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd="/",
-    )
-    assert r.returncode == 0, r.stderr
-    return [(status, body) for status, body in json.loads(r.stdout)]
+    open_to_everyone(agent.socket_path)
+    return [
+        (status, body) for status, body in json.loads(run_as_nobody(CLIENT, str(agent.socket_path), json.dumps(calls)))
+    ]
 
 
 def audit_records(te: TokenEnv) -> list[dict[str, Any]]:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from agent.dev.testing import AgentProcess, TokenEnv
-from tests.device.test_policy_audit import NOBODY, as_nobody
+from agent.dev.testing import NOBODY, AgentProcess, TokenEnv
+from tests.device.test_policy_audit import as_nobody
 
 RULE = f"""
 [policy]

@@ -8,10 +8,6 @@ import asyncio
 import json
 import os
 import re
-import resource
-import signal
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +23,7 @@ from agent.core.checkpoint import NoteSigner, find_in_text, key_id, log_line, no
 from agent.core.records import AuditRecord, Event, Outcome
 from agent.core.refusals import MAX_KEYS, RefusalAggregator
 from agent.dev.softkeys import SoftKeyStore
-from agent.dev.testing import wait_until
+from agent.dev.testing import files_cannot_grow_past, wait_until
 from agent.errors import AuditUnavailable
 from agent.token.keys import KeyKind
 
@@ -44,19 +40,6 @@ class Fields:
 
 def lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_bytes().splitlines()]
-
-
-@contextmanager
-def files_cannot_grow_past(size: int) -> Iterator[None]:
-    """Writes beyond ``size`` bytes fail (EFBIG, and a write that crosses it comes up short), as on a full disk."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def signer(kind: KeyKind = KeyKind.ED25519, *, fresh: bool = False) -> NoteSigner:

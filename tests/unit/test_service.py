@@ -11,13 +11,10 @@ import asyncio
 import hashlib
 import json
 import os
-import resource
-import signal
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +31,7 @@ from agent.core.policy import UNRESTRICTED, Grant
 from agent.core.records import Action
 from agent.core.service import SigningService
 from agent.dev.softkeys import SoftKeyStore
-from agent.dev.testing import b64url, b64url_decode, make_challenge, samples_of, total
+from agent.dev.testing import b64url, b64url_decode, files_cannot_grow_past, make_challenge, samples_of, total
 from agent.dfns import KeyAssertion, RegistrationChallenge, verify_signature
 from agent.errors import (
     AuditUnavailable,
@@ -586,20 +583,6 @@ def test_health_passes_on_the_token_state_and_reason(world: World) -> None:
     assert health.status is TokenState.DOWN
     assert health.reason is not None and health.reason.startswith("the token reports its user PIN is locked")
     assert not any(health.keys.values()) and not health.token.present
-
-
-@contextmanager
-def files_cannot_grow_past(size: int) -> Iterator[None]:
-    """Writes to regular files fail with EFBIG beyond ``size`` bytes (a full disk, as the kernel says it),
-    for this process, until the block ends."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, handler)
 
 
 def test_health_is_down_while_the_audit_log_cannot_write_and_ok_once_it_can(world: World) -> None:
