@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from agent.client import AgentClient
 from agent.dfns import cred_id_for_key
 from bench.env import ROOT, TOKEN_LABEL, AgentProcess, BenchEnv, SetupError, tree_cpu_seconds
+from bench.loadgen import percentile_ms
 
 FLOW_KEY = "dfns-bench-flow"
 BODY = {"network": "EthereumSepolia", "name": "bench"}
@@ -68,10 +69,7 @@ class FlowCell:
         return len(self.latencies) / self.duration if self.duration else 0.0
 
     def percentile(self, q: float) -> float | None:
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))] * 1000
+        return percentile_ms(self.latencies, q)
 
     def cpu_per_flow_us(self, who: str) -> float | None:
         return self.cpu[who] / len(self.latencies) * 1e6 if who in self.cpu and self.latencies else None
@@ -97,11 +95,11 @@ class Pooled:
 
     @property
     def p50(self) -> float | None:
-        return FlowCell(0, 1, [x for r in self.rounds for x in r.latencies]).percentile(50)
+        return percentile_ms([x for r in self.rounds for x in r.latencies], 50)
 
     @property
     def p99(self) -> float | None:
-        return FlowCell(0, 1, [x for r in self.rounds for x in r.latencies]).percentile(99)
+        return percentile_ms([x for r in self.rounds for x in r.latencies], 99)
 
     def cpu_per_flow_us(self, who: str) -> float | None:
         flows = sum(len(r.latencies) for r in self.rounds)

@@ -92,6 +92,14 @@ def http_body(response: bytes) -> bytes:
     return response[response.find(b"\r\n\r\n") + 4 :]
 
 
+
+def percentile_ms(latencies: list[float], q: float) -> float | None:
+    """The ``q``-th percentile (nearest rank) of latencies in seconds, in milliseconds; None without samples."""
+    if not latencies:
+        return None
+    ordered = sorted(latencies)
+    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))] * 1000
+
 @dataclass(frozen=True)
 class Target:
     """What to load: which socket, which request kind, and what a correct answer must verify against."""
@@ -164,11 +172,7 @@ class CellResult:
 
     def percentile(self, q: float) -> float | None:
         """Latency percentile in milliseconds (nearest rank), None without samples."""
-        if not self.latencies:
-            return None
-        ordered = sorted(self.latencies)
-        idx = min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))
-        return ordered[idx] * 1000
+        return percentile_ms(self.latencies, q)
 
     @property
     def p50(self) -> float | None:
