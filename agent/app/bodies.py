@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from agent import jsonio
 from agent.dfnsapi.flow import DfnsCall, check_path
 from agent.errors import BadRequest
-
-
-def _not_json(name: str) -> Any:
-    # Python's json accepts NaN and Infinity; JSON does not, and they must never reach a Dfns payload.
-    raise ValueError(f"{name} is not JSON")
-
-
-# One decoder for every request: json.loads builds a new one per call when given parse_constant.
-_DECODER = json.JSONDecoder(parse_constant=_not_json)
-
 
 MAX_JSON_DEPTH = 64  # Dfns payloads nest a few levels; deeper ones would only exhaust the stack later
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))  # as json.loads does
+        body = jsonio.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("request body is not valid JSON", code="invalid_json") from None
     if not isinstance(body, dict):

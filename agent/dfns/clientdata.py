@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from enum import Enum
-from functools import cached_property
 from json.encoder import encode_basestring_ascii
 
 from agent.dfns.challenge import RegistrationChallenge, UserActionChallenge
@@ -57,11 +56,13 @@ class ClientData:
     def for_registration(cls, challenge: RegistrationChallenge, origin: str | None = None) -> ClientData:
         return cls.build(challenge.challenge, KEY_CREATE, origin)
 
-    @cached_property
+    # Plain properties: each is read once per signature, and functools.cached_property costs more (a lock
+    # per first read on Python 3.11) than computing them.
+    @property
     def b64url(self) -> str:
         return b64url(self.raw)
 
-    @cached_property
+    @property
     def sha256(self) -> bytes:
         return hashlib.sha256(self.raw).digest()
 

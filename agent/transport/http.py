@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import json
 import logging
 import socket
 from collections import deque
@@ -33,6 +32,7 @@ from typing import Any, cast
 
 import httptools
 
+from agent import jsonio
 from agent.caller import Caller
 from agent.transport.listener import peer_of
 from agent.transport.sender import SenderCheckedTransport, enable_sender_credentials
@@ -65,7 +65,7 @@ class Response:
 
 
 def json_response(data: Any, status: int = 200) -> Response:
-    return Response(status, json.dumps(data).encode())
+    return Response(status, jsonio.dumps(data))
 
 
 def error_response(status: int, code: str, message: str) -> Response:
