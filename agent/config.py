@@ -81,7 +81,7 @@ class KeygenTemplate(str, Enum):
 class ServerConfig:
     socket: Path | None = None
     max_body_bytes: int = DEFAULT_MAX_BODY
-    sign_threads: int = 4
+    sign_threads: int = 8
     workers: int = 1
     max_connections: int = 256
     max_connections_per_uid: int = 128  # per worker; one caller's idle connections cannot lock others out
@@ -330,7 +330,7 @@ def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
     return ServerConfig(
         socket=_path(sock, base) if sock else None,
         max_body_bytes=_int(s, "max_body_bytes", where, DEFAULT_MAX_BODY, lo=1024, hi=16 * 1024 * 1024),
-        sign_threads=_int(s, "sign_threads", where, 4, lo=0, hi=256),
+        sign_threads=_int(s, "sign_threads", where, ServerConfig.sign_threads, lo=0, hi=256),
         workers=_int(s, "workers", where, 1, lo=1, hi=64),
         max_connections=_int(s, "max_connections", where, 256, lo=1, hi=65536),
         max_connections_per_uid=_int(s, "max_connections_per_uid", where, 128, lo=1, hi=65536),

@@ -42,7 +42,7 @@ def test_a_short_real_run_measures_every_contender(tmp_path: Path) -> None:
     for c in (slow["agent"], slow["ssh_agent"]):
         assert c["rate"] > 0 and c["errors"] == 0 and c["verified"] > 0 and len(c["round_rates"]) == 2, slow
         assert c["p50_ms"] >= 2.0, slow  # no answer can beat the module's own 2 ms hold
-    assert slow["sessions"] == 4 and "sign_threads=4 (the default)" in slow["settings"]
+    assert slow["sessions"] == 8 and "sign_threads=8 (the default)" in slow["settings"]
     checks = {c["name"]: c["ok"] for c in result["checks"]}
     assert checks["agent: zero errors"] is True
     assert len(checks) == 12

@@ -143,7 +143,7 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
     assert cfg.token.serial is None
     assert dict(cfg.token.module_env) == {}
     assert cfg.token.pin == SecretSource(file=None, credential="pin", env=None, prompt=True)
-    assert cfg.server == ServerConfig(socket=None, max_body_bytes=DEFAULT_MAX_BODY, sign_threads=4)
+    assert cfg.server == ServerConfig(socket=None, max_body_bytes=DEFAULT_MAX_BODY, sign_threads=8)
     assert cfg.credentials == ()
 
 
