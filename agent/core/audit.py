@@ -177,10 +177,10 @@ class AuditLog:
 
     ``flush_on_loop``: for a server whose records are awaited on its event loop (the agent's, whether it
     signs on the loop or on signing threads), records are batched by the loop itself: one write and fsync
-    for everything the requests of one loop iteration produced, and no per-record thread hand-offs. A lone record is written inline (nothing
-    could overlap its fsync); a batch of several is written and fsynced on a helper thread while the loop
-    goes on signing (the same writer thread as for blocking callers), and records arriving meanwhile form the
-    next batch.
+    for everything the requests of one loop iteration produced, and no per-record thread hand-offs. A lone
+    record is written inline (nothing could overlap its fsync); a batch of several is written and fsynced on
+    a helper thread while the loop goes on signing (the same writer thread as for blocking callers), and
+    records arriving meanwhile form the next batch.
 
     ``settings``: rotation, checkpoint and refusal intervals (``[audit]``); ``signer``: the checkpoint key on
     the token (no checkpoints without one).
