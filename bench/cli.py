@@ -29,8 +29,9 @@ from bench.env import (
     SshAgent,
     background_busy,
     cred_id_for,
-    fsync_ms,
+    fsync_probe,
     key_label,
+    steal_ticks,
 )
 from bench.env import unix_http_get as http_get
 from bench.loadgen import NOOP, SIGN, SSH, CellResult, LoadGen, LoadGenError, Target, client_data, make_challenge
@@ -224,8 +225,9 @@ def _slow(args: argparse.Namespace, env: BenchEnv, lg: LoadGen, cell: Callable[.
 
 def run(args: argparse.Namespace) -> report.RunResult:
     busy_before = background_busy()
+    steal0 = steal_ticks()
     env = BenchEnv.create()
-    fsync = fsync_ms(env.dir)
+    fsync = fsync_probe(env.dir)
     _log(f"token {TOKEN_LABEL!r} with Ed25519 and P-256 keys in {env.dir}")
     agent: AgentProcess | None = None
     ssh: SshAgent | None = None
@@ -285,6 +287,7 @@ def run(args: argparse.Namespace) -> report.RunResult:
         lg = None
 
         busy_after = background_busy()
+        steal1 = steal_ticks()
         return report.RunResult(
             workers=args.workers,
             loadgen_procs=args.loadgen_procs,
@@ -299,7 +302,9 @@ def run(args: argparse.Namespace) -> report.RunResult:
             cores=os.cpu_count() or 0,
             busy_before=busy_before,
             busy_after=busy_after,
-            fsync_ms=fsync,
+            fsync_ms=fsync.median_ms,
+            fsync_cpu_us=fsync.cpu_us,
+            stolen=(steal1[0] - steal0[0]) / max(1, steal1[1] - steal0[1]),
             audit_bytes=audit_bytes,
             slow=slow,
         )

@@ -198,21 +198,35 @@ def tree_cpu_seconds(pid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def fsync_ms(directory: Path, rounds: int = 50) -> float:
-    """Median append+fsync time where the token (and the agent's audit log, if any) live."""
+@dataclass(frozen=True)
+class FsyncProbe:
+    median_ms: float  # wall time of one append+fsync, the median
+    cpu_us: float  # CPU time the calling thread spent per append+fsync (the system calls' own work)
+
+
+def fsync_probe(directory: Path, rounds: int = 50) -> FsyncProbe:
+    """Append+fsync where the token (and the agent's audit log, if any) live: how long, and how much CPU."""
     path = directory / "fsync-probe"
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     times = []
     try:
+        cpu0 = time.thread_time()
         for _ in range(rounds):
             t = time.perf_counter()
             os.write(fd, b"x" * 512 + b"\n")
             os.fsync(fd)
             times.append(time.perf_counter() - t)
+        cpu = (time.thread_time() - cpu0) / rounds
     finally:
         os.close(fd)
         path.unlink()
-    return sorted(times)[len(times) // 2] * 1000
+    return FsyncProbe(sorted(times)[len(times) // 2] * 1000, cpu * 1e6)
+
+
+def steal_ticks() -> tuple[int, int]:
+    """(stolen, total) jiffies over all cores: time the hypervisor gave this machine's CPUs to others."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
 def peak_rss_kib(pid: int) -> int | None:

@@ -128,7 +128,7 @@ class Verdict:
     detail: str
 
     def line(self) -> str:
-        return f"{ {True: 'PASS', False: 'FAIL', None: 'N/A '}[self.ok]}  {self.name}: {self.detail}"
+        return f"{ {True: 'PASS', False: 'FAIL', None: 'N/A '}[self.ok] }  {self.name}: {self.detail}"
 
 
 def verdicts(run: FlowRun) -> list[Verdict]:

@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
             proc.wait(timeout=10)
         shutil.rmtree(tmp, ignore_errors=True)
 
-    print(f"HTTP layer alone: GET /v1/credentials, fixed answer, {args.duration:g} s cells, {args.rounds} rounds, "
-          f"{os.cpu_count()} cores; agent = agent/transport/http.py, uvicorn = raw ASGI app (httptools, uvloop)")
+    print(
+        f"HTTP layer alone: GET /v1/credentials, fixed answer, {args.duration:g} s cells, {args.rounds} rounds, "
+        f"{os.cpu_count()} cores; agent = agent/transport/http.py, uvicorn = raw ASGI app (httptools, uvloop)"
+    )
     print(f"{'clients':>7}  {'server':<8}  {'req/s':>9}  {'p50 ms':>7}  {'p99 ms':>7}  {'CPU us/req':>10}  errors")
     for n in clients:
         for kind in ("own", "uvicorn"):

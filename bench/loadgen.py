@@ -92,13 +92,13 @@ def http_body(response: bytes) -> bytes:
     return response[response.find(b"\r\n\r\n") + 4 :]
 
 
-
 def percentile_ms(latencies: list[float], q: float) -> float | None:
     """The ``q``-th percentile (nearest rank) of latencies in seconds, in milliseconds; None without samples."""
     if not latencies:
         return None
     ordered = sorted(latencies)
     return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))] * 1000
+
 
 @dataclass(frozen=True)
 class Target:
