@@ -115,7 +115,10 @@ _UID_BUSY_BYTES = _encode(
 )
 _LINGER = 1.0  # how long a turned-away connection is read (and its bytes dropped) so the client sees the answer
 _MAX_LINGERING = 1024  # beyond this many, turned-away connections are closed right after the answer
-_ACCEPT_BATCH = 64  # connections accepted per wake-up of the listening socket
+# Connections accepted per wake-up of the listening socket: one, so that workers sharing the socket share
+# the connections. With 64, the worker whose loop woke first took a whole burst (the benchmark's 16
+# clients all went to one of two workers, the other served nothing: about half the throughput).
+_ACCEPT_BATCH = 1
 _ACCEPT_PAUSE = 0.1  # out of file descriptors: wait this long before accepting again
 
 
