@@ -125,12 +125,18 @@ class BenchEnv:
         *,
         module: str | None = None,
         module_env: dict[str, str] | None = None,
+        server: dict[str, int] | None = None,
     ) -> None:
         """Like agent/dev/testing.py's TokenEnv, with the agent's process and thread settings under test.
 
         ``sign_threads`` None leaves the agent's default; ``module``/``module_env`` put a filter module (the
-        slow HSM) in front of the same token."""
-        server = f"workers = {workers}\n" + ("" if sign_threads is None else f"sign_threads = {sign_threads}\n")
+        slow HSM) in front of the same token; ``server`` adds other ``[server]`` settings."""
+        settings = {
+            "workers": workers,
+            **({} if sign_threads is None else {"sign_threads": sign_threads}),
+            **(server or {}),
+        }
+        server_toml = "".join(f"{k} = {v}\n" for k, v in settings.items())
         creds = "".join(
             f'\n[[credential]]\nname = "{kind}"\nkey = "{key_label(kind)}"\ncred_id = "{cred_id_for(kind)}"\n'
             for kind in KINDS
@@ -140,7 +146,7 @@ class BenchEnv:
             f'[token]\nmodule = "{module or self.module}"\nlabel = "{TOKEN_LABEL}"\n'
             f'[token.module_env]\nSOFTHSM2_CONF = "{self.softhsm_conf}"\n{extra}'
             f'[token.pin]\nfile = "{self.pin_file}"\n'
-            f"[server]\n{server}"
+            f"[server]\n{server_toml}"
             f"{creds}"
         )
 

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from agent.client import AgentClient
+from agent.config import ServerConfig
 from agent.dfns import cred_id_for_key
 from bench.env import ROOT, TOKEN_LABEL, AgentProcess, BenchEnv, SetupError, tree_cpu_seconds
 from bench.loadgen import percentile_ms
@@ -269,8 +270,13 @@ def _start_dev_dfns(env: BenchEnv, latency_ms: float) -> DevDfnsProcess:
     return DevDfnsProcess(proc, match.group(1), (tokens / "flow.token").read_text().strip())
 
 
-def _write_agent_config(env: BenchEnv, workers: int, sign_threads: int | None, url: str) -> None:
-    env.write_config(workers, sign_threads)
+def _write_agent_config(env: BenchEnv, workers: int, sign_threads: int | None, url: str, clients: int) -> None:
+    # Every client is this process's uid, and one worker may hold all of their connections (a burst of
+    # connects is accepted by whichever worker is free): the per-uid bound, which is per worker, must admit
+    # them all, and the connection bound leave room above it, as the README's sizing rule says.
+    per_uid = max(clients, ServerConfig.max_connections_per_uid)
+    limits = {"max_connections_per_uid": per_uid, "max_connections": max(2 * per_uid, ServerConfig.max_connections)}
+    env.write_config(workers, sign_threads, server=limits)
     with env.config.open("a") as f:
         f.write(
             f'\n[[credential]]\nname = "flow"\nkey = "{FLOW_KEY}"\n'
@@ -286,7 +292,7 @@ def world(args: argparse.Namespace) -> Iterator[tuple[BenchEnv, DevDfnsProcess, 
     try:
         pem, cred_id = _import_key(env)
         dfns = _start_dev_dfns(env, args.latency_ms)
-        _write_agent_config(env, args.workers, args.sign_threads, dfns.url)
+        _write_agent_config(env, args.workers, args.sign_threads, dfns.url, max(args.clients))
         agent = AgentProcess(env)
         agent.wait_ready()
         yield env, dfns, agent, pem, cred_id
