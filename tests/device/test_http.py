@@ -291,6 +291,7 @@ def test_a_handler_that_fails_unexpectedly_gets_a_logged_500_and_the_connection_
 
     answer = asyncio.run(exchange())
     first, _, second = answer.partition(b"HTTP/1.1 200")
-    assert first.startswith(b"HTTP/1.1 500") and b'"code": "internal_error"' in first
-    assert b"a bug" not in answer and b'{"ok": true}' in second
+    assert first.startswith(b"HTTP/1.1 500")
+    assert json.loads(first.partition(b"\r\n\r\n")[2])["error"]["code"] == "internal_error"
+    assert b"a bug" not in answer and json.loads(second.partition(b"\r\n\r\n")[2]) == {"ok": True}
     assert any("unexpected error in GET /boom" in r.getMessage() and r.exc_info for r in caplog.records)

@@ -120,7 +120,10 @@ class Deployment:
 
     def serving(self) -> bool:
         r = self.sh(f"curl -sf --max-time 10 --unix-socket {SOCKET} http://agent/v1/health || true")
-        return '"status": "ok"' in r.stdout or '"status":"ok"' in r.stdout
+        try:
+            return bool(json.loads(r.stdout)["status"] == "ok")
+        except (ValueError, KeyError, TypeError):
+            return False
 
 
 @pytest.fixture(scope="module")
@@ -327,7 +330,7 @@ def test_user_units_serve_and_try_a_wrong_pin_once(deployed: Deployment) -> None
     sock = f"/run/user/{uid}/dfns-agent/agent.sock"
     user_ctl = f"XDG_RUNTIME_DIR=/run/user/{uid} systemctl --user"
     health = d.sh(f"curl -sf --max-time 30 --unix-socket {sock} http://agent/v1/health", user="bob")
-    assert '"status": "ok"' in health.stdout, health.out  # the first connection started it
+    assert json.loads(health.stdout)["status"] == "ok", health.out  # the first connection started it
     assert d.sh(f"{user_ctl} is-active dfns-agent.service", user="bob").stdout.strip() == "active"
     d.sh(f"{user_ctl} stop dfns-agent.service", user="bob", check=True)
     d.c.path("/home/bob/.config/dfns-agent/pin").write_text("wrong-pin\n")
