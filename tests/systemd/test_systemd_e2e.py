@@ -331,7 +331,12 @@ def test_user_units_serve_and_try_a_wrong_pin_once(deployed: Deployment) -> None
     user_ctl = f"XDG_RUNTIME_DIR=/run/user/{uid} systemctl --user"
     health = d.sh(f"curl -sf --max-time 30 --unix-socket {sock} http://agent/v1/health", user="bob")
     assert json.loads(health.stdout)["status"] == "ok", health.out  # the first connection started it
-    assert d.sh(f"{user_ctl} is-active dfns-agent.service", user="bob").stdout.strip() == "active"
+    # The first worker that is up answers; the unit is active once every worker is (READY=1).
+    wait_until(
+        lambda: d.sh(f"{user_ctl} is-active dfns-agent.service", user="bob").stdout.strip() == "active",
+        60,
+        "READY=1 from the user service",
+    )
     d.sh(f"{user_ctl} stop dfns-agent.service", user="bob", check=True)
     d.c.path("/home/bob/.config/dfns-agent/pin").write_text("wrong-pin\n")
     cursor = d.cursor()
