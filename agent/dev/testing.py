@@ -27,8 +27,9 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import cache
@@ -320,6 +321,51 @@ def wait_all_workers(agent: AgentProcess, workers: int, timeout: float = 30.0) -
     pids = child_pids(agent.proc.pid)
     assert len(pids) == workers, (pids, agent.output())
     return pids
+
+
+@dataclass
+class Signed:
+    """What :func:`sign_concurrently` got back: (credential, challenge, firstFactor) per answered signature,
+    a line per failure (status and body, or the transport error), and how long it all took."""
+
+    results: list[tuple[str, dict[str, Any], dict[str, Any]]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    elapsed: float = 0.0
+
+
+def sign_concurrently(
+    socket_path: Path, cred_ids: Mapping[str, str], kinds: Sequence[str], clients: int, per_client: int
+) -> Signed:
+    """``clients`` threads, each with its own keep-alive connection, each signing ``per_client`` challenges
+    with the credentials ``kinds`` (in turn, each client starting at its own place)."""
+    out = Signed()
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(socket_path)), base_url="http://a", timeout=60) as http:
+            for i in range(per_client):
+                kind = kinds[(n + i) % len(kinds)]
+                challenge = make_challenge(cred_ids[kind])
+                try:
+                    r = http.post("/v1/sign", json={"challenge": challenge, "credential": kind})
+                except httpx.HTTPError as e:
+                    with lock:
+                        out.failures.append(f"{kind}: {e!r}")
+                    continue
+                with lock:
+                    if r.status_code == 200:
+                        out.results.append((kind, challenge, r.json()))
+                    else:
+                        out.failures.append(f"{kind}: {r.status_code} {r.text}")
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    out.elapsed = time.monotonic() - started
+    return out
 
 
 def wait_answering(agent: AgentProcess, timeout: float = 20.0) -> httpx.Response:

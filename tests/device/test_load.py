@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-import time
 from typing import Any
 
-import httpx
 import pytest
 
 from agent.core.audit import verify
-from agent.dev.testing import KINDS, AgentProcess, TokenEnv, check_assertion, cred_id_for, make_challenge
+from agent.dev.testing import KINDS, AgentProcess, TokenEnv, check_assertion, cred_id_for, sign_concurrently
 
 CLIENTS = 16
 TOTAL = 2000
@@ -26,36 +23,8 @@ def test_sixteen_clients_two_thousand_signatures(token_env: TokenEnv, start_agen
     agent: AgentProcess = start_agent(token_env)
     pems = {c["name"]: c["publicKey"] for c in agent.http.get("/v1/credentials").json()["credentials"]}
     kinds = [k for k in KINDS if k != "rsa3072"] * 3 + ["rsa3072"]  # mostly the fast, common types
-    results: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    failures: list[str] = []
-    lock = threading.Lock()
-
-    def client(n: int) -> None:
-        with httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(agent.socket_path)), base_url="http://a", timeout=60
-        ) as http:
-            for i in range(TOTAL // CLIENTS):
-                kind = kinds[(n + i) % len(kinds)]
-                challenge = make_challenge(cred_id_for(kind))
-                try:
-                    r = http.post("/v1/sign", json={"challenge": challenge, "credential": kind})
-                except httpx.HTTPError as e:
-                    with lock:
-                        failures.append(f"{kind}: {e!r}")
-                    continue
-                with lock:
-                    if r.status_code == 200:
-                        results.append((kind, challenge, r.json()))
-                    else:
-                        failures.append(f"{kind}: {r.status_code} {r.text}")
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    elapsed = time.monotonic() - started
+    signed = sign_concurrently(agent.socket_path, {k: cred_id_for(k) for k in KINDS}, kinds, CLIENTS, TOTAL // CLIENTS)
+    results, failures, elapsed = signed.results, signed.failures, signed.elapsed
     print(f"\n{len(results)} signatures from {CLIENTS} clients in {elapsed:.2f}s ({len(results) / elapsed:.0f}/s)")
 
     assert failures == []

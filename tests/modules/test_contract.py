@@ -22,6 +22,7 @@ from agent.dev.testing import (
     child_pids,
     make_challenge,
     run_cli,
+    sign_concurrently,
     wait_all_workers,
     wait_until,
 )
@@ -34,32 +35,9 @@ PER_CLIENT = 25
 def _sign_many(
     agent: AgentProcess, kinds: list[str], clients: int, per_client: int
 ) -> tuple[list[Any], list[str], float]:
-    results: list[tuple[str, dict[str, Any], dict[str, Any]]] = []
-    failures: list[str] = []
-    lock = threading.Lock()
     cred_ids = {c["name"]: c["credId"] for c in agent.http.get("/v1/credentials").json()["credentials"]}
-
-    def client(n: int) -> None:
-        with httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(agent.socket_path)), base_url="http://a", timeout=60
-        ) as http:
-            for i in range(per_client):
-                kind = kinds[(n + i) % len(kinds)]
-                challenge = make_challenge(cred_ids[kind])
-                r = http.post("/v1/sign", json={"challenge": challenge, "credential": kind})
-                with lock:
-                    if r.status_code == 200:
-                        results.append((kind, challenge, r.json()))
-                    else:
-                        failures.append(f"{kind}: {r.status_code} {r.text}")
-
-    started = time.monotonic()
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return results, failures, time.monotonic() - started
+    signed = sign_concurrently(agent.socket_path, cred_ids, kinds, clients, per_client)
+    return signed.results, signed.failures, signed.elapsed
 
 
 def _check(agent: AgentProcess, results: list[Any]) -> None:
