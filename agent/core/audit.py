@@ -41,6 +41,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent import jsonio
 from agent.config import AuditConfig
 from agent.core.audit_verify import Verification, verify
 from agent.core.chain import GENESIS, CorruptTail, Tail, line_ending_at, line_hash, read_tail
@@ -57,9 +58,6 @@ _WAIT = 30.0
 _OFFLOAD_AT = 2  # records in one loop batch from which the fsync moves off the event loop
 PROBE_BYTES = 16 * 1024  # health asks the file system for this much room after the log's end
 _FALLOC_FL_KEEP_SIZE = 1
-# json.dumps builds a new encoder on every call when given options; this one is shared (it keeps no state
-# between calls) and produces the same bytes.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def _now() -> str:
@@ -347,13 +345,13 @@ class AuditLog:
         started, so the file never ends in a partial record. Returns the new tail (not yet synced unless
         ``sync``)."""
         now = _now()  # one timestamp per batch: its records are written and fsynced together
-        encode = _ENCODER.encode
+        encode = jsonio.dumps
         prev, seq, lines = tail.prev, tail.seq, []
         event: Any = tail.event
         covers: Any = tail.covers
         for fields in items:
             seq += 1
-            line = encode({"seq": seq, "time": now, **fields, "prev": prev}).encode("utf-8")
+            line = encode({"seq": seq, "time": now, **fields, "prev": prev})
             prev = line_hash(line)
             event, covers = fields.get("event"), fields.get("treeSize")
             lines.append(line)

@@ -100,6 +100,22 @@ def test_a_record_that_cannot_be_encoded_fails_closed(tmp_path: Path) -> None:
         log.close()
 
 
+def test_text_utf8_cannot_hold_is_written_as_an_escape_and_the_chain_holds(tmp_path: Path) -> None:
+    """A caller's text may carry a lone surrogate (a credential name, say), which UTF-8 cannot encode: the
+    record is written as ASCII JSON with the escape (not refused: the signature would be withheld for it),
+    and an integer beyond 64 bits stays exact."""
+    path = tmp_path / "audit.jsonl"
+    log = AuditLog(path)
+    try:
+        log.record(Fields(event="refused", credential="bad\ud800name", count=2**70))
+    finally:
+        log.close()
+    raw = path.read_bytes().splitlines()[0]
+    assert raw.isascii() and b"\\ud800" in raw
+    assert json.loads(raw)["credential"] == "bad\ud800name" and json.loads(raw)["count"] == 2**70
+    assert verify(path).ok
+
+
 def test_a_failed_group_commit_off_the_loop_withholds_every_signature_of_the_batch(tmp_path: Path) -> None:
     """Several records awaited at once are written on the audit log's writer thread; if that write fails,
     all of them fail."""
