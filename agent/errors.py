@@ -223,6 +223,7 @@ class ExitStatus(IntEnum):
     OK = 0
     FAILURE = 1  # anything a restart may fix: the token or module unavailable, a worker that keeps dying
     CONFIG = 2  # the configuration or a secret's source is missing, unreadable or inconsistent (as usage errors)
+    SOFTWARE = 70  # a worker failed unexpectedly, or left a token call stuck past stuck_limit (EX_SOFTWARE)
     PIN = 77  # the token rejected the PIN or reports it locked (EX_NOPERM)
 
 

@@ -122,7 +122,7 @@ class Supervisor:
                 _tell(write_end, _START_FAILED + f"{code} {e.message}".encode("utf-8", "replace")[:3000] + b"\n")
             except BaseException:  # noqa: BLE001 - a worker must never fall back into the supervisor's code
                 log.exception("worker %d failed", index)
-                code = 70
+                code = ExitStatus.SOFTWARE
             finally:
                 sys.stdout.flush()
                 sys.stderr.flush()

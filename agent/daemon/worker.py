@@ -30,7 +30,7 @@ from agent.core.ratelimit import SHARED
 from agent.core.service import SigningService
 from agent.dfnsapi.client import make_http_client
 from agent.dfnsapi.flow import DfnsFlow
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, ExitStatus
 from agent.paths import audit_path_for
 from agent.secret import Secret, read_secret
 from agent.token import Token
@@ -357,7 +357,7 @@ async def _exit_when_stuck(token: Token, stuck_limit: float) -> None:
         if stuck > stuck_limit:
             log.error("a token call has been stuck for %.0fs; exiting so the supervisor replaces this worker", stuck)
             sys.stderr.flush()
-            os._exit(70)  # EX_SOFTWARE; the stuck thread cannot be joined
+            os._exit(ExitStatus.SOFTWARE)  # the stuck thread cannot be joined
 
 
 def _announce(
