@@ -260,12 +260,8 @@ class Token:
         if self.circuit.state is not TokenState.OK:
             raise CircuitOpen(f"{self.name} is unavailable: {self.circuit.reason}")
         mechanism = self.mechanism_for(key.kind)
-        me = threading.get_ident()
-        self._inflight[me] = time.monotonic()
-        try:
+        with self._in_call():
             return self._sign(key, message, mechanism)
-        finally:
-            self._inflight.pop(me, None)
 
     def _sign(self, key: KeyInfo, message: bytes, mechanism: Mechanism) -> bytes:
         assert key.kind is not None
@@ -300,6 +296,16 @@ class Token:
     def fault(self, reason: str) -> None:
         """Open the circuit from outside (a signature that did not come back in time)."""
         self.circuit.fault(reason)
+
+    @contextmanager
+    def _in_call(self) -> Iterator[None]:
+        """This thread is in a token call until the block ends: what :meth:`stuck_for` measures."""
+        me = threading.get_ident()
+        self._inflight[me] = time.monotonic()
+        try:
+            yield
+        finally:
+            self._inflight.pop(me, None)
 
     def stuck_for(self) -> float:
         """How long the oldest token call still running has been running (0 when none is)."""
@@ -389,16 +395,11 @@ class Token:
             self._token, self._anchor = token, anchor
 
     def _probe_once(self) -> tuple[bool, int]:
-        me = threading.get_ident()
-        self._inflight[me] = time.monotonic()  # a probe that hangs counts as stuck, like a signature
-        try:
-            with self._gate.shared(), self._anchor_lock:
-                logged_in = self._logged_in()
-                flags = self._token.slot.get_token().flags
-                for expected in self._expected[:1]:  # a call that reaches the device, not just the library
-                    find_key(self._anchor, expected.label, expected.id or None, self.name)
-        finally:
-            self._inflight.pop(me, None)
+        with self._in_call(), self._gate.shared(), self._anchor_lock:  # a probe that hangs is stuck too
+            logged_in = self._logged_in()
+            flags = self._token.slot.get_token().flags
+            for expected in self._expected[:1]:  # a call that reaches the device, not just the library
+                find_key(self._anchor, expected.label, expected.id or None, self.name)
         return logged_in, int(flags)
 
     def _probe_loop(self, period: float) -> None:
