@@ -28,7 +28,7 @@ from agent.core.metrics import Metrics
 from agent.core.policy import Policy
 from agent.core.ratelimit import SHARED
 from agent.core.service import SigningService
-from agent.dfnsapi.client import make_http_client
+from agent.dfnsapi.client import make_transport
 from agent.dfnsapi.flow import DfnsFlow
 from agent.errors import AgentError, ConfigError, ExitStatus
 from agent.paths import audit_path_for
@@ -265,8 +265,8 @@ async def _serve_until_signalled(
     loop = asyncio.get_running_loop()
     current = [config]
     where = systemd.socket_name(sock)  # read it now: the server closes the socket when it stops
-    # The pooled Dfns client belongs to this event loop: made here, closed on the way out.
-    async with make_http_client() as http:
+    # The pooled Dfns transport belongs to this event loop: made here, closed on the way out.
+    async with make_transport() as http:
 
         def flow(service: SigningService, dfns: DfnsSettings) -> DfnsFlow:
             return DfnsFlow.create(service, http, dfns)

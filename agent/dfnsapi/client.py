@@ -6,8 +6,8 @@
 - The real request is retried only when the connection was never made (nothing reached Dfns), because
   its user action is single-use and the call itself is not idempotent.
 
-One pooled :class:`httpx.AsyncClient` (keep-alive, over aiohttp's pool: ``transport.py``) serves every
-credential; each :class:`DfnsApi` adds its own base URL and bearer token, which is never logged.
+One pooled transport (keep-alive, aiohttp's pool: ``transport.py``) serves every credential; each
+:class:`DfnsApi` adds its own base URL and bearer token, which is never logged.
 """
 
 from __future__ import annotations
@@ -15,17 +15,22 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
-from agent import __version__
+from agent import __version__, jsonio
 from agent.config import DfnsConfig
 from agent.dfns import KeyAssertion
-from agent.dfnsapi.transport import AiohttpTransport
+from agent.dfnsapi.transport import (
+    AiohttpTransport,
+    HttpAnswer,
+    HttpRequest,
+    HttpTransport,
+    Timeouts,
+    TransportError,
+)
 from agent.errors import DfnsError, DfnsTimeout, DfnsUnreachable
 from agent.secret import Secret
 
@@ -36,14 +41,9 @@ _NEVER_PASS = frozenset({"x-dfns-useraction", "set-cookie", "authorization"})
 _MAX_RETRY_AFTER = 30.0
 
 
-def make_http_client() -> httpx.AsyncClient:
-    """The agent's one client for Dfns: httpx's API over aiohttp's pool (see ``transport.py`` for why)."""
-    return httpx.AsyncClient(
-        transport=AiohttpTransport(max_connections=100, keepalive_expiry=30.0),
-        headers={"User-Agent": USER_AGENT},
-        follow_redirects=False,
-        trust_env=False,  # the transport reads the proxy and CA settings from the environment itself
-    )
+def make_transport() -> AiohttpTransport:
+    """The agent's one connection pool to Dfns (see ``transport.py`` for why aiohttp)."""
+    return AiohttpTransport(user_agent=USER_AGENT, max_connections=100, keepalive_expiry=30.0)
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class Upstream:
     content: bytes
 
 
-def _headers_of_interest(headers: httpx.Headers) -> dict[str, str]:
+def _headers_of_interest(headers: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in headers.items() if (k in _PASS_HEADERS or k.startswith("x-")) and k not in _NEVER_PASS}
 
 
@@ -79,42 +79,46 @@ def dfns_error(status: int, content: bytes, step: str) -> DfnsError:
 
 @contextmanager
 def mapped_errors(base_url: str, step: str, timeout: float, *, unsure: bool = False) -> Iterator[None]:
-    """The one place httpx's exceptions become the agent's: timeouts are ``dfns_timeout`` (504), other
-    transport failures ``dfns_unreachable`` (502). ``unsure``: a real call, which may have reached Dfns once
-    its connection was made; the message then says it may or may not have been executed."""
+    """The one place transport failures become the agent's: timeouts are ``dfns_timeout`` (504), other
+    failures ``dfns_unreachable`` (502). ``unsure``: a real call, which may have reached Dfns once its
+    connection was made; the message then says it may or may not have been executed."""
     try:
         yield
-    except (httpx.ConnectError, httpx.ConnectTimeout) as e:
-        if not unsure and isinstance(e, httpx.TimeoutException):
-            raise DfnsTimeout(f"Dfns did not answer {step} within {timeout:g}s") from None
-        raise DfnsUnreachable(f"cannot reach Dfns at {base_url} for {step}: {type(e).__name__}") from None
-    except httpx.TimeoutException:
-        maybe = "; it may or may not have been executed" if unsure else ""
-        raise DfnsTimeout(f"Dfns did not answer {step} within {timeout:g}s{maybe}") from None
-    except httpx.TransportError as e:
+    except TransportError as e:
+        failure = e.failure
+        if not failure.sent and (unsure or not failure.timed_out):
+            raise DfnsUnreachable(f"cannot reach Dfns at {base_url} for {step}: {failure.value}") from None
+        if failure.timed_out:
+            maybe = "; it may or may not have been executed" if unsure else ""
+            raise DfnsTimeout(f"Dfns did not answer {step} within {timeout:g}s{maybe}") from None
         if unsure:
             raise DfnsUnreachable(
-                f"connection to Dfns failed during {step} ({type(e).__name__}); it may or may not have been executed"
+                f"connection to Dfns failed during {step} ({failure.value}); it may or may not have been executed"
             ) from None
-        raise DfnsUnreachable(f"cannot reach Dfns at {base_url} for {step}: {type(e).__name__}") from None
+        raise DfnsUnreachable(f"cannot reach Dfns at {base_url} for {step}: {failure.value}") from None
 
 
 class DfnsApi:
-    """One Dfns identity (base URL + bearer token) over the shared HTTP client."""
+    """One Dfns identity (base URL + bearer token) over the shared transport."""
 
-    def __init__(self, http: httpx.AsyncClient, cfg: DfnsConfig, token: Secret, *, backoff: float = 0.25) -> None:
+    def __init__(self, http: HttpTransport, cfg: DfnsConfig, token: Secret, *, backoff: float = 0.25) -> None:
         self._http = http
         self.cfg = cfg
         self._token = token
         self._backoff = backoff
-        self._timeout = httpx.Timeout(cfg.timeout, connect=cfg.connect_timeout)
+        self._timeouts = Timeouts(connect=cfg.connect_timeout, pool=cfg.timeout, read=cfg.timeout)
 
-    def _headers(self, extra: dict[str, str] | None = None) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self._token.reveal()}", **(extra or {})}
+    def _request(self, method: str, path: str, content: bytes | None, headers: dict[str, str]) -> HttpRequest:
+        headers["Authorization"] = f"Bearer {self._token.reveal()}"
+        return HttpRequest(method, self.cfg.base_url + path, headers, content, self._timeouts)
 
-    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
-        if response is not None:
-            after = response.headers.get("retry-after")
+    async def _post_json(self, path: str, body: dict[str, Any]) -> HttpAnswer:
+        content = jsonio.dumps(body)
+        return await self._http.send(self._request("POST", path, content, {"Content-Type": "application/json"}))
+
+    def _delay(self, attempt: int, answer: HttpAnswer | None) -> float:
+        if answer is not None:
+            after = answer.headers.get("retry-after")
             if after is not None:
                 try:
                     return min(max(float(after), 0.0), _MAX_RETRY_AFTER)
@@ -130,22 +134,20 @@ class DfnsApi:
         step = f"POST {path}"
         last: Exception | None = None
         for attempt in range(1 + self.cfg.retries):
-            response: httpx.Response | None = None
+            answer: HttpAnswer | None = None
             try:
                 with self._mapped(step):
-                    response = await self._http.post(
-                        self.cfg.base_url + path, json=body, headers=self._headers(), timeout=self._timeout
-                    )
+                    answer = await self._post_json(path, body)
             except (DfnsTimeout, DfnsUnreachable) as e:
                 last = e
             else:
-                if response.status_code < 400:
-                    return _json_object(response, step)
-                last = dfns_error(response.status_code, response.content, step)
-                if response.status_code not in _RETRY_STATUS:
+                if answer.status < 400:
+                    return _json_object(answer, step)
+                last = dfns_error(answer.status, answer.content, step)
+                if answer.status not in _RETRY_STATUS:
                     raise last
             if attempt < self.cfg.retries:
-                await asyncio.sleep(self._delay(attempt, response))
+                await asyncio.sleep(self._delay(attempt, answer))
         assert last is not None
         raise last
 
@@ -166,12 +168,10 @@ class DfnsApi:
         step = "POST /auth/action"
         body = {"challengeIdentifier": challenge_identifier, "firstFactor": assertion.to_json()}
         with self._mapped(step):
-            r = await self._http.post(
-                self.cfg.base_url + "/auth/action", json=body, headers=self._headers(), timeout=self._timeout
-            )
-        if r.status_code >= 400:
-            raise dfns_error(r.status_code, r.content, step)
-        token = _json_object(r, step).get("userAction")
+            answer = await self._post_json("/auth/action", body)
+        if answer.status >= 400:
+            raise dfns_error(answer.status, answer.content, step)
+        token = _json_object(answer, step).get("userAction")
         if not isinstance(token, str) or not token:
             raise DfnsError(f"Dfns answered {step} without a userAction", status=502)
         return token
@@ -182,30 +182,25 @@ class DfnsApi:
         if user_action is not None:
             headers["X-DFNS-USERACTION"] = user_action
         step = f"{method} {path}"
+        request = self._request(method, path, content, headers)
         with self._mapped(step, unsure=True):
             for attempt in range(1 + self.cfg.retries):
                 try:
-                    r = await self._http.request(
-                        method,
-                        self.cfg.base_url + path,
-                        content=content,
-                        headers=self._headers(headers),
-                        timeout=self._timeout,
-                    )
-                except (httpx.ConnectError, httpx.ConnectTimeout):
-                    if attempt >= self.cfg.retries:
+                    answer = await self._http.send(request)
+                except TransportError as e:
+                    if e.failure.sent or attempt >= self.cfg.retries:
                         raise
                     await asyncio.sleep(self._delay(attempt, None))  # nothing reached Dfns: safe to try again
                     continue
-                return Upstream(r.status_code, _headers_of_interest(r.headers), r.content)
+                return Upstream(answer.status, _headers_of_interest(answer.headers), answer.content)
         raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _json_object(r: httpx.Response, step: str) -> dict[str, Any]:
+def _json_object(answer: HttpAnswer, step: str) -> dict[str, Any]:
     try:
-        data = r.json()
-    except (ValueError, json.JSONDecodeError):
+        data = jsonio.loads(answer.content)
+    except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
-        raise DfnsError(f"Dfns answered {step} with {r.status_code} but no JSON object", status=502)
+        raise DfnsError(f"Dfns answered {step} with {answer.status} but no JSON object", status=502)
     return data

@@ -13,8 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from agent.caller import Caller
 from agent.config import DfnsConfig
 from agent.core.policy import UNRESTRICTED, Grant
@@ -22,6 +20,7 @@ from agent.core.records import Action
 from agent.core.service import SigningService
 from agent.dfns import sha256_hex
 from agent.dfnsapi.client import DfnsApi, Upstream, dfns_error
+from agent.dfnsapi.transport import HttpTransport
 from agent.errors import BadRequest, DfnsError, DfnsNotConfigured
 from agent.secret import Secret
 
@@ -91,7 +90,7 @@ class UserAction:
 
 
 class DfnsFlow:
-    """The flow for every credential that has ``[credential.dfns]`` settings, over one pooled HTTP client."""
+    """The flow for every credential that has ``[credential.dfns]`` settings, over one pooled transport."""
 
     def __init__(self, service: SigningService, apis: Mapping[str, DfnsApi]) -> None:
         self._service = service
@@ -99,7 +98,7 @@ class DfnsFlow:
 
     @classmethod
     def create(
-        cls, service: SigningService, http: httpx.AsyncClient, settings: Mapping[str, tuple[DfnsConfig, Secret]]
+        cls, service: SigningService, http: HttpTransport, settings: Mapping[str, tuple[DfnsConfig, Secret]]
     ) -> DfnsFlow:
         """One :class:`DfnsApi` per credential with Dfns settings, each with its bearer token."""
         return cls(service, {name: DfnsApi(http, cfg, token) for name, (cfg, token) in settings.items()})

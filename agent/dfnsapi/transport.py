@@ -1,64 +1,144 @@
-"""httpx's client API over aiohttp's connection pool, with the error meanings the retry rules depend on.
+"""The bytes to and from Dfns: one request in, one whole answer out, over aiohttp's connection pool, with the
+failure meanings the retry rules depend on.
 
-Why: httpx's own async stack (httpcore over anyio) cost 1.0-1.5 ms of CPU per call here, and its pool
-work grows with the number of waiting requests: with 64 concurrent ``/v1/request`` flows the agent spent
-15-21 ms of CPU per flow (three calls) and reached 0.2-0.3x the throughput of the official SDK signing
-in-process. The same calls through aiohttp's client cost about 0.15 ms each (``python -m bench.flow``
-and the figures in the README). The rest of the agent keeps httpx's API (requests, timeouts, responses,
-``httpx.MockTransport`` in tests); only the bytes on the wire go through aiohttp.
+Why aiohttp, called directly: httpx's own async stack (httpcore over anyio) cost 1.0-1.5 ms of CPU per call
+here and grew with the number of waiting requests (15-21 ms per flow at 64 concurrent flows). Keeping
+httpx's client API over aiohttp's pool still cost about 0.55 ms per call in the daemon (request and URL
+building, ``Response`` objects, its cookie jar on every answer: 12 % of a worker's samples under py-spy), so
+the three calls of a flow now go straight to aiohttp, which costs about 0.15 ms each.
 
-The one rule that matters for safety: :class:`httpx.ConnectError`/:class:`httpx.ConnectTimeout` mean the
-request never left this host (no connection, or none from the pool in time), because the real call is
-retried only then (``client.py``). Every other failure after a connection was made is a read error or a
-read timeout: the call may have reached Dfns and is never sent again.
+The one rule that matters for safety: :attr:`Failure.sent` is false only when the request never left this host
+(no connection, or none from the pool in time), because the real call is retried only then (``client.py``).
+Every failure after a connection was made may have reached Dfns, and such a call is never sent again.
 """
 
 from __future__ import annotations
 
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
+from enum import Enum
+from typing import Protocol
 
 import aiohttp
 import httpx
 from aiohttp.helpers import get_env_proxy_for_url
 from yarl import URL
 
-# Headers aiohttp computes from the URL and the body itself; passing httpx's copies too would duplicate them.
-_OWN_HEADERS = frozenset({b"host", b"content-length", b"transfer-encoding"})
+
+class Failure(Enum):
+    """Why no answer came, in the terms the retry rules need."""
+
+    CONNECT = "connect"  # no connection: DNS, refused, unreachable, TLS handshake, proxy, bad URL
+    CONNECT_TIMEOUT = "connect_timeout"  # no connection (TCP/TLS, or a free one from the pool) in time
+    BROKEN = "broken"  # the connection failed after the request may have been sent: reset, cut-off answer
+    TIMEOUT = "timeout"  # the request was sent and no answer came in time
+
+    @property
+    def sent(self) -> bool:
+        """Whether the request may have reached Dfns."""
+        return self in (Failure.BROKEN, Failure.TIMEOUT)
+
+    @property
+    def timed_out(self) -> bool:
+        return self in (Failure.CONNECT_TIMEOUT, Failure.TIMEOUT)
+
+
+class TransportError(Exception):
+    """A request that got no answer; the message is the cause (it never holds a header or the body)."""
+
+    def __init__(self, failure: Failure, detail: str) -> None:
+        super().__init__(f"{failure.value}: {detail}")
+        self.failure = failure
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """Seconds for a connection to come up, for a free connection from the pool, and between bytes read."""
+
+    connect: float
+    pool: float
+    read: float
+
+
+@dataclass(frozen=True)
+class HttpRequest:
+    method: str
+    url: str  # absolute and already encoded: sent as given, never normalised (see flow.check_path)
+    headers: Mapping[str, str]
+    content: bytes | None
+    timeouts: Timeouts
+
+
+@dataclass(frozen=True)
+class HttpAnswer:
+    """A whole answer: header names in lower case (repeated ones joined by ``", "``), no ``Set-Cookie``, the
+    body decoded of its content encoding."""
+
+    status: int
+    headers: Mapping[str, str]
+    content: bytes
+
+
+class HttpTransport(Protocol):
+    """What :class:`~agent.dfnsapi.client.DfnsApi` sends through: one request, one answer or a
+    :class:`TransportError`."""
+
+    async def send(self, request: HttpRequest) -> HttpAnswer: ...
 
 
 @contextmanager
-def _mapped(request: httpx.Request) -> Iterator[None]:
+def _mapped() -> Iterator[None]:
     try:
         yield
     except aiohttp.ConnectionTimeoutError as e:  # no connection from the pool, or TCP/TLS connect, in time
-        raise httpx.ConnectTimeout(str(e) or "connect timeout", request=request) from e
+        raise TransportError(Failure.CONNECT_TIMEOUT, str(e) or "connect timeout") from e
     except TimeoutError as e:
         # aiohttp's read timeout (ServerTimeoutError/SocketTimeoutError, both TimeoutError): the request was
         # sent. ConnectionTimeoutError is a TimeoutError too, hence the order of these clauses.
-        raise httpx.ReadTimeout(str(e) or "read timeout", request=request) from e
+        raise TransportError(Failure.TIMEOUT, str(e) or "read timeout") from e
     except aiohttp.ClientConnectorError as e:  # DNS, refused, unreachable, TLS handshake: nothing was sent
-        raise httpx.ConnectError(str(e), request=request) from e
-    except aiohttp.InvalidURL as e:
-        raise httpx.UnsupportedProtocol(str(e), request=request) from e
+        raise TransportError(Failure.CONNECT, f"{type(e).__name__}: {e}") from e
+    except aiohttp.InvalidURL as e:  # nothing was sent
+        raise TransportError(Failure.CONNECT, f"{type(e).__name__}: {e}") from e
     except (aiohttp.ClientError, OSError) as e:  # disconnects, resets, bad answers: it may have reached Dfns
-        raise httpx.ReadError(f"{type(e).__name__}: {e}", request=request) from e
+        raise TransportError(Failure.BROKEN, f"{type(e).__name__}: {e}") from e
 
 
-class AiohttpTransport(httpx.AsyncBaseTransport):
+def _answer_headers(raw: tuple[tuple[bytes, bytes], ...]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for k, v in raw:
+        name = k.decode("latin-1").lower()
+        if name == "set-cookie":
+            continue
+        value = v.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    return headers
+
+
+class AiohttpTransport:
     """One aiohttp session (keep-alive pool, no cookie jar) per transport, made in the loop that first uses it.
 
-    Proxies come from ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` as with httpx (looked up once per origin),
-    TLS verification from ``SSL_CERT_FILE``/``SSL_CERT_DIR`` or certifi, as httpx does. Cookies are never
-    kept, here or in httpx's jar: the session serves every credential's identity."""
+    Proxies come from ``HTTPS_PROXY``/``HTTP_PROXY``/``NO_PROXY`` (looked up once per origin), TLS
+    verification from ``SSL_CERT_FILE``/``SSL_CERT_DIR`` or certifi, as httpx reads them. Cookies are never
+    kept: the session serves every credential's identity, and Dfns authenticates by bearer token, so a cookie
+    from one answer must never ride on another call."""
 
-    def __init__(self, *, max_connections: int = 100, keepalive_expiry: float = 30.0) -> None:
+    def __init__(self, *, user_agent: str, max_connections: int = 100, keepalive_expiry: float = 30.0) -> None:
+        self._user_agent = user_agent
         self._max_connections = max_connections
         self._keepalive_expiry = keepalive_expiry
         self._ssl: ssl.SSLContext = httpx.create_ssl_context(trust_env=True)
         self._session: aiohttp.ClientSession | None = None
         self._proxies: dict[tuple[str, str, int | None], URL | None] = {}
+        self._timeouts: dict[Timeouts, aiohttp.ClientTimeout] = {}
+
+    async def __aenter__(self) -> AiohttpTransport:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
 
     def _session_now(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -66,7 +146,10 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 limit=self._max_connections, keepalive_timeout=self._keepalive_expiry, ssl=self._ssl
             )
             self._session = aiohttp.ClientSession(
-                connector=connector, cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False, trust_env=False
+                connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"User-Agent": self._user_agent},
+                trust_env=False,  # read here instead: the proxy once per origin, TLS settings at start
             )
         return self._session
 
@@ -79,39 +162,29 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 self._proxies[key] = None
         return self._proxies[key]
 
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeout = request.extensions.get("timeout", {})
-        url = URL(str(request.url), encoded=True)
-        headers = [
-            (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw if k.lower() not in _OWN_HEADERS
-        ]
-        body = await request.aread()
-        with _mapped(request):
+    def _timeout(self, t: Timeouts) -> aiohttp.ClientTimeout:
+        timeout = self._timeouts.get(t)
+        if timeout is None:
+            timeout = aiohttp.ClientTimeout(total=None, connect=t.pool, sock_connect=t.connect, sock_read=t.read)
+            self._timeouts[t] = timeout
+        return timeout
+
+    async def send(self, request: HttpRequest) -> HttpAnswer:
+        with _mapped():
+            url = URL(request.url, encoded=True)
             async with self._session_now().request(
                 request.method,
                 url,
-                headers=headers,
-                data=body or None,
+                headers=request.headers,
+                data=request.content,
                 allow_redirects=False,
                 proxy=self._proxy_for(url),
-                timeout=aiohttp.ClientTimeout(
-                    total=None,
-                    connect=timeout.get("pool"),
-                    sock_connect=timeout.get("connect"),
-                    sock_read=timeout.get("read"),
-                ),
+                timeout=self._timeout(request.timeouts),
             ) as response:
                 # Dfns's answers are small JSON documents: read them whole here, so a failure while reading
                 # maps like any other failure after the request was sent.
                 content = await response.read()
-                status, raw_headers, reason = response.status, response.raw_headers, response.reason
-        extensions: dict[str, object] = {"http_version": b"HTTP/1.1"}
-        if reason:
-            extensions["reason_phrase"] = reason.encode("latin-1", "replace")
-        # No Set-Cookie reaches httpx's cookie jar either: one client serves every credential's identity, and
-        # Dfns authenticates by bearer token, so a cookie from one answer must never ride on another call.
-        headers_back = [(k, v) for k, v in raw_headers if k.lower() != b"set-cookie"]
-        return httpx.Response(status, headers=headers_back, content=content, request=request, extensions=extensions)
+                return HttpAnswer(response.status, _answer_headers(response.raw_headers), content)
 
     async def aclose(self) -> None:
         if self._session is not None:

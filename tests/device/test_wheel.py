@@ -56,8 +56,8 @@ def test_the_wheel_has_the_agent_but_not_the_dev_area(wheel: zipfile.ZipFile) ->
 
 
 def test_the_wheel_requires_the_dfns_clients_libraries_at_run_time(wheel: zipfile.ZipFile) -> None:
-    """httpx is the Dfns client's API and aiohttp its transport (agent/dfnsapi/transport.py): both are runtime
-    dependencies, with no extra; the dev Dfns server that also uses aiohttp is still not in the wheel."""
+    """aiohttp is the daemon's transport to Dfns (agent/dfnsapi/transport.py) and httpx `doctor`'s client: both
+    are runtime dependencies, with no extra; the dev Dfns server that also uses aiohttp is still not in the wheel."""
     meta = email.parser.Parser().parsestr(metadata(wheel, "METADATA"))
     requires = meta.get_all("Requires-Dist") or []
     runtime = {r.split(">")[0].split("=")[0].split("[")[0].strip().lower() for r in requires if ";" not in r}

@@ -1,5 +1,6 @@
-"""The Dfns API client against ``httpx.MockTransport``: which calls are retried, how errors map, what is
-sent and what is passed back (the client against the dev Dfns server is in ``tests/device/``)."""
+"""The Dfns API client against Dfns played in process (``played_dfns.py``): which calls are retried, how
+errors map, what is sent and what is passed back (the client against the dev Dfns server is in
+``tests/device/``, its transport on real sockets in ``test_dfns_transport.py``)."""
 
 from __future__ import annotations
 
@@ -15,15 +16,17 @@ from agent.config import DfnsConfig
 from agent.dfns import ClientData, KeyAssertion
 from agent.dfnsapi import client as client_module
 from agent.dfnsapi.client import DfnsApi, Upstream, mapped_errors
+from agent.dfnsapi.transport import Failure, Timeouts, TransportError
 from agent.errors import AgentError, DfnsError, DfnsTimeout, DfnsUnreachable
 from agent.secret import Secret
+from tests.unit.played_dfns import HandlerTransport
 
 BASE = "https://api.dfns.test"
 TOKEN = "sa-token-9f3e1c-very-secret"
 RETRIES = 3
 T = TypeVar("T")
 
-Step = httpx.Response | type[httpx.TransportError] | Callable[[httpx.Request], httpx.Response]
+Step = httpx.Response | Failure | Callable[[httpx.Request], httpx.Response]
 
 
 class FakeDfns:
@@ -32,14 +35,15 @@ class FakeDfns:
     def __init__(self, *steps: Step) -> None:
         self.steps = list(steps)
         self.requests: list[httpx.Request] = []
+        self.transport = HandlerTransport(self)  # what the client sends through
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
         step = self.steps.pop(0) if len(self.steps) > 1 else self.steps[0]
         if isinstance(step, httpx.Response):
             return step
-        if isinstance(step, type):
-            raise step(f"scripted {step.__name__}", request=request)
+        if isinstance(step, Failure):
+            raise TransportError(step, "scripted")
         return step(request)
 
     @property
@@ -76,12 +80,8 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
 
 
 def run_with(fake: FakeDfns, call: Callable[[DfnsApi], Awaitable[T]], *, retries: int = RETRIES) -> T:
-    async def go() -> T:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(fake)) as http:
-            cfg = DfnsConfig(base_url=BASE, timeout=7.0, connect_timeout=2.0, retries=retries)
-            return await call(DfnsApi(http, cfg, Secret(TOKEN, "test"), backoff=0))
-
-    return asyncio.run(go())
+    cfg = DfnsConfig(base_url=BASE, timeout=7.0, connect_timeout=2.0, retries=retries)
+    return asyncio.run(call(DfnsApi(fake.transport, cfg, Secret(TOKEN, "test"), backoff=0)))
 
 
 def failure_of(fake: FakeDfns, call: Callable[[DfnsApi], Awaitable[Any]]) -> AgentError:
@@ -121,7 +121,8 @@ def test_init_user_action_sends_the_action_and_returns_the_challenge() -> None:
         "userActionServerKind": "Api",
     }
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
-    assert request.extensions["timeout"] == {"connect": 2.0, "read": 7.0, "write": 7.0, "pool": 7.0}
+    [sent] = fake.transport.sent
+    assert sent.timeouts == Timeouts(connect=2.0, pool=7.0, read=7.0)
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
@@ -146,8 +147,8 @@ def test_retry_after_is_honoured_and_bounded(sleeps: list[float]) -> None:
     assert fake.bodies() == [{"kind": "Key"}] * 4
 
 
-@pytest.mark.parametrize("error", [httpx.ConnectError, httpx.ConnectTimeout, httpx.ReadTimeout, httpx.ReadError])
-def test_challenge_calls_are_retried_on_network_errors(error: type[httpx.TransportError]) -> None:
+@pytest.mark.parametrize("error", list(Failure))
+def test_challenge_calls_are_retried_on_network_errors(error: Failure) -> None:
     fake = FakeDfns(error, dfns_json(200, CHALLENGE))
     assert run_with(fake, init_action) == CHALLENGE
     assert fake.calls == 2
@@ -164,10 +165,15 @@ def test_challenge_calls_give_up_after_the_configured_retries_keeping_dfnss_answ
 
 @pytest.mark.parametrize(
     ("error", "expected", "status"),
-    [(httpx.ConnectError, DfnsUnreachable, 502), (httpx.ReadTimeout, DfnsTimeout, 504)],
+    [
+        (Failure.CONNECT, DfnsUnreachable, 502),
+        (Failure.CONNECT_TIMEOUT, DfnsTimeout, 504),
+        (Failure.TIMEOUT, DfnsTimeout, 504),
+        (Failure.BROKEN, DfnsUnreachable, 502),
+    ],
 )
 def test_challenge_calls_that_never_get_an_answer_map_to_unreachable_or_timeout(
-    error: type[httpx.TransportError], expected: type[AgentError], status: int
+    error: Failure, expected: type[AgentError], status: int
 ) -> None:
     fake = FakeDfns(error)
     e = failure_of(fake, init_action)
@@ -221,9 +227,9 @@ def test_complete_user_action_returns_the_token_and_sends_the_first_factor() -> 
     [
         (dfns_failure(503), DfnsError, 503),
         (dfns_failure(429), DfnsError, 429),
-        (httpx.ConnectError, DfnsUnreachable, 502),
-        (httpx.ReadTimeout, DfnsTimeout, 504),
-        (httpx.RemoteProtocolError, DfnsUnreachable, 502),
+        (Failure.CONNECT, DfnsUnreachable, 502),
+        (Failure.TIMEOUT, DfnsTimeout, 504),
+        (Failure.BROKEN, DfnsUnreachable, 502),
     ],
 )
 def test_complete_user_action_is_never_retried(step: Step, expected: type[AgentError], status: int) -> None:
@@ -264,10 +270,8 @@ def test_a_get_goes_without_a_body_content_type_or_user_action() -> None:
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
 
 
-@pytest.mark.parametrize("error", [httpx.ConnectError, httpx.ConnectTimeout])
-def test_send_is_retried_when_the_connection_was_never_made(
-    error: type[httpx.TransportError], sleeps: list[float]
-) -> None:
+@pytest.mark.parametrize("error", [Failure.CONNECT, Failure.CONNECT_TIMEOUT])
+def test_send_is_retried_when_the_connection_was_never_made(error: Failure, sleeps: list[float]) -> None:
     fake = FakeDfns(error, error, dfns_json(201, {"id": "wa-1"}))
     up = run_with(fake, send_post)
     assert up.status == 201 and fake.calls == 3 and len(sleeps) == 2
@@ -275,7 +279,7 @@ def test_send_is_retried_when_the_connection_was_never_made(
 
 
 def test_send_gives_up_after_the_retries_when_dfns_stays_unreachable() -> None:
-    fake = FakeDfns(httpx.ConnectError)
+    fake = FakeDfns(Failure.CONNECT)
     e = failure_of(fake, send_post)
     assert fake.calls == 1 + RETRIES
     assert isinstance(e, DfnsUnreachable) and e.status == 502 and "cannot reach Dfns" in e.message
@@ -284,14 +288,12 @@ def test_send_gives_up_after_the_retries_when_dfns_stays_unreachable() -> None:
 @pytest.mark.parametrize(
     ("error", "expected", "status"),
     [
-        (httpx.ReadTimeout, DfnsTimeout, 504),
-        (httpx.WriteTimeout, DfnsTimeout, 504),
-        (httpx.ReadError, DfnsUnreachable, 502),
-        (httpx.RemoteProtocolError, DfnsUnreachable, 502),
+        (Failure.TIMEOUT, DfnsTimeout, 504),
+        (Failure.BROKEN, DfnsUnreachable, 502),
     ],
 )
 def test_send_is_never_retried_once_the_request_may_have_reached_dfns(
-    error: type[httpx.TransportError], expected: type[AgentError], status: int
+    error: Failure, expected: type[AgentError], status: int
 ) -> None:
     fake = FakeDfns(error, dfns_json(200, {"id": "wa-1"}))
     e = failure_of(fake, send_post)
@@ -342,9 +344,9 @@ def test_the_bearer_token_is_sent_on_every_call_and_shows_in_no_error() -> None:
     ]
     steps: list[Step] = [
         dfns_failure(401, "bad token"),
-        httpx.ConnectError,
-        httpx.ReadTimeout,
-        httpx.RemoteProtocolError,
+        Failure.CONNECT,
+        Failure.TIMEOUT,
+        Failure.BROKEN,
     ]
     for call in calls:
         ok = FakeDfns(dfns_json(200, {**CHALLENGE, "userAction": "ua-1"}))
@@ -360,20 +362,23 @@ def test_the_bearer_token_is_sent_on_every_call_and_shows_in_no_error() -> None:
                 assert isinstance(result, Upstream) and TOKEN not in repr(result)
 
 
-def test_mapped_errors_is_the_one_mapping_of_httpx_errors() -> None:
-    cases: list[tuple[httpx.TransportError, bool, type[AgentError]]] = [
-        (httpx.ConnectError("x"), False, DfnsUnreachable),
-        (httpx.ConnectTimeout("x"), False, DfnsTimeout),
-        (httpx.ConnectTimeout("x"), True, DfnsUnreachable),  # a real call whose connection never came up
-        (httpx.ReadTimeout("x"), False, DfnsTimeout),
-        (httpx.PoolTimeout("x"), True, DfnsTimeout),
-        (httpx.ReadError("x"), False, DfnsUnreachable),
-        (httpx.ProxyError("x"), True, DfnsUnreachable),
+def test_mapped_errors_is_the_one_mapping_of_transport_failures() -> None:
+    cases: list[tuple[Failure, bool, type[AgentError], str]] = [
+        (Failure.CONNECT, False, DfnsUnreachable, "cannot reach Dfns"),
+        (Failure.CONNECT, True, DfnsUnreachable, "cannot reach Dfns"),
+        (Failure.CONNECT_TIMEOUT, False, DfnsTimeout, "did not answer"),
+        (Failure.CONNECT_TIMEOUT, True, DfnsUnreachable, "cannot reach Dfns"),  # a real call that never left
+        (Failure.TIMEOUT, False, DfnsTimeout, "did not answer"),
+        (Failure.TIMEOUT, True, DfnsTimeout, "may or may not have been executed"),
+        (Failure.BROKEN, False, DfnsUnreachable, "cannot reach Dfns"),
+        (Failure.BROKEN, True, DfnsUnreachable, "may or may not have been executed"),
     ]
-    for raised, unsure, expected in cases:
+    assert {(f, u) for f, u, _, _ in cases} == {(f, u) for f in Failure for u in (False, True)}
+    for failure, unsure, expected, says in cases:
         with pytest.raises(AgentError) as e:
             with mapped_errors(BASE, "POST /x", 7.0, unsure=unsure):
-                raise raised
-        assert type(e.value) is expected, (raised, unsure)
-        assert "POST /x" in e.value.message
-        assert e.value.__cause__ is None and e.value.__suppress_context__  # `from None`: no httpx detail
+                raise TransportError(failure, "detail from the transport")
+        assert type(e.value) is expected, (failure, unsure)
+        assert "POST /x" in e.value.message and says in e.value.message, (failure, unsure, e.value.message)
+        assert "detail from the transport" not in e.value.message
+        assert e.value.__cause__ is None and e.value.__suppress_context__  # `from None`: no transport detail

@@ -1,9 +1,9 @@
-"""The Dfns client's transport (httpx's API over aiohttp) against real sockets on loopback.
+"""The Dfns client's transport (aiohttp's pool) against real sockets on loopback.
 
-What the retry rules rest on: ``ConnectError``/``ConnectTimeout`` only when nothing left this host; a
-failure after the request was sent is a read error or read timeout, never a connect error, so a real call
+What the retry rules rest on: a failure counts as not sent (``CONNECT``/``CONNECT_TIMEOUT``) only when
+nothing left this host; a failure after the request was sent is ``BROKEN`` or ``TIMEOUT``, so a real call
 is never sent twice. Also: bodies and headers go out as given, answers come back decoded, no cookie is
-kept between identities, and the proxy comes from the environment as with httpx.
+kept between identities, and the proxy and the trust store come from the environment as with httpx.
 """
 
 from __future__ import annotations
@@ -11,17 +11,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import gzip
+import json
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from agent.dfnsapi.transport import AiohttpTransport
+from agent.dfnsapi.transport import AiohttpTransport, Failure, HttpAnswer, HttpRequest, Timeouts, TransportError
 
 Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
@@ -55,8 +55,29 @@ async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]
     return lines[0].encode(), headers, body
 
 
-def client(**kw: object) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=AiohttpTransport(**kw), trust_env=False)  # type: ignore[arg-type]
+WAIT = Timeouts(connect=5.0, pool=30.0, read=30.0)
+
+
+def client(max_connections: int = 100) -> AiohttpTransport:
+    return AiohttpTransport(user_agent="dfns-agent/test", max_connections=max_connections)
+
+
+async def post(
+    http: AiohttpTransport, url: str, content: bytes = b"{}", headers: dict[str, str] | None = None,
+    timeouts: Timeouts = WAIT,
+) -> HttpAnswer:  # fmt: skip
+    return await http.send(HttpRequest("POST", url, headers or {}, content, timeouts))
+
+
+async def get(http: AiohttpTransport, url: str) -> HttpAnswer:
+    return await http.send(HttpRequest("GET", url, {}, None, WAIT))
+
+
+@contextmanager
+def fails_with(failure: Failure) -> Iterator[None]:
+    with pytest.raises(TransportError) as e:
+        yield
+    assert e.value.failure is failure, e.value
 
 
 def free_port() -> int:
@@ -68,12 +89,12 @@ def free_port() -> int:
 @in_loop
 async def test_a_refused_connection_is_a_connect_error() -> None:
     async with client() as http:
-        with pytest.raises(httpx.ConnectError):
-            await http.post(f"http://127.0.0.1:{free_port()}/wallets", content=b"{}")
+        with fails_with(Failure.CONNECT):
+            await post(http, f"http://127.0.0.1:{free_port()}/wallets")
 
 
 @in_loop
-async def test_a_server_that_closes_after_reading_the_request_is_a_read_error_not_a_connect_error() -> None:
+async def test_a_server_that_closes_after_reading_the_request_is_broken_not_unsent() -> None:
     got: list[bytes] = []
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -82,14 +103,14 @@ async def test_a_server_that_closes_after_reading_the_request_is_a_read_error_no
         writer.close()  # the request reached the server; no answer
 
     async with serving(handler) as url, client() as http:
-        with pytest.raises(httpx.ReadError) as e:
-            await http.post(url + "/wallets", content=b'{"n":1}')
-    assert not isinstance(e.value, httpx.ConnectError | httpx.ConnectTimeout)
+        with fails_with(Failure.BROKEN):
+            await post(http, url + "/wallets", b'{"n":1}')
+    assert Failure.BROKEN.sent
     assert got == [b'{"n":1}']
 
 
 @in_loop
-async def test_an_answer_cut_off_in_its_body_is_a_read_error() -> None:
+async def test_an_answer_cut_off_in_its_body_is_broken() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial\":")
@@ -97,12 +118,12 @@ async def test_an_answer_cut_off_in_its_body_is_a_read_error() -> None:
         writer.close()
 
     async with serving(handler) as url, client() as http:
-        with pytest.raises(httpx.ReadError):
-            await http.post(url + "/wallets", content=b"{}")
+        with fails_with(Failure.BROKEN):
+            await post(http, url + "/wallets")
 
 
 @in_loop
-async def test_a_server_that_never_answers_is_a_read_timeout() -> None:
+async def test_a_server_that_never_answers_is_a_timeout_after_sending() -> None:
     release = asyncio.Event()
 
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -111,13 +132,14 @@ async def test_a_server_that_never_answers_is_a_read_timeout() -> None:
         writer.close()
 
     async with serving(handler) as url, client() as http:
-        with pytest.raises(httpx.ReadTimeout):
-            await http.post(url + "/wallets", content=b"{}", timeout=httpx.Timeout(0.3, connect=5.0))
+        with fails_with(Failure.TIMEOUT):
+            await post(http, url + "/wallets", timeouts=Timeouts(connect=5.0, pool=5.0, read=0.3))
+        assert Failure.TIMEOUT.sent
         release.set()
 
 
 @in_loop
-async def test_no_connection_from_the_pool_in_time_is_a_connect_timeout() -> None:
+async def test_no_connection_from_the_pool_in_time_is_a_connect_timeout_before_sending() -> None:
     release = asyncio.Event()
     first_in = asyncio.Event()
 
@@ -130,12 +152,13 @@ async def test_no_connection_from_the_pool_in_time_is_a_connect_timeout() -> Non
         writer.close()
 
     async with serving(handler) as url, client(max_connections=1) as http:
-        busy = asyncio.create_task(http.post(url + "/a", content=b"{}"))
+        busy = asyncio.create_task(post(http, url + "/a"))
         await first_in.wait()  # the pool's one connection is taken
-        with pytest.raises(httpx.ConnectTimeout):
-            await http.post(url + "/b", content=b"{}", timeout=httpx.Timeout(30.0, pool=0.3))
+        with fails_with(Failure.CONNECT_TIMEOUT):
+            await post(http, url + "/b", timeouts=Timeouts(connect=30.0, pool=0.3, read=30.0))
+        assert not Failure.CONNECT_TIMEOUT.sent
         release.set()
-        assert (await busy).status_code == 200
+        assert (await busy).status == 200
 
 
 @in_loop
@@ -158,13 +181,14 @@ async def test_request_and_answer_pass_as_given_and_no_cookie_is_kept() -> None:
     payload = b'{"network":"Ethereum","name":"tr\xc3\xa9sor"}'
     async with serving(handler) as url, client() as http:
         for _ in range(2):
-            r = await http.post(url + "/wallets?x=1", content=payload,
-                                headers={"Authorization": "Bearer t", "X-DFNS-USERACTION": "ua"})  # fmt: skip
-            assert r.status_code == 201 and r.json() == {"id": "wa-1"} and r.headers["x-other"] == "1"
+            r = await post(http, url + "/wallets?x=1", payload, {"Authorization": "Bearer t", "X-DFNS-USERACTION": "u"})
+            assert r.status == 201 and json.loads(r.content) == {"id": "wa-1"} and r.headers["x-other"] == "1"
+            assert "set-cookie" not in r.headers
     (line, headers, body), (_, again, _) = seen
     assert line == b"POST /wallets?x=1 HTTP/1.1" and body == payload
-    assert headers["authorization"] == "Bearer t" and headers["x-dfns-useraction"] == "ua"
+    assert headers["authorization"] == "Bearer t" and headers["x-dfns-useraction"] == "u"
     assert headers["content-length"] == str(len(payload)) and headers["host"].startswith("127.0.0.1:")
+    assert headers["user-agent"] == "dfns-agent/test"
     assert "cookie" not in again  # the Set-Cookie of the first answer is not sent back
 
 
@@ -183,10 +207,10 @@ async def test_the_proxy_comes_from_the_environment(monkeypatch: pytest.MonkeyPa
         monkeypatch.setenv("HTTP_PROXY", proxy_url)
         monkeypatch.setenv("NO_PROXY", "direct.invalid")
         async with client() as http:
-            r = await http.get("http://dfns.invalid/wallets")
-            assert r.status_code == 204
-            with pytest.raises(httpx.ConnectError):  # NO_PROXY: tried directly, and the name does not resolve
-                await http.get("http://direct.invalid/wallets")
+            r = await get(http, "http://dfns.invalid/wallets")
+            assert r.status == 204
+            with fails_with(Failure.CONNECT):  # NO_PROXY: tried directly, and the name does not resolve
+                await get(http, "http://direct.invalid/wallets")
     assert lines == [b"GET http://dfns.invalid/wallets HTTP/1.1"]
 
 
@@ -237,12 +261,12 @@ async def test_tls_is_verified_against_ssl_cert_file(tmp_path: Path, monkeypatch
     url = f"https://localhost:{server.sockets[0].getsockname()[1]}/wallets"
     try:
         async with client() as http:  # the default trust store does not know this certificate
-            with pytest.raises(httpx.ConnectError):
-                await http.get(url)
+            with fails_with(Failure.CONNECT):
+                await get(http, url)
         monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
         async with client() as http:
-            r = await http.get(url)
-            assert r.status_code == 200 and r.json() == {}
+            r = await get(http, url)
+            assert r.status == 200 and json.loads(r.content) == {}
     finally:
         server.close()
         await server.wait_closed()

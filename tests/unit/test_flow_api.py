@@ -1,5 +1,5 @@
-"""The Dfns flow in process: a signing service over a :class:`SoftKeyStore`, and ``httpx.MockTransport``
-playing Dfns, checking every step as Dfns would (the flow against the dev Dfns server and SoftHSM is in
+"""The Dfns flow in process: a signing service over a :class:`SoftKeyStore`, and Dfns played in process
+(``played_dfns.py``), checking every step as Dfns would (the flow against the dev Dfns server and SoftHSM is in
 ``tests/device/``)."""
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from agent.dfnsapi.flow import DfnsCall, DfnsFlow, serialize_payload
 from agent.errors import BadRequest, DfnsError, DfnsNotConfigured, Forbidden, UnknownCredential
 from agent.secret import Secret
 from agent.token.keys import KeyKind
+from tests.unit.played_dfns import HandlerTransport
 
 BASE = "https://api.dfns.test"
 TOKEN = "dfns-bearer-for-tests"
@@ -180,16 +181,13 @@ class World:
         self.dfns = Dfns({CREDENTIALS[n][2]: self.store.private_key(CREDENTIALS[n][0]) for n in known})
 
     def run(self, call: Callable[[DfnsFlow], Awaitable[T]]) -> T:
-        async def go() -> T:
-            async with httpx.AsyncClient(transport=httpx.MockTransport(self.dfns)) as http:
-                apis = {
-                    name: DfnsApi(http, DfnsConfig(base_url=BASE, retries=1), Secret(TOKEN, "test"), backoff=0)
-                    for name, (_, _, _, dfns) in CREDENTIALS.items()
-                    if dfns
-                }
-                return await call(DfnsFlow(self.service, apis))
-
-        return asyncio.run(go())
+        http = HandlerTransport(self.dfns)
+        apis = {
+            name: DfnsApi(http, DfnsConfig(base_url=BASE, retries=1), Secret(TOKEN, "test"), backoff=0)
+            for name, (_, _, _, dfns) in CREDENTIALS.items()
+            if dfns
+        }
+        return asyncio.run(call(DfnsFlow(self.service, apis)))
 
     def records(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.audit_path.read_bytes().splitlines() if line.strip()]
