@@ -164,7 +164,9 @@ def test_threads_can_share_one_client(short_dir: Path) -> None:
     release = threading.Barrier(4)
 
     def slow_echo(handler: Handler, body: dict[str, object]) -> None:
-        if str(body.get("challenge", "")).startswith("first"):
+        sent = body["challenge"]  # the client wraps what it signs: {"challenge": <the caller's challenge>}
+        assert isinstance(sent, dict)
+        if str(sent["challenge"]).startswith("first"):
             release.wait(timeout=30)  # four calls in flight at once, each on its own connection
         echo(handler, body)
 
