@@ -28,6 +28,7 @@ from agent.daemon.worker import (
 from agent.errors import AgentError, ConfigError, ExitStatus, PinRejected, TokenError, exit_status_for
 from agent.secret import Secret
 from agent.transport import systemd
+from agent.transport.share import ConnectionShare
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +85,8 @@ class Supervisor:
         self.control: dict[int, int] = {}  # pid -> read end of its control pipe (ready, then reload outcomes)
         self.restarts: list[float] = []
         self.reloads = 0
+        # Mapped before the first fork: how the workers share the socket's connections (agent/transport/share.py).
+        self.share = ConnectionShare(config.server.workers) if config.server.workers > 1 else None
 
     def spawn(self, index: int) -> int:
         read_end, write_end = os.pipe()
@@ -116,6 +119,7 @@ class Supervisor:
                     ready=ready,
                     started=self.started,
                     on_reload=reloaded,
+                    share=self.share.slot(index) if self.share is not None else None,
                 )
             except AgentError as e:
                 code = exit_status_for(e)
@@ -197,6 +201,8 @@ class Supervisor:
             if index is None:
                 continue
             metrics.process_dead(pid)
+            if self.share is not None:
+                self.share.leave(index)  # it may have died holding connections, or none
             log.warning("worker %d (pid %d) ended with status %d; restarting it", index, pid, status)
             self._restart(index)
 

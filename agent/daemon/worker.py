@@ -36,6 +36,7 @@ from agent.secret import Secret, read_secret
 from agent.token import Token
 from agent.transport import systemd
 from agent.transport.http import Server
+from agent.transport.share import WorkerSlot
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +166,7 @@ def serve_worker(
     ready: Callable[[], None] | None = None,
     started: float | None = None,
     on_reload: ReloadReport | None = None,
+    share: WorkerSlot | None = None,
 ) -> None:
     """Log in, find the keys, open the audit log; report ready; serve until SIGTERM/SIGINT. ``started`` is
     when the agent started (the supervisor's start, for a worker): health's uptime counts from it.
@@ -196,7 +198,7 @@ def serve_worker(
             # delivered to it (it unblocks them once its handlers are in place).
             signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
             check_stop()
-            _run_loop(_serve_until_signalled(config, service, dfns, sock, token, audit, executor, on_reload))
+            _run_loop(_serve_until_signalled(config, service, dfns, sock, token, audit, executor, on_reload, share))
     finally:
         ignore_stop_signals()
         try:
@@ -261,6 +263,7 @@ async def _serve_until_signalled(
     audit: AuditLog | None,
     executor: Executor | None,
     on_reload: ReloadReport | None = None,
+    share: WorkerSlot | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     current = [config]
@@ -307,7 +310,9 @@ async def _serve_until_signalled(
         pinger = loop.create_task(_keep_watchdog(interval, token, config.token.stuck_limit)) if interval else None
         if config.server.workers > 1 and config.token.stuck_limit:
             pinger = pinger or loop.create_task(_exit_when_stuck(token, config.token.stuck_limit))
-        server = Server(app.handle, app.limits, on_protocol_error=app.count_protocol_error, admit=app.admit_connection)
+        server = Server(
+            app.handle, app.limits, on_protocol_error=app.count_protocol_error, admit=app.admit_connection, share=share
+        )
         try:
             await server.start(sock)
             await stop.wait()

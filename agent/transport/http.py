@@ -36,6 +36,7 @@ from agent import jsonio
 from agent.caller import Caller
 from agent.transport.listener import peer_of
 from agent.transport.sender import SenderCheckedTransport, enable_sender_credentials
+from agent.transport.share import YIELD_SECONDS, WorkerSlot
 
 log = logging.getLogger(__name__)
 
@@ -136,30 +137,54 @@ Admit = Callable[[Caller], Admission]
 
 class _Listener:
     """Accepts on the listening socket itself, so that a connection's peer is known before it costs anything.
-    ``close()`` and ``wait_closed()`` as asyncio's servers have them."""
+    ``close()`` and ``wait_closed()`` as asyncio's servers have them. With ``share``, a worker that holds more
+    connections than another lets that one take the next (``agent/transport/share.py``)."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, sock: socket.socket, on_accept: Callable[[socket.socket], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        on_accept: Callable[[socket.socket], None],
+        share: WorkerSlot | None = None,
     ) -> None:
-        self._loop, self._sock, self._on_accept = loop, sock, on_accept
+        self._loop, self._sock, self._on_accept, self._share = loop, sock, on_accept, share
         self._open = True
         self.on_close: Callable[[], None] = lambda: None
         loop.add_reader(sock.fileno(), self._ready)
 
     def _ready(self) -> None:
+        if self._share is not None and self._share.ahead():
+            self._loop.remove_reader(self._sock.fileno())
+            self._loop.call_later(YIELD_SECONDS, self._after_yield)
+            return
         for _ in range(_ACCEPT_BATCH):
-            try:
-                conn, _ = self._sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            if not self._accept_one():
                 return
-            except OSError as e:
-                # Out of file descriptors (or memory): pending connections wait in the backlog meanwhile.
-                log.warning("cannot accept connections: %s", e.strerror)
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+
+    def _after_yield(self) -> None:
+        """Take what no other worker took meanwhile (a busy or stuck one must not leave it waiting), then
+        listen again."""
+        if self._open and self._accept_one(yielded=True):
+            self._loop.add_reader(self._sock.fileno(), self._ready)
+
+    def _accept_one(self, *, yielded: bool = False) -> bool:
+        """Accept one connection; False when none is waiting, or when accepting paused (then it resumes by
+        itself)."""
+        try:
+            conn, _ = self._sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return yielded  # after a yield: nothing left to take, listen again
+        except OSError as e:
+            # Out of file descriptors (or memory): pending connections wait in the backlog meanwhile.
+            log.warning("cannot accept connections: %s", e.strerror)
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                if not yielded:
                     self._loop.remove_reader(self._sock.fileno())
-                    self._loop.call_later(_ACCEPT_PAUSE, self._resume)
-                return
-            self._on_accept(conn)
+                self._loop.call_later(_ACCEPT_PAUSE, self._resume)
+                return False
+            return yielded
+        self._on_accept(conn)
+        return True
 
     def _resume(self) -> None:
         if self._open:
@@ -171,6 +196,10 @@ class _Listener:
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
             self.on_close()
+
+    @property
+    def listening(self) -> bool:
+        return self._open
 
     async def wait_closed(self) -> None:
         return None
@@ -476,6 +505,7 @@ class Server:
         limits: Limits,
         on_protocol_error: Callable[[int], None] = lambda status: None,
         admit: Admit = lambda caller: ADMIT_ALL,
+        share: WorkerSlot | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits
@@ -487,13 +517,17 @@ class Server:
         self._server: _Listener | None = None
         self._per_uid: dict[int, int] = {}  # admitted connections (open or opening) by the peer's uid
         self._opening = 0  # admitted connections whose transport is still being made
+        self._admitted = 0  # admitted connections (open or opening), as published to the other workers
+        self._share = share
         self._lingering: dict[socket.socket, asyncio.TimerHandle] = {}
 
     async def start(self, sock: socket.socket) -> None:
         enable_sender_credentials(sock)  # before the first connection: even bytes sent before accept carry it
         sock.setblocking(False)
-        self._server = _Listener(asyncio.get_running_loop(), sock, self._accepted)
-        self._server.on_close = self._close_lingering
+        if self._share is not None:
+            self._share.publish(0)
+        self._server = _Listener(asyncio.get_running_loop(), sock, self._accepted, self._share)
+        self._server.on_close = self._closed
 
     # --- admission (before the connection costs anything) ---
 
@@ -516,6 +550,7 @@ class Server:
             self._turn_away(conn, _BUSY_BYTES)
             return
         self._per_uid[caller.uid] = self._per_uid.get(caller.uid, 0) + 1
+        self._count(+1)
         loop = asyncio.get_running_loop()
         connection = Connection(self, caller, sender_checked=admission.check_sender)
         if admission.check_sender:
@@ -543,6 +578,18 @@ class Server:
                 self._per_uid[caller.uid] = left
             else:
                 self._per_uid.pop(caller.uid, None)
+            self._count(-1)
+
+    def _count(self, change: int) -> None:
+        self._admitted += change
+        if self._share is not None and self._server is not None and self._server.listening:
+            self._share.publish(self._admitted)
+
+    def _closed(self) -> None:
+        """The listener closed (a stop): no other worker waits for this one to take connections any more."""
+        if self._share is not None:
+            self._share.leave()
+        self._close_lingering()
 
     def _turn_away(self, conn: socket.socket, answer: bytes) -> None:
         """Answer at once and close. The client's request (if it sent one yet) is read and dropped for a
