@@ -19,6 +19,7 @@ import re
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -83,10 +84,25 @@ def init_token(directory: Path, *, label: str, pin: str, so_pin: str) -> None:
     _init(directory, "--free", label=label, pin=pin, so_pin=so_pin)
 
 
+# softhsm2-util looks the token up by label before C_InitToken and again after it. A C_Login in another process
+# (an agent that just lost its keys logs in again to recover) rewrites token.object meanwhile, and either
+# lookup can then miss the token: "Could not find a slot/token". Running it again is safe: it wipes again.
+_LOOKUP_MISSED = "Could not find a slot/token"
+_REINIT_PAUSES = (0.05, 0.2, 0.5, None)
+
+
 def reinit_token(directory: Path, *, label: str, pin: str, so_pin: str) -> None:
     """Re-initialize the token labelled ``label`` in place, as an operator might by mistake: every object on it
-    is wiped and the user PIN becomes ``pin`` (the fault tests' way of taking keys away under a running agent)."""
-    _init(directory, "--token", label, label=label, pin=pin, so_pin=so_pin)
+    is wiped and the user PIN becomes ``pin`` (the fault tests' way of taking keys away under a running agent).
+    Run again, after a pause, when softhsm2-util loses the token to a login elsewhere (see above)."""
+    for pause in _REINIT_PAUSES:
+        try:
+            _init(directory, "--token", label, label=label, pin=pin, so_pin=so_pin)
+            return
+        except SoftHsmError as e:
+            if pause is None or _LOOKUP_MISSED not in str(e):
+                raise
+            time.sleep(pause)
 
 
 def _init(directory: Path, *where: str, label: str, pin: str, so_pin: str) -> None:
