@@ -21,13 +21,14 @@ from functools import cache
 from typing import TypeVar
 
 from agent.caller import Caller
-from agent.config import CredentialConfig
+from agent.config import AuditConfig, CredentialConfig
 from agent.core.audit import AuditLog
 from agent.core.credentials import Credential, Credentials
 from agent.core.keystore import KeyStore
 from agent.core.metrics import NO_CREDENTIAL, Metrics
 from agent.core.policy import UNRESTRICTED, Grant
 from agent.core.records import Action, AuditRecord, Event, Outcome
+from agent.core.refusals import RefusalAggregator
 from agent.dfns import (
     ClientData,
     CredentialInfo,
@@ -107,6 +108,7 @@ class SigningService:
         *,
         started: float | None = None,
         sign_timeout: float = 0.0,
+        refusal_interval: float = AuditConfig.refusal_interval,
     ) -> None:
         self.keys = keys
         # Seconds a signature may take on the signing threads before the caller gets 504 token_timeout and the
@@ -116,6 +118,9 @@ class SigningService:
         self._health_check_started = 0.0
         self._last_health: AgentHealth | None = None
         self.audit = audit
+        # With the audit log off, refusals still go through an aggregator, only to say which are worth a log
+        # line: otherwise a caller hammering refused requests writes one warning each to the journal.
+        self._unaudited_refusals = RefusalAggregator(refusal_interval, now=lambda: "") if audit is None else None
         self.metrics = metrics
         self._credentials = credentials
         self._executor = executor
@@ -134,10 +139,20 @@ class SigningService:
         *,
         started: float | None = None,
         sign_timeout: float = 0.0,
+        refusal_interval: float = AuditConfig.refusal_interval,
     ) -> SigningService:
         """Find each credential's key on the token; a missing or ambiguous key is a start-up error."""
         creds = Credentials.from_config(keys, configs)
-        return cls(keys, creds, audit, metrics, executor, started=started, sign_timeout=sign_timeout)
+        return cls(
+            keys,
+            creds,
+            audit,
+            metrics,
+            executor,
+            started=started,
+            sign_timeout=sign_timeout,
+            refusal_interval=refusal_interval,
+        )
 
     @property
     def credentials(self) -> Credentials:
@@ -282,9 +297,7 @@ class SigningService:
         """Record a request the policy refused (best effort: the refusal stands either way). Aggregated per
         caller and reason (one record, then one summary with a count per interval: a flood cannot fill the
         disk), and awaited, so a caller hammering refused requests does not stall the event loop on fsyncs.
-        True when the refusal opened a new interval (or nothing aggregates: audit off), i.e. is worth a log line."""
-        if self.audit is None:
-            return True
+        True when the refusal opened a new interval, i.e. is worth a log line (also with the audit log off)."""
         record = AuditRecord(
             Event.REFUSED,
             caller,
@@ -295,6 +308,11 @@ class SigningService:
             code=error.code,
             reason=error.message,
         )
+        if self.audit is None:
+            assert self._unaudited_refusals is not None
+            first = self._unaudited_refusals.admit(record)
+            self._unaudited_refusals.due()  # ends stale intervals; their summaries have no log to go to
+            return first
         try:
             return await self.audit.refusal(record)
         except AgentError:

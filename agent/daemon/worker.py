@@ -184,7 +184,7 @@ def serve_worker(
             executor = pool if threads else None
             service = SigningService.from_config(
                 token, config.credentials, audit, metrics, executor, started=started,
-                sign_timeout=config.token.sign_timeout,
+                sign_timeout=config.token.sign_timeout, refusal_interval=config.audit.refusal_interval,
             )
             token.expect_keys([c.key for c in service.credentials])
             _self_test(token, service)
@@ -242,7 +242,7 @@ def reload(
     previous = state.current.service
     service = SigningService.from_config(
         token, fresh.credentials, audit, previous.metrics, executor, started=previous.started,
-        sign_timeout=fresh.token.sign_timeout,
+        sign_timeout=fresh.token.sign_timeout, refusal_interval=fresh.audit.refusal_interval,
     )
     if not len(service.credentials):
         raise ConfigError("no [[credential]] configured")

@@ -286,6 +286,26 @@ def test_connections_beyond_the_limit_get_503(token_env: TokenEnv, start_agent: 
     wait_until(lambda: health_on_a_new_connection().startswith(b"HTTP/1.1 200"), 10, "room again")
 
 
+def test_with_the_audit_log_off_a_flood_of_refusals_logs_one_warning(token_env: TokenEnv, start_agent: Any) -> None:
+    """Refusals are aggregated for the log too, not only for the audit file: with ``[audit] enabled = false``
+    a caller hammering refused requests must not write a warning each into the journal."""
+    if os.geteuid() != 0:
+        pytest.skip("the rule below selects uid 0, the uid this test's requests come from")
+    token_env.write_config(
+        extra_top='enabled = false\n[policy]\n[[policy.rule]]\nname = "root-ed"\nuids = [0]\n'
+        'credentials = ["ed25519"]\n'
+    )
+    agent: AgentProcess = start_agent(token_env)
+    for _ in range(40):
+        r = agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("p256")), "credential": "p256"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden", r.text
+    r = agent.post("/v1/sign", {"challenge": make_challenge(cred_id_for("ed25519")), "credential": "ed25519"})
+    assert r.status_code == 200  # the agent kept serving, and the rule's own credential still signs
+    warnings = [line for line in agent.output().splitlines() if "WARNING" in line and "refused POST /v1/sign" in line]
+    assert len(warnings) == 1, warnings
+    assert not token_env.audit_file.exists()
+
+
 # ------------------------------------------------------------------------------------------------------
 # SIGHUP
 

@@ -280,6 +280,23 @@ def test_audit_refusal_records_the_endpoint_credential_and_action(world: World) 
     assert rec["reason"] == "rule 'r' does not allow method DELETE"
 
 
+def test_without_an_audit_log_a_flood_of_refusals_is_worth_one_log_line_per_caller_and_reason() -> None:
+    """The answer to audit_refusal decides the log level of the refusal's line: with the audit log off, one
+    caller hammering refused requests must not write a warning for each of them either."""
+    service = SigningService.from_config(new_store(), configs(), None)
+    other = Caller(uid=4321, gid=4321, pid=1, exe="/usr/bin/curl")
+
+    async def refusals() -> list[bool]:
+        no = Forbidden("rule 'r' does not allow it", rule="r")
+        firsts = [await service.audit_refusal(CALLER, "/v1/sign", no, credential="p256") for _ in range(50)]
+        firsts.append(await service.audit_refusal(other, "/v1/sign", no, credential="p256"))
+        firsts.append(await service.audit_refusal(CALLER, "/v1/sign", Forbidden("another reason", rule="r")))
+        return firsts
+
+    firsts = asyncio.run(refusals())
+    assert firsts == [True] + [False] * 49 + [True, True]
+
+
 def test_a_token_failure_is_recorded_as_an_error_and_a_fail_fast_answer_is_not(world: World) -> None:
     challenge = make_challenge(cred_id(KeyKind.P256))
     world.store.fail_next_sign()
