@@ -33,6 +33,7 @@ from agent.diagnostics.results import Check, failed, skipped
 from agent.diagnostics.secret_checks import check_pin_source, read_dfns_token
 from agent.diagnostics.token_checks import (
     PinResult,
+    check_checkpoint_key,
     check_credentials_present,
     check_key,
     check_module,
@@ -86,6 +87,9 @@ def run(
             yield skipped("keys", "pin" if p11_token is not None else "module" if lib is None else "token")
         else:
             yield from _key_checks(config, token)
+            checkpoint = _attempt("checkpoint key", partial(check_checkpoint_key, config, token), _same)
+            if checkpoint is not None:
+                yield checkpoint
         # 5: socket.
         yield _safely("socket", lambda: check_socket(_socket_path(config, socket_override), managed_by=socket_unit))
         # 6: the rest of the config.

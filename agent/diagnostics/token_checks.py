@@ -11,16 +11,19 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent.config import Config, CredentialConfig, TokenConfig
+from agent.core.checkpoint import parse, signer_for
 from agent.diagnostics.config_checks import EXAMPLE
 from agent.diagnostics.results import Check, failed, passed
 from agent.diagnostics.secret_checks import PIN_KEYS, secret_fix
 from agent.errors import (
+    ConfigError,
     KeyNotFound,
     KeyUsageRefused,
     PinLocked,
     PinRejected,
     SecretError,
     SelfTestFailed,
+    TokenError,
     TokenUnavailable,
     UnsupportedKey,
     UnsupportedMechanism,
@@ -290,3 +293,45 @@ def check_key(token: Token, cred: CredentialConfig) -> Check:
     if info.other_usages:
         warnings.append(f"also allows {', '.join(info.other_usages)} (accepted: [token] allow_other_usages)")
     return passed(name, f"{where}; sensitive, not extractable; self-test signed with {mechanism}", *warnings)
+
+
+def check_checkpoint_key(config: Config, token: Token) -> Check | None:
+    """``[audit] checkpoint_key`` names a dedicated Ed25519 or P-256 key that signs a checkpoint which verifies
+    (``serve`` refuses to start otherwise); None when no checkpoints are configured."""
+    audit = config.audit
+    if not audit.enabled or audit.checkpoint_key is None:
+        return None
+    name = "checkpoint key"
+    try:
+        signer = signer_for(audit, token, [c.key for c in config.credentials])
+    except ConfigError as e:
+        return failed(
+            name,
+            e.message,
+            "generate a key only for checkpoints (dfns-agent keys generate --type ed25519 --label dfns-audit) "
+            "and set [audit] checkpoint_key to its label",
+        )
+    except KeyNotFound as e:
+        labels = ", ".join(sorted({repr(k.label) for k in token.keys()})) or "none"
+        return failed(
+            name,
+            e.message,
+            f"fix [audit] checkpoint_key (private keys on the token: {labels}), or create it with "
+            f"dfns-agent keys generate --type ed25519 --label {audit.checkpoint_key}",
+        )
+    except UnsupportedKey as e:
+        return failed(
+            name,
+            e.message,
+            "checkpoints are signed with a sensitive, non-extractable Ed25519 or P-256 key "
+            "(dfns-agent keys generate --type ed25519 --label LABEL), and [audit] checkpoint_origin has no "
+            "spaces or '+'",
+        )
+    assert signer is not None
+    try:
+        note = signer.sign(0, "00" * 32)
+    except TokenError as e:
+        return failed(name, e.message, "the token refused to sign with the checkpoint key: check the key's CKA_SIGN")
+    if not parse(note).verify(signer.origin, signer.public_key):
+        return failed(name, f"a checkpoint signed with {audit.checkpoint_key!r} does not verify", "replace the key")
+    return passed(name, f"{audit.checkpoint_key!r} ({signer.fingerprint}) signs checkpoints for {signer.origin}")

@@ -397,3 +397,30 @@ def test_report_renders_marks_fixes_and_skips_with_an_ascii_fallback() -> None:
             "- keys: skipped (needs pin)",
         ]
         assert not report.ok
+
+
+def test_checkpoint_key(token_env: TokenEnv, short_dir: Path) -> None:
+    """``[audit] checkpoint_key``: serve refuses to start without a dedicated Ed25519/P-256 key, so the doctor
+    checks it too, signing one checkpoint and verifying it."""
+    made = run_cli(token_env, "keys", "generate", "--type", "ed25519", "--label", "audit-ckpt")
+    assert made.returncode == 0, made.stderr
+
+    def doctor_with(key: str) -> tuple[str, str]:
+        token_env.write_config(
+            server=socket_conf(short_dir), extra_top=f'checkpoint_key = "{key}"\ncheckpoint_origin = "ci.example/a"\n'
+        )
+        r = run_doctor(token_env)
+        mark, text = line(r.stdout, "checkpoint key")
+        assert r.returncode == (0 if mark == "✓" else 1), r.stdout
+        return mark, text
+
+    mark, text = doctor_with("audit-ckpt")
+    assert mark == "✓" and "ci.example/a" in text and "sha256:" in text, text
+    mark, text = doctor_with(key_label("p256"))
+    assert mark == "✗" and "is a credential's key" in text and "keys generate" in text, text
+    mark, text = doctor_with("no-such-key")
+    assert mark == "✗" and "no-such-key" in text and "audit-ckpt" in text, text
+    rsa = run_cli(token_env, "keys", "generate", "--type", "rsa2048", "--label", "audit-rsa")
+    assert rsa.returncode == 0, rsa.stderr
+    mark, text = doctor_with("audit-rsa")
+    assert mark == "✗" and "Ed25519 or P-256" in text, text
