@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -188,6 +188,24 @@ class Config:
 
     def credential(self, name: str) -> CredentialConfig | None:
         return next((c for c in self.credentials if c.name == name), None)
+
+
+def as_reloaded(running: Config, fresh: Config) -> tuple[Config, tuple[str, ...]]:
+    """What a reload (SIGHUP) applies: ``fresh`` with the sections only a restart can change kept from
+    ``running`` (the token session; the socket and its limits; the audit log, one chain that every worker
+    appends to; the logging set up before the workers fork), and the names of those that differ."""
+    changed = tuple(
+        name
+        for name, old, new in (
+            ("token", running.token, fresh.token),
+            ("server", running.server, fresh.server),
+            ("audit", running.audit, fresh.audit),
+            ("logging", running.logging, fresh.logging),
+        )
+        if old != new
+    )
+    kept = replace(fresh, token=running.token, server=running.server, audit=running.audit, logging=running.logging)
+    return kept, changed
 
 
 def default_config_paths() -> list[Path]:

@@ -10,10 +10,9 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import replace
 from typing import TextIO
 
-from agent.config import Config, load_config
+from agent.config import Config, as_reloaded, load_config
 from agent.core import metrics
 from agent.daemon import reload_status
 from agent.daemon.worker import (
@@ -253,9 +252,9 @@ class Supervisor:
         if refusals:
             self._reloaded(False, refusals[0])
             return
-        # Workers started from now on get the new credentials, policy and Dfns tokens (token and server
-        # settings need a restart, as in the workers).
-        self.config = replace(fresh, token=self.config.token, server=self.config.server)
+        # Workers started from now on get the new credentials, policy and Dfns tokens; what only a restart
+        # changes stays as the running workers have it (a restarted worker must append to the same audit log).
+        self.config = as_reloaded(self.config, fresh)[0]
         self.dfns = dfns
         self._reloaded(True, f"{len(fresh.credentials)} credential(s) in {len(self.workers)} workers")
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, TextIO
 from agent import __version__
 from agent.app.routes import App, Limits
 from agent.app.state import AgentState, Generation
-from agent.config import Config, DfnsConfig, load_config
+from agent.config import Config, DfnsConfig, as_reloaded, load_config
 from agent.core.audit import AuditLog
 from agent.core.checkpoint import signer_for
 from agent.core.metrics import Metrics
@@ -183,8 +183,14 @@ def serve_worker(
         with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sign", initializer=_block_loop_signals) as pool:
             executor = pool if threads else None
             service = SigningService.from_config(
-                token, config.credentials, audit, metrics, executor, started=started,
-                sign_timeout=config.token.sign_timeout, refusal_interval=config.audit.refusal_interval,
+                token,
+                config.credentials,
+                audit,
+                metrics,
+                executor,
+                started=started,
+                sign_timeout=config.token.sign_timeout,
+                refusal_interval=config.audit.refusal_interval,
             )
             token.expect_keys([c.key for c in service.credentials])
             _self_test(token, service)
@@ -236,13 +242,20 @@ def reload(
     executor: Executor | None,
 ) -> Config:
     """Apply a re-read config's credentials, Dfns settings and policy; raises (keeping the old) on error."""
-    fresh = load_config(config.path)
-    if fresh.token != config.token:
-        log.warning("token settings changed in %s; restart the agent to apply them", config.path)
+    fresh, changed = as_reloaded(config, load_config(config.path))
+    if changed:
+        sections = ", ".join(f"[{name}]" for name in changed)
+        log.warning("%s settings changed in %s; restart the agent to apply them", sections, config.path)
     previous = state.current.service
     service = SigningService.from_config(
-        token, fresh.credentials, audit, previous.metrics, executor, started=previous.started,
-        sign_timeout=fresh.token.sign_timeout, refusal_interval=fresh.audit.refusal_interval,
+        token,
+        fresh.credentials,
+        audit,
+        previous.metrics,
+        executor,
+        started=previous.started,
+        sign_timeout=fresh.token.sign_timeout,
+        refusal_interval=fresh.audit.refusal_interval,
     )
     if not len(service.credentials):
         raise ConfigError("no [[credential]] configured")

@@ -342,3 +342,36 @@ def test_an_agent_started_on_a_torn_tail_repairs_it_before_appending(token_env: 
     records = records_of(token_env.audit_file)
     assert [r["event"] for r in records] == ["sign", "sign", "sign", "repair", "sign"]
     assert [r["seq"] for r in records] == [1, 2, 3, 4, 5] and verify(token_env.audit_file).ok
+
+
+def test_a_reload_keeps_the_audit_log_for_workers_restarted_after_it(
+    token_env: TokenEnv, start_agent: Any, tmp_path: Path
+) -> None:
+    """``[audit]`` changed and SIGHUP: the agent says a restart applies it, and a worker that is restarted
+    afterwards opens the same chained file as the running one, not the new path (two workers appending to
+    two files would split the chain)."""
+    import signal
+
+    audit = tmp_path / "audit.jsonl"
+    use_audit_file(token_env, audit)
+    agent: AgentProcess = start_agent(token_env)
+    workers = wait_all_workers(agent, 2)
+    moved = tmp_path / "moved.jsonl"
+    token_env.config.write_text(token_env.config.read_text().replace(str(audit), str(moved)))
+    agent.proc.send_signal(signal.SIGHUP)
+    wait_until(lambda: agent.output().count("[audit] settings changed") >= 2, 20, "both workers to say so")
+    wait_until(lambda: agent.output().count("reloaded") >= 2, 20, "the reload")
+    os.kill(min(workers), signal.SIGKILL)
+    wait_until(lambda: "restarted (pid" in agent.output(), 30, "the restarted worker")
+    wait_all_workers(agent, 2)
+    answered = []
+    for _ in range(40):
+        r = sign_fresh(agent)
+        assert r.status_code == 200, r.text
+        answered.append(r.json()["credentialAssertion"]["signature"])
+    agent.stop()
+    assert not moved.exists(), "the restarted worker opened the path the reload did not apply"
+    records = records_of(audit)
+    assert {r["signature"] for r in records if r.get("signature")} >= set(answered)
+    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
+    assert verify(audit).ok
