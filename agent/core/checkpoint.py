@@ -169,6 +169,8 @@ class NoteSigner:
             )
         if key.extractable or not key.sensitive:
             raise UnsupportedKey(f"the audit checkpoint key {key.label!r} is extractable or not sensitive")
+        if not key.signs:
+            raise UnsupportedKey(f"the audit checkpoint key {key.label!r} does not allow signing (CKA_SIGN is false)")
         if not valid_origin(origin):
             raise UnsupportedKey(f"checkpoint origin {origin!r} must be non-empty, without spaces or '+'")
         self._keys, self._key, self.origin = keys, key, origin

@@ -323,7 +323,7 @@ def check_checkpoint_key(config: Config, token: Token) -> Check | None:
         return failed(
             name,
             e.message,
-            "checkpoints are signed with a sensitive, non-extractable Ed25519 or P-256 key "
+            "checkpoints are signed with a sensitive, non-extractable Ed25519 or P-256 key that allows signing "
             "(dfns-agent keys generate --type ed25519 --label LABEL), and [audit] checkpoint_origin has no "
             "spaces or '+'",
         )
@@ -331,7 +331,12 @@ def check_checkpoint_key(config: Config, token: Token) -> Check | None:
     try:
         note = signer.sign(0, "00" * 32)
     except TokenError as e:
-        return failed(name, e.message, "the token refused to sign with the checkpoint key: check the key's CKA_SIGN")
+        return failed(
+            name,
+            e.message,
+            "use a checkpoint key this module can sign with (see the README's PKCS#11 modules table) that allows "
+            "signing (CKA_SIGN)",
+        )
     if not parse(note).verify(signer.origin, signer.public_key):
         return failed(name, f"a checkpoint signed with {audit.checkpoint_key!r} does not verify", "replace the key")
     return passed(name, f"{audit.checkpoint_key!r} ({signer.fingerprint}) signs checkpoints for {signer.origin}")

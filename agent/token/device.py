@@ -231,6 +231,8 @@ class Token:
         nonce that verifies with its public key. Returns the mechanism's name."""
         if key.kind is None:
             raise UnsupportedKey(f"key {key.label!r} is {key.type_name}; cannot sign with it")
+        if not key.signs:
+            raise KeyUsageRefused(f"key {key.label!r} on {self.name} does not allow signing (CKA_SIGN is false)")
         if key.other_usages and not self._cfg.allow_other_usages:
             raise KeyUsageRefused(
                 f"key {key.label!r} on {self.name} also allows {', '.join(key.other_usages)}; refusing a key that "

@@ -104,6 +104,7 @@ class KeyInfo:
     always_sensitive: bool = True
     never_extractable: bool = True
     other_usages: tuple[str, ...] = ()  # what the private key allows besides signing (CKA_DECRYPT, ...)
+    signs: bool = True  # CKA_SIGN (true where a module does not say): python-pkcs11 offers no sign() without it
 
     @cached_property
     def spki_der(self) -> bytes:
@@ -220,6 +221,7 @@ def key_info(session: Any, priv: Any) -> KeyInfo:
         always_sensitive=bool(_attr(priv, Attribute.ALWAYS_SENSITIVE, False)),
         never_extractable=bool(_attr(priv, Attribute.NEVER_EXTRACTABLE, False)),
         other_usages=tuple(f"CKA_{a.name}" for a in OTHER_USAGES if _attr(priv, a, False)),
+        signs=bool(_attr(priv, Attribute.SIGN, True)),
     )
 
 

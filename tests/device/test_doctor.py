@@ -424,3 +424,23 @@ def test_checkpoint_key(token_env: TokenEnv, short_dir: Path) -> None:
     assert rsa.returncode == 0, rsa.stderr
     mark, text = doctor_with("audit-rsa")
     assert mark == "✗" and "Ed25519 or P-256" in text, text
+    script = (  # a P-256 key the token will not sign with (CKA_SIGN false)
+        "import pkcs11\n"
+        "from pkcs11 import Attribute, KeyType\n"
+        f"tok = pkcs11.lib({MODULE!r}).get_token(token_label={TOKEN_LABEL!r})\n"
+        f"with tok.open(user_pin={PIN!r}, rw=True) as s:\n"
+        "    p256 = {Attribute.EC_PARAMS: bytes.fromhex('06082a8648ce3d030107')}\n"
+        "    params = s.create_domain_parameters(KeyType.EC, p256, local=True)\n"
+        "    params.generate_keypair(store=True, label='audit-nosign', id=b'\\x09', private_template="
+        "{Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: False})\n"
+    )
+    subprocess.run([sys.executable, "-c", script], env=token_env.env(), check=True, capture_output=True, cwd=ROOT)
+    mark, text = doctor_with("audit-nosign")
+    assert mark == "✗" and "CKA_SIGN" in text, text
+    # The same key as a credential's: refused by the key check (as serve refuses it), not an unexpected error.
+    token_env.write_config(
+        server=socket_conf(short_dir), extra_credentials='\n[[credential]]\nname = "nosign"\nkey = "audit-nosign"\n'
+    )
+    r = run_doctor(token_env)
+    mark, text = line(r.stdout, "key nosign")
+    assert r.returncode == 1 and mark == "✗" and "does not allow signing (CKA_SIGN is false)" in text, text
