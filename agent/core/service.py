@@ -308,11 +308,11 @@ class SigningService:
             code=error.code,
             reason=error.message,
         )
-        if self.audit is None:
-            assert self._unaudited_refusals is not None
+        if self._unaudited_refusals is not None:
             first = self._unaudited_refusals.admit(record)
             self._unaudited_refusals.due()  # ends stale intervals; their summaries have no log to go to
             return first
+        assert self.audit is not None  # the aggregator above exists exactly when there is no audit log
         try:
             return await self.audit.refusal(record)
         except AgentError:

@@ -242,13 +242,7 @@ def check_key(token: Token, cred: CredentialConfig) -> Check:
         if len(same) > 1:
             ids = ", ".join(k.id.hex() or "(none)" for k in same)
             return failed(name, e.message, f'set key_id = "<hex>" in [[credential]] {cred.name!r} to one of: {ids}')
-        labels = ", ".join(sorted({repr(k.label) for k in token.keys()})) or "none"
-        return failed(
-            name,
-            e.message,
-            f"fix key in [[credential]] {cred.name!r} (private keys on the token: {labels}), or create it with "
-            f"dfns-agent keys generate --type ed25519 --label {cred.key}",
-        )
+        return failed(name, e.message, _missing_key_fix(token, f"key in [[credential]] {cred.name!r}", cred.key))
     except UnsupportedKey as e:
         return failed(
             name,
@@ -295,6 +289,15 @@ def check_key(token: Token, cred: CredentialConfig) -> Check:
     return passed(name, f"{where}; sensitive, not extractable; self-test signed with {mechanism}", *warnings)
 
 
+def _missing_key_fix(token: Token, setting: str, label: str) -> str:
+    """The fix for a key label not on the token: the labels that are, or how to make the key."""
+    labels = ", ".join(sorted({repr(k.label) for k in token.keys()})) or "none"
+    return (
+        f"fix {setting} (private keys on the token: {labels}), or create it with "
+        f"dfns-agent keys generate --type ed25519 --label {label}"
+    )
+
+
 def check_checkpoint_key(config: Config, token: Token) -> Check | None:
     """``[audit] checkpoint_key`` names a dedicated Ed25519 or P-256 key that signs a checkpoint which verifies
     (``serve`` refuses to start otherwise); None when no checkpoints are configured."""
@@ -312,13 +315,7 @@ def check_checkpoint_key(config: Config, token: Token) -> Check | None:
             "and set [audit] checkpoint_key to its label",
         )
     except KeyNotFound as e:
-        labels = ", ".join(sorted({repr(k.label) for k in token.keys()})) or "none"
-        return failed(
-            name,
-            e.message,
-            f"fix [audit] checkpoint_key (private keys on the token: {labels}), or create it with "
-            f"dfns-agent keys generate --type ed25519 --label {audit.checkpoint_key}",
-        )
+        return failed(name, e.message, _missing_key_fix(token, "[audit] checkpoint_key", audit.checkpoint_key))
     except UnsupportedKey as e:
         return failed(
             name,

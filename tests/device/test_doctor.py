@@ -141,7 +141,9 @@ def test_missing_key_label(token_env: TokenEnv, short_dir: Path) -> None:
     assert [m for m, _, _ in checks(r.stdout)].count("✗") == 1
 
 
-def test_extractable_key(token_env: TokenEnv, short_dir: Path) -> None:
+def make_p256_key(te: TokenEnv, label: str, key_id: bytes, *, sensitive: bool, extractable: bool, sign: bool) -> None:
+    """A P-256 key pair on the token with the private key's attributes as given, which ``keys generate``
+    never makes (python-pkcs11 in a child process: this one must not load SoftHSM against the token)."""
     script = (
         "import pkcs11\n"
         "from pkcs11 import Attribute, KeyType\n"
@@ -149,10 +151,14 @@ def test_extractable_key(token_env: TokenEnv, short_dir: Path) -> None:
         f"with tok.open(user_pin={PIN!r}, rw=True) as s:\n"
         "    p256 = {Attribute.EC_PARAMS: bytes.fromhex('06082a8648ce3d030107')}\n"
         "    params = s.create_domain_parameters(KeyType.EC, p256, local=True)\n"
-        "    params.generate_keypair(store=True, label='key-export', id=b'\\x01\\x02', private_template="
-        "{Attribute.SENSITIVE: False, Attribute.EXTRACTABLE: True, Attribute.SIGN: True})\n"
+        f"    params.generate_keypair(store=True, label={label!r}, id={key_id!r}, private_template="
+        f"{{Attribute.SENSITIVE: {sensitive}, Attribute.EXTRACTABLE: {extractable}, Attribute.SIGN: {sign}}})\n"
     )
-    subprocess.run([sys.executable, "-c", script], env=token_env.env(), check=True, capture_output=True, cwd=ROOT)
+    subprocess.run([sys.executable, "-c", script], env=te.env(), check=True, capture_output=True, cwd=ROOT)
+
+
+def test_extractable_key(token_env: TokenEnv, short_dir: Path) -> None:
+    make_p256_key(token_env, "key-export", b"\x01\x02", sensitive=False, extractable=True, sign=True)
     token_env.write_config(
         server=socket_conf(short_dir), extra_credentials='\n[[credential]]\nname = "export"\nkey = "key-export"\n'
     )
@@ -424,17 +430,8 @@ def test_checkpoint_key(token_env: TokenEnv, short_dir: Path) -> None:
     assert rsa.returncode == 0, rsa.stderr
     mark, text = doctor_with("audit-rsa")
     assert mark == "✗" and "Ed25519 or P-256" in text, text
-    script = (  # a P-256 key the token will not sign with (CKA_SIGN false)
-        "import pkcs11\n"
-        "from pkcs11 import Attribute, KeyType\n"
-        f"tok = pkcs11.lib({MODULE!r}).get_token(token_label={TOKEN_LABEL!r})\n"
-        f"with tok.open(user_pin={PIN!r}, rw=True) as s:\n"
-        "    p256 = {Attribute.EC_PARAMS: bytes.fromhex('06082a8648ce3d030107')}\n"
-        "    params = s.create_domain_parameters(KeyType.EC, p256, local=True)\n"
-        "    params.generate_keypair(store=True, label='audit-nosign', id=b'\\x09', private_template="
-        "{Attribute.SENSITIVE: True, Attribute.EXTRACTABLE: False, Attribute.SIGN: False})\n"
-    )
-    subprocess.run([sys.executable, "-c", script], env=token_env.env(), check=True, capture_output=True, cwd=ROOT)
+    # A P-256 key the token will not sign with (CKA_SIGN false).
+    make_p256_key(token_env, "audit-nosign", b"\x09", sensitive=True, extractable=False, sign=False)
     mark, text = doctor_with("audit-nosign")
     assert mark == "✗" and "CKA_SIGN" in text, text
     # The same key as a credential's: refused by the key check (as serve refuses it), not an unexpected error.
