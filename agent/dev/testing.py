@@ -194,7 +194,9 @@ def run_cli(
 class AgentProcess:
     """``dfns-agent serve`` in a child process, as a user would run it."""
 
-    def __init__(self, token_env: TokenEnv, socket_path: Path, *, verbose: bool = False) -> None:
+    def __init__(
+        self, token_env: TokenEnv, socket_path: Path, *, verbose: bool = False, env: dict[str, str] | None = None
+    ) -> None:
         self.token_env = token_env
         self.socket_path = socket_path
         self.log_path = token_env.dir / f"agent-{secrets.token_hex(3)}.log"
@@ -203,7 +205,7 @@ class AgentProcess:
             [sys.executable, "-m", "agent", "--config", str(token_env.config)]
             + (["--verbose"] if verbose else [])
             + ["serve", "--socket", str(socket_path)],
-            env=token_env.env(),
+            env={**token_env.env(), **(env or {})},
             stdin=subprocess.DEVNULL,
             stdout=self._log,
             stderr=subprocess.STDOUT,
@@ -247,12 +249,15 @@ class AgentProcess:
 
 @contextlib.contextmanager
 def agent_starter(directory: Path) -> Iterator[Callable[..., AgentProcess]]:
-    """``start(te, wait=True, socket_path=None)`` starts an agent (socket under ``directory`` by default);
-    on exit every agent started is stopped, must have ended cleanly and never printed the PIN."""
+    """``start(te, wait=True, socket_path=None, env=None)`` starts an agent (socket under ``directory`` by
+    default, ``env`` added to its environment); on exit every agent started is stopped, must have ended
+    cleanly and never printed the PIN."""
     started: list[AgentProcess] = []
 
-    def start(te: TokenEnv, *, wait: bool = True, socket_path: Path | None = None) -> AgentProcess:
-        a = AgentProcess(te, socket_path or directory / "run" / "agent.sock")
+    def start(
+        te: TokenEnv, *, wait: bool = True, socket_path: Path | None = None, env: dict[str, str] | None = None
+    ) -> AgentProcess:
+        a = AgentProcess(te, socket_path or directory / "run" / "agent.sock", env=env)
         started.append(a)
         if wait:
             a.wait_ready()

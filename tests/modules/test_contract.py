@@ -17,11 +17,13 @@ from agent.core.audit import verify
 from agent.dev import modules
 from agent.dev.testing import (
     AgentProcess,
+    Notifications,
     TokenEnv,
     check_assertion,
     child_pids,
     make_challenge,
     run_cli,
+    short_tempdir,
     sign_concurrently,
     wait_all_workers,
     wait_until,
@@ -249,6 +251,57 @@ def test_a_worker_stuck_in_the_token_is_replaced(
     _check(agent, results)
     replaced = first - child_pids(agent.proc.pid)
     print(f"\n{backend.name} stuck worker: {len(replaced)} of 2 workers replaced, signing resumed")
+
+
+def test_a_single_process_stuck_in_the_token_stops_its_watchdog_pings(
+    backend: modules.Backend, module_env: TokenEnv, start_agent: Any
+) -> None:
+    """One process pings systemd itself: a token call stuck past [token] stuck_limit must stop its
+    WATCHDOG=1 pings (systemd then restarts it), and they come back once the call returns."""
+    if not backend.serves_calls:
+        pytest.skip(f"{backend.name} runs inside the agent's process: no backend process to stop")
+    write_module_config(
+        module_env,
+        backend,
+        token_extra="probe_interval = 0.5\nsign_timeout = 1\nstuck_limit = 2\n",
+        server="workers = 1\n",
+    )
+    with short_tempdir() as d:
+        notify = Notifications(str(d / "notify"))
+        try:
+            # WATCHDOG_USEC 1 s: a ping every 0.5 s (no WATCHDOG_PID: the agent's pid is not known before it starts).
+            env = {"NOTIFY_SOCKET": str(d / "notify"), "WATCHDOG_USEC": "1000000"}
+            agent: AgentProcess = start_agent(module_env, env=env)
+            notify.wait_for("WATCHDOG=1", agent.proc, timeout=5)
+            cred = agent.http.get("/v1/credentials").json()["credentials"][0]
+            backend.pause()
+            try:
+                r = agent.http.post(
+                    "/v1/sign", json={"challenge": make_challenge(cred["credId"]), "credential": cred["name"]}
+                )
+                assert r.status_code in (503, 504), r.text  # stuck in the module, answered in time
+                wait_until(lambda: "no more watchdog pings" in agent.output(), 30, "the watchdog stop logged")
+                # The pings stop: none for four ping intervals after the stop was logged (the one in flight
+                # when it was decided may still arrive first).
+                while notify.receive(0.1) is not None:
+                    pass
+                quiet_from = len(notify.seen)
+                deadline = time.monotonic() + 2.0
+                while time.monotonic() < deadline:
+                    notify.receive(0.2)
+                late = [lines for _, lines in notify.seen[quiet_from:] if "WATCHDOG=1" in lines]
+                assert late == [], f"pings went on while the token call was stuck: {late}"
+                assert agent.proc.poll() is None  # the process itself stays: systemd's watchdog decides
+            finally:
+                backend.resume()
+            # The stuck call returns once the backend answers: the pings resume, and so does signing.
+            notify.wait_for("WATCHDOG=1", agent.proc, timeout=30)
+            wait_until(lambda: agent.http.get("/v1/health").json()["status"] == "ok", 60, "health ok after SIGCONT")
+            results, failures, _ = _sign_many(agent, [cred["name"]], 2, 5)
+            assert failures == [] and len(results) == 10
+            _check(agent, results)
+        finally:
+            notify.close()
 
 
 def test_keys_generated_on_the_module(backend: modules.Backend, module_env: TokenEnv) -> None:
