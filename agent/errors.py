@@ -154,7 +154,8 @@ class SelfTestFailed(TokenError):
 
 
 class KeyUsageRefused(UnsupportedKey):
-    """The key allows more than signing (decrypt, unwrap, derive) and the config does not accept that."""
+    """The key does not allow signing (CKA_SIGN false), or allows more than signing (decrypt, unwrap, derive)
+    and the config does not accept that."""
 
     code = "key_usage_refused"
 

@@ -29,7 +29,7 @@ from agent.errors import (
     UnsupportedMechanism,
 )
 from agent.secret import Secret, read_pin
-from agent.token import Token
+from agent.token import KeyInfo, Token
 
 
 def check_module(cfg: TokenConfig) -> tuple[Any, Check]:
@@ -259,9 +259,7 @@ def check_key(token: Token, cred: CredentialConfig) -> Check:
         return failed(
             name,
             f"{where} is {bad}: the private key can be read out of the token",
-            f"generate a replacement on the device (dfns-agent keys generate --type {info.type_name} --label NEW), "
-            "add a [[credential]] for it and register it with Dfns (dfns-agent register --credential NEW --via "
-            f"{cred.name}), then stop using {info.label!r} and destroy it",
+            f"{_replacement_fix(info, cred)}, then stop using {info.label!r} and destroy it",
         )
     try:
         mechanism = token.check_signing(info)
@@ -273,12 +271,14 @@ def check_key(token: Token, cred: CredentialConfig) -> Check:
             "firmware that offers the mechanism",
         )
     except KeyUsageRefused as e:
-        return failed(
-            name,
-            e.message,
-            "make a sign-only key (dfns-agent keys generate), or, where the module allows no other (tpm2-pkcs11), "
-            "set [token] allow_other_usages = true",
-        )
+        if not info.signs:  # no setting makes such a key sign: it needs a replacement
+            fix = _replacement_fix(info, cred)
+        else:
+            fix = (
+                "make a sign-only key (dfns-agent keys generate), or, where the module allows no other "
+                "(tpm2-pkcs11), set [token] allow_other_usages = true"
+            )
+        return failed(name, e.message, fix)
     warnings = []
     if not info.always_sensitive:
         warnings.append("ALWAYS_SENSITIVE is false: the key was readable at some point, a copy may exist elsewhere")
@@ -287,6 +287,15 @@ def check_key(token: Token, cred: CredentialConfig) -> Check:
     if info.other_usages:
         warnings.append(f"also allows {', '.join(info.other_usages)} (accepted: [token] allow_other_usages)")
     return passed(name, f"{where}; sensitive, not extractable; self-test signed with {mechanism}", *warnings)
+
+
+def _replacement_fix(info: KeyInfo, cred: CredentialConfig) -> str:
+    """The fix for a credential's key that cannot be made fit: a new key on the device, registered with Dfns."""
+    return (
+        f"generate a replacement on the device (dfns-agent keys generate --type {info.type_name} --label NEW), "
+        "add a [[credential]] for it and register it with Dfns (dfns-agent register --credential NEW --via "
+        f"{cred.name})"
+    )
 
 
 def _missing_key_fix(token: Token, setting: str, label: str) -> str:

@@ -441,3 +441,5 @@ def test_checkpoint_key(token_env: TokenEnv, short_dir: Path) -> None:
     r = run_doctor(token_env)
     mark, text = line(r.stdout, "key nosign")
     assert r.returncode == 1 and mark == "✗" and "does not allow signing (CKA_SIGN is false)" in text, text
+    # No setting makes it sign: the fix is a replacement key, not [token] allow_other_usages.
+    assert "keys generate --type p256" in text and "allow_other_usages" not in text, text
