@@ -7,6 +7,9 @@
  * Only C_Sign is changed. The length query (pSignature == NULL) returns at once, as on real devices,
  * which answer it from the key size. Sleeps in different sessions overlap, so the module's concurrency
  * limit is sessions / latency, which is what the benchmark compares the agent against.
+ *
+ * SLOWHSM_MAX_SESSIONS (tests) caps the sessions open in the process: one more C_OpenSession returns
+ * CKR_SESSION_COUNT, as ykcs11 does past 16 and a YubiHSM 2 past its 16 device sessions.
  */
 #include <dlfcn.h>
 #include <errno.h>
@@ -21,6 +24,9 @@ static CK_FUNCTION_LIST slow_list;
 static CK_FUNCTION_LIST_PTR inner;
 static CK_RV load_rv = CKR_GENERAL_ERROR;
 static long sign_us;
+static long max_sessions;  /* 0: no cap */
+static long open_sessions;
+static pthread_mutex_t count_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 
 static CK_RV slow_sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG data_len, CK_BYTE_PTR signature,
@@ -33,15 +39,61 @@ static CK_RV slow_sign(CK_SESSION_HANDLE session, CK_BYTE_PTR data, CK_ULONG dat
     return inner->C_Sign(session, data, data_len, signature, signature_len);
 }
 
+static CK_RV capped_open(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify,
+                         CK_SESSION_HANDLE_PTR session) {
+    pthread_mutex_lock(&count_lock);
+    CK_RV rv = CKR_SESSION_COUNT;
+    if (open_sessions < max_sessions) {
+        rv = inner->C_OpenSession(slot, flags, app, notify, session);
+        if (rv == CKR_OK) {
+            open_sessions++;
+        }
+    }
+    pthread_mutex_unlock(&count_lock);
+    return rv;
+}
+
+static CK_RV capped_close(CK_SESSION_HANDLE session) {
+    CK_RV rv = inner->C_CloseSession(session);
+    if (rv == CKR_OK) {
+        pthread_mutex_lock(&count_lock);
+        open_sessions--;
+        pthread_mutex_unlock(&count_lock);
+    }
+    return rv;
+}
+
+static CK_RV capped_close_all(CK_SLOT_ID slot) {
+    CK_RV rv = inner->C_CloseAllSessions(slot);
+    if (rv == CKR_OK) {
+        pthread_mutex_lock(&count_lock);
+        open_sessions = 0;
+        pthread_mutex_unlock(&count_lock);
+    }
+    return rv;
+}
+
+static CK_RV capped_finalize(CK_VOID_PTR reserved) {
+    CK_RV rv = inner->C_Finalize(reserved);
+    if (rv == CKR_OK) {
+        pthread_mutex_lock(&count_lock);
+        open_sessions = 0;
+        pthread_mutex_unlock(&count_lock);
+    }
+    return rv;
+}
+
 CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list);
 
 static void load(void) {
     const char *path = getenv("SLOWHSM_MODULE");
     const char *us = getenv("SLOWHSM_SIGN_US");
+    const char *cap = getenv("SLOWHSM_MAX_SESSIONS");
     if (path == NULL || path[0] == '\0') {
         return;
     }
     sign_us = us != NULL ? strtol(us, NULL, 10) : 0;
+    max_sessions = cap != NULL ? strtol(cap, NULL, 10) : 0;
     void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (handle == NULL) {
         return;
@@ -53,6 +105,12 @@ static void load(void) {
     memcpy(&slow_list, inner, sizeof slow_list);
     slow_list.C_GetFunctionList = C_GetFunctionList;
     slow_list.C_Sign = slow_sign;
+    if (max_sessions > 0) {
+        slow_list.C_OpenSession = capped_open;
+        slow_list.C_CloseSession = capped_close;
+        slow_list.C_CloseAllSessions = capped_close_all;
+        slow_list.C_Finalize = capped_finalize;
+    }
     load_rv = CKR_OK;
 }
 

@@ -1,5 +1,6 @@
 """Builds ``bench/slowhsm.c``, a PKCS#11 filter in front of SoftHSM that holds each signature for a fixed
 time: the benchmark's stand-in for a network HSM, whose latency, not the host's CPU, bounds throughput.
+Tests also use its session cap (``CKR_SESSION_COUNT`` past N sessions, as ykcs11 and YubiHSM 2 answer).
 
 The module is built once per source version into the user's cache (gcc and p11-kit's ``pkcs11.h``, from
 Debian's ``libp11-kit-dev``, which ``./softhsm_setup.sh`` installs).
@@ -50,6 +51,11 @@ def build() -> Path:
     return out
 
 
-def environ(inner_module: str, sign_ms: float) -> dict[str, str]:
-    """What the process that loads the filter needs in its environment."""
-    return {"SLOWHSM_MODULE": inner_module, "SLOWHSM_SIGN_US": str(round(sign_ms * 1000))}
+def environ(inner_module: str, sign_ms: float, *, max_sessions: int = 0) -> dict[str, str]:
+    """What the process that loads the filter needs in its environment (``max_sessions``: the sessions it
+    lets the process open before ``CKR_SESSION_COUNT``, 0 for no cap)."""
+    return {
+        "SLOWHSM_MODULE": inner_module,
+        "SLOWHSM_SIGN_US": str(round(sign_ms * 1000)),
+        "SLOWHSM_MAX_SESSIONS": str(max_sessions),
+    }

@@ -2,8 +2,9 @@
 
 - One logged-in *anchor* session lives as long as the process: closing the last session (or calling
   python-pkcs11's ``Session.close()`` on the logged-in one) logs the whole token out.
-- Signatures take an unauthenticated *worker* session from a pool (PKCS#11 forbids concurrent use of one
-  session), at most ``[token] max_sessions`` of them; the anchor's login makes private keys usable on all.
+- Signatures take an unauthenticated session from a pool (``agent/token/pool.py``: PKCS#11 forbids
+  concurrent use of one session), at most ``[token] max_sessions`` and never more than the module gives;
+  the anchor's login makes private keys usable on all.
   In serial mode (``[token] concurrency``) every call into the module is made one at a time.
 - A stale session or handle is retried once on a fresh session; any other device error opens the circuit
   and recovery takes over (``agent/token/recovery.py``). Before signing again it checks that the token has
@@ -54,6 +55,7 @@ from agent.token.keys import (
     sign_with,
 )
 from agent.token.module import USER_STATES, LoadedModule, describe, load_module, unload_module
+from agent.token.pool import Session, SessionPool
 from agent.token.recovery import Circuit
 
 log = logging.getLogger(__name__)
@@ -62,24 +64,6 @@ log = logging.getLogger(__name__)
 # Pauses before probing again after a failed probe; None: give up (the fault is real). See _probe_loop.
 _PROBE_RETRIES: tuple[float | None, ...] = (0.05, 0.25, None)
 _STALE = (p11.SessionHandleInvalid, p11.SessionClosed, p11.ObjectHandleInvalid, p11.KeyHandleInvalid)
-
-
-class _Worker:
-    """One thread's session and the private-key handles found through it."""
-
-    def __init__(self, session: Any, generation: int) -> None:
-        self.session = session
-        self.generation = generation
-        self.keys: dict[tuple[str, bytes], Any] = {}
-
-    def key(self, info: KeyInfo) -> Any:
-        found = self.keys.get((info.label, info.id))
-        if found is None:
-            query: dict[str, Any] = {"object_class": ObjectClass.PRIVATE_KEY, "label": info.label}
-            if info.id:
-                query["id"] = info.id
-            found = self.keys[(info.label, info.id)] = self.session.get_key(**query)
-        return found
 
 
 class Token:
@@ -93,12 +77,10 @@ class Token:
         self._token = token
         self._anchor = anchor
         self._anchor_lock = threading.RLock()
-        self._workers: list[_Worker] = []  # every signing session open
-        self._idle: list[_Worker] = []  # those not signing right now
         self.serial = _serial(cfg, loaded)
-        self._slots = threading.BoundedSemaphore(cfg.max_sessions) if cfg.max_sessions else None
-        self._workers_lock = threading.Lock()
-        self._generation = 0
+        self._pool = SessionPool(
+            cfg.max_sessions, lambda: self._token.open(), lambda: self._anchor, self._anchor_lock, lambda: self.name
+        )
         self._gate = Gate()
         self.identity = _identity(token)
         self._expected: list[KeyInfo] = []
@@ -150,12 +132,9 @@ class Token:
         self._pin = Secret("", "cleared")
 
     def _close_sessions(self) -> None:
-        with self._workers_lock:
-            workers, self._workers, self._idle = self._workers, [], []
-            self._generation += 1
-        for w in workers:
+        for session in self._pool.reset():
             try:
-                w.session.close()
+                session.session.close()
             except p11.PKCS11Error:
                 pass
         with self._anchor_lock:
@@ -269,22 +248,22 @@ class Token:
         assert key.kind is not None
         with self._gate.shared(), self._one_at_a_time():
             for attempt in (1, 2):
-                worker = self._checkout()
+                session = self._checkout()
                 try:
-                    signature = sign_with(worker.key(key), key.kind, message, mechanism)
+                    signature = sign_with(session.key(key), key.kind, message, mechanism)
                 except _STALE as e:
-                    self._drop_worker(worker)
+                    self._pool.drop(session)
                     if attempt == 1:
                         continue  # an idle session the device expired, or a stale handle: once more, fresh
                     error: BaseException = e
                 except p11.PKCS11Error as e:
-                    self._drop_worker(worker)
+                    self._pool.drop(session)
                     error = e
                 except BaseException:
-                    self._drop_worker(worker)
+                    self._pool.drop(session)
                     raise
                 else:
-                    self._checkin(worker)
+                    self._pool.checkin(session)
                     return signature
                 break
         self.circuit.fault(f"signing with {key.label!r} failed: {describe(error)}")
@@ -314,50 +293,15 @@ class Token:
         started = list(self._inflight.values())
         return time.monotonic() - min(started) if started else 0.0
 
-    def _checkout(self) -> _Worker:
-        """An idle signing session of the current generation, or a new one; with ``max_sessions`` set, waits
-        until fewer than that many are in use (sessions are then never more than that)."""
-        if self._slots is not None:
-            self._slots.acquire()
+    def _checkout(self) -> Session:
+        """A session to sign on (``agent/token/pool.py``); one the module will not open is a fault."""
+        if self.circuit.closed:
+            raise TokenUnavailable(f"{self.name} is closed")
         try:
-            with self._workers_lock:
-                while self._idle:
-                    worker = self._idle.pop()
-                    if worker.generation == self._generation:
-                        return worker
-            if self.circuit.closed:
-                raise TokenUnavailable(f"{self.name} is closed")
-            try:
-                session = self._token.open()
-            except p11.PKCS11Error as e:
-                self.circuit.fault(f"cannot open a session: {describe(e)}")
-                raise TokenUnavailable(f"cannot open a session on {self.name}: {describe(e)}") from None
-            with self._workers_lock:
-                worker = _Worker(session, self._generation)
-                self._workers.append(worker)
-            return worker
-        except BaseException:
-            if self._slots is not None:
-                self._slots.release()
-            raise
-
-    def _checkin(self, worker: _Worker) -> None:
-        with self._workers_lock:
-            if worker.generation == self._generation and worker in self._workers:
-                self._idle.append(worker)
-        if self._slots is not None:
-            self._slots.release()
-
-    def _drop_worker(self, worker: _Worker) -> None:
-        with self._workers_lock:
-            if worker in self._workers:
-                self._workers.remove(worker)
-        try:
-            worker.session.close()
-        except p11.PKCS11Error:
-            pass
-        if self._slots is not None:
-            self._slots.release()
+            return self._pool.checkout()
+        except p11.PKCS11Error as e:
+            self.circuit.fault(f"cannot open a session: {describe(e)}")
+            raise TokenUnavailable(f"cannot open a session on {self.name}: {describe(e)}") from None
 
     # -- recovery, probe and health ------------------------------------------------------------------
 
