@@ -65,7 +65,8 @@ class SessionPool:
         self._anchor = anchor
         self._anchor_lock = anchor_lock
         self._name = name
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)  # waited on only while a bound holds
         self._limit = limit or None  # the configured bound, lowered to what the module gave (None: no bound)
         self._in_use = 0  # sessions of our own checked out (not the anchor)
         self._open_sessions: list[Session] = []  # every session of our own that is open
@@ -83,7 +84,7 @@ class SessionPool:
         """An idle session of the current generation, a new one, or (when the module gives this process none)
         the anchor; waits while the bound's sessions are all signing."""
         while True:
-            with self._cond:
+            with self._lock:
                 on_anchor = self._ask_at is not None and time.monotonic() < self._ask_at
                 if not on_anchor:
                     while self._limit is not None and self._in_use >= self._limit:
@@ -105,7 +106,7 @@ class SessionPool:
             except BaseException:
                 self._release()
                 raise
-            with self._cond:
+            with self._lock:
                 session = Session(handle, generation)
                 self._open_sessions.append(session)
                 if self._ask_at is not None:
@@ -116,7 +117,7 @@ class SessionPool:
     def _refused(self, generation: int) -> bool:
         """The module has no session for us: keep to those we hold, or to the anchor when we hold none. False
         when the generation changed meanwhile (a reconnect: the caller's error is then the token's)."""
-        with self._cond:
+        with self._lock:
             self._in_use -= 1
             self._cond.notify()
             if generation != self._generation:
@@ -144,7 +145,7 @@ class SessionPool:
 
     def _checkout_anchor(self) -> Session:
         self._anchor_lock.acquire()
-        with self._cond:
+        with self._lock:
             if self._anchor_session is None or self._anchor_session.generation != self._generation:
                 self._anchor_session = Session(self._anchor(), self._generation, anchor=True)
             return self._anchor_session
@@ -154,20 +155,22 @@ class SessionPool:
         if session.anchor:
             self._anchor_lock.release()
             return
-        with self._cond:
+        with self._lock:
             if session.generation == self._generation and session in self._open_sessions:
                 self._idle.append(session)
-        self._release()
+            self._in_use -= 1
+            if self._limit is not None:  # only a bound makes anyone wait
+                self._cond.notify()
 
     def drop(self, session: Session) -> None:
         """``session`` failed: close it (the anchor stays open: recovery deals with it)."""
         if session.anchor:
-            with self._cond:
+            with self._lock:
                 if self._anchor_session is session:
                     self._anchor_session = None  # its key handles may be stale
             self._anchor_lock.release()
             return
-        with self._cond:
+        with self._lock:
             if session in self._open_sessions:
                 self._open_sessions.remove(session)
         try:
@@ -177,13 +180,14 @@ class SessionPool:
         self._release()
 
     def _release(self) -> None:
-        with self._cond:
+        with self._lock:
             self._in_use -= 1
-            self._cond.notify()
+            if self._limit is not None:
+                self._cond.notify()
 
     def reset(self) -> list[Session]:
         """A new generation (reconnect, close): the sessions of the old one, for the caller to close."""
-        with self._cond:
+        with self._lock:
             sessions, self._open_sessions, self._idle = self._open_sessions, [], []
             self._generation += 1
             self._anchor_session = None

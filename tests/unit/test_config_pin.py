@@ -610,7 +610,8 @@ def test_example_config_is_valid_and_documents_every_setting() -> None:
     sets = re.findall(r"_only\(\s*\w+,\s*(\{[^}]*\})", source)
     keys = {key for allowed in sets for key in re.findall(r'"(\w+)"', allowed)}
     # Settings spliced in from a module constant ({..., *_TOKEN_LIMITS}) are settings too.
-    keys |= {key for allowed in sets for name in re.findall(r"\*(\w+)", allowed) for key in getattr(config_module, name)}
+    spliced = {name for allowed in sets for name in re.findall(r"\*(\w+)", allowed)}
+    keys |= {key for name in spliced for key in getattr(config_module, name)}
     assert {"sign_timeout", "max_sessions"} <= keys  # the splices were read
     for key in sorted(keys):
         assert re.search(rf"^#? ?{key}\b|^\[{key}\]|^\[\[{key}\]\]|\[\w+\.{key}\]", text, re.M), key
