@@ -15,6 +15,7 @@ from typing import TextIO
 from agent.config import Config, as_reloaded, load_config
 from agent.core import metrics
 from agent.daemon import reload_status
+from agent.daemon.liveness import Heartbeats, beat_interval
 from agent.daemon.worker import (
     LOOP_SIGNALS,
     STOP_SIGNALS,
@@ -86,6 +87,8 @@ class Supervisor:
         self.reloads = 0
         # Mapped before the first fork: how the workers share the socket's connections (agent/transport/share.py).
         self.share = ConnectionShare(config.server.workers) if config.server.workers > 1 else None
+        # And whether each still serves (agent/daemon/liveness.py): judged on every wake-up below.
+        self.heartbeats = Heartbeats(config.server.workers)
 
     def spawn(self, index: int) -> int:
         read_end, write_end = os.pipe()
@@ -119,6 +122,7 @@ class Supervisor:
                     started=self.started,
                     on_reload=reloaded,
                     share=self.share.slot(index) if self.share is not None else None,
+                    heartbeat=self.heartbeats.slot(index),
                 )
             except AgentError as e:
                 code = exit_status_for(e)
@@ -168,14 +172,17 @@ class Supervisor:
                 log.info("%d workers serving", len(self.workers))
                 systemd.ready(serving)
             interval = systemd.watchdog_interval()
+            limit = self.config.token.stuck_limit
+            wake = min(x for x in (interval, beat_interval(limit) if limit else None, 3600.0) if x is not None)
             while True:
-                if interval is None:
-                    info = signal.sigwaitinfo(wanted)
-                else:  # ping on every wake-up, and at least every interval
+                # On every wake-up, and at least every `wake` seconds: replace wedged workers, ping systemd.
+                if limit:
+                    self.replace_silent(limit)
+                if interval is not None:
                     systemd.watchdog()
-                    if (timed := signal.sigtimedwait(wanted, interval)) is None:
-                        continue
-                    info = timed
+                if (timed := signal.sigtimedwait(wanted, wake)) is None:
+                    continue
+                info = timed
                 if info.si_signo in (signal.SIGTERM, signal.SIGINT):
                     systemd.stopping()
                     break
@@ -190,6 +197,22 @@ class Supervisor:
             ignore_stop_signals()  # one more SIGTERM/SIGHUP, held until now, must not end the clean-up
             signal.pthread_sigmask(signal.SIG_UNBLOCK, wanted)
 
+    def replace_silent(self, limit: float) -> None:
+        """Kill every worker that has not beaten for ``limit`` seconds (its loop or a token call is stuck, so
+        SIGTERM would not be handled); :meth:`reap` then starts another in its place."""
+        by_index = {index: pid for pid, index in self.workers.items()}
+        for index, silent in self.heartbeats.silent(limit):
+            self.heartbeats.forget(index)
+            pid = by_index.get(index)
+            if pid is None:
+                continue
+            log.error("worker %d (pid %d) has not beaten for %.0fs (its event loop or a token call is stuck); "
+                      "killing it so that another takes its place", index, pid, silent)  # fmt: skip
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def reap(self) -> None:
         while self.workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -200,6 +223,7 @@ class Supervisor:
             if index is None:
                 continue
             metrics.process_dead(pid)
+            self.heartbeats.forget(index)
             if self.share is not None:
                 self.share.leave(index)  # it may have died holding connections, or none
             log.warning("worker %d (pid %d) ended with status %d; restarting it", index, pid, status)

@@ -10,10 +10,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
 import socket
-import sys
 from collections.abc import Callable, Collection, Coroutine, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Literal, TextIO
@@ -28,9 +26,10 @@ from agent.core.metrics import Metrics
 from agent.core.policy import Policy
 from agent.core.ratelimit import SHARED
 from agent.core.service import SigningService
+from agent.daemon.liveness import Heartbeat, beat_interval
 from agent.dfnsapi.client import make_transport
 from agent.dfnsapi.flow import DfnsFlow
-from agent.errors import AgentError, ConfigError, ExitStatus
+from agent.errors import AgentError, ConfigError
 from agent.paths import audit_path_for
 from agent.secret import Secret, read_secret
 from agent.token import Token
@@ -167,10 +166,12 @@ def serve_worker(
     started: float | None = None,
     on_reload: ReloadReport | None = None,
     share: WorkerSlot | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> None:
     """Log in, find the keys, open the audit log; report ready; serve until SIGTERM/SIGINT. ``started`` is
     when the agent started (the supervisor's start, for a worker): health's uptime counts from it.
-    ``on_reload`` hears the outcome of every SIGHUP (applied, or refused with why)."""
+    ``on_reload`` hears the outcome of every SIGHUP (applied, or refused with why); ``heartbeat`` (a
+    worker's) tells the supervisor this worker still serves (``agent/daemon/liveness.py``)."""
     token: Token | None = None
     audit: AuditLog | None = None
     try:
@@ -198,13 +199,17 @@ def serve_worker(
                 token.start_probe()
             if announce:
                 _announce(out, sock.getsockname(), token, service, audit, config.server.workers)
+            if heartbeat is not None:
+                heartbeat.beat()  # judged from now on: a loop that never gets to beat is wedged too
             if ready is not None:
                 ready()
             # From here the event loop handles the signals: one that comes before it does is held, then
             # delivered to it (it unblocks them once its handlers are in place).
             signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
             check_stop()
-            _run_loop(_serve_until_signalled(config, service, dfns, sock, token, audit, executor, on_reload, share))
+            _run_loop(
+                _serve_until_signalled(config, service, dfns, sock, token, audit, executor, on_reload, share, heartbeat)
+            )
     finally:
         ignore_stop_signals()
         try:
@@ -277,6 +282,7 @@ async def _serve_until_signalled(
     executor: Executor | None,
     on_reload: ReloadReport | None = None,
     share: WorkerSlot | None = None,
+    heartbeat: Heartbeat | None = None,
 ) -> None:
     loop = asyncio.get_running_loop()
     current = [config]
@@ -321,8 +327,8 @@ async def _serve_until_signalled(
         signal.pthread_sigmask(signal.SIG_UNBLOCK, LOOP_SIGNALS)  # a worker's early signal is delivered now
         interval = systemd.watchdog_interval()
         pinger = loop.create_task(_keep_watchdog(interval, token, config.token.stuck_limit)) if interval else None
-        if config.server.workers > 1 and config.token.stuck_limit:
-            pinger = pinger or loop.create_task(_exit_when_stuck(token, config.token.stuck_limit))
+        if heartbeat is not None and config.token.stuck_limit:
+            pinger = pinger or loop.create_task(_keep_beating(heartbeat, token, config.token.stuck_limit))
         server = Server(
             app.handle, app.limits, on_protocol_error=app.count_protocol_error, admit=app.admit_connection, share=share
         )
@@ -365,17 +371,22 @@ async def _keep_watchdog(interval: float, token: Token, stuck_limit: float) -> N
         await asyncio.sleep(interval)
 
 
-async def _exit_when_stuck(token: Token, stuck_limit: float) -> None:
-    """A worker (the supervisor pings systemd for all of them) whose token call is stuck for longer than
-    ``stuck_limit`` exits, so the supervisor replaces it; one whose module still hangs then blocks the
-    supervisor's start-up of it, and its pings stop."""
+async def _keep_beating(heartbeat: Heartbeat, token: Token, stuck_limit: float) -> None:
+    """A worker's heartbeat from its event loop, the supervisor's watchdog of it: it stops when the loop is
+    wedged (an inline signature stuck in the module), or when a token call on a signing thread has been
+    stuck for longer than ``stuck_limit``; the supervisor then replaces the worker."""
+    silent = False
     while True:
-        await asyncio.sleep(min(1.0, stuck_limit / 4))
         stuck = token.stuck_for()
         if stuck > stuck_limit:
-            log.error("a token call has been stuck for %.0fs; exiting so the supervisor replaces this worker", stuck)
-            sys.stderr.flush()
-            os._exit(ExitStatus.SOFTWARE)  # the stuck thread cannot be joined
+            if not silent:
+                log.error("a token call has been stuck for %.0fs; no more heartbeats: the supervisor replaces "
+                          "this worker", stuck)  # fmt: skip
+            silent = True
+        else:
+            silent = False
+            heartbeat.beat()
+        await asyncio.sleep(beat_interval(stuck_limit))
 
 
 def _announce(
