@@ -3,8 +3,9 @@
 With several workers the supervisor pings systemd's watchdog for all of them, so it must notice a wedged
 worker itself. A task on the worker's loop cannot: an inline signature (``sign_threads = 0``, the setting
 for local tokens) stuck in the module blocks that very loop. So each worker's loop stamps the time into
-memory the supervisor mapped before it forked, while the worker is well; the supervisor kills a worker
-whose stamp is older than ``[token] stuck_limit``, and starts another in its place.
+memory the supervisor mapped before it forked; the supervisor kills a worker whose stamp is older than
+``[token] stuck_limit``, and starts another in its place. (A worker whose loop still runs while a signing
+thread is stuck gives up by itself, draining its connections first: ``agent/daemon/worker.py``.)
 """
 
 from __future__ import annotations

@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
-from collections.abc import Callable, Collection, Coroutine, Iterator
+import sys
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Literal, TextIO
 
@@ -29,7 +31,7 @@ from agent.core.service import SigningService
 from agent.daemon.liveness import Heartbeat, beat_interval
 from agent.dfnsapi.client import make_transport
 from agent.dfnsapi.flow import DfnsFlow
-from agent.errors import AgentError, ConfigError
+from agent.errors import AgentError, ConfigError, ExitStatus
 from agent.paths import audit_path_for
 from agent.secret import Secret, read_secret
 from agent.token import Token
@@ -326,12 +328,20 @@ async def _serve_until_signalled(
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(on_hup()))
         signal.pthread_sigmask(signal.SIG_UNBLOCK, LOOP_SIGNALS)  # a worker's early signal is delivered now
         interval = systemd.watchdog_interval()
-        pinger = loop.create_task(_keep_watchdog(interval, token, config.token.stuck_limit)) if interval else None
-        if heartbeat is not None and config.token.stuck_limit:
-            pinger = pinger or loop.create_task(_keep_beating(heartbeat, token, config.token.stuck_limit))
         server = Server(
             app.handle, app.limits, on_protocol_error=app.count_protocol_error, admit=app.admit_connection, share=share
         )
+
+        async def give_up() -> None:
+            """A worker stuck in the token: answer what is in flight, accept no more, and exit, so that the
+            supervisor starts another (the stuck thread cannot be joined, nor the token closed)."""
+            await server.shutdown(config.server.shutdown_timeout)
+            sys.stderr.flush()
+            os._exit(ExitStatus.SOFTWARE)
+
+        pinger = loop.create_task(_keep_watchdog(interval, token, config.token.stuck_limit)) if interval else None
+        if heartbeat is not None and config.token.stuck_limit:
+            pinger = pinger or loop.create_task(_keep_beating(heartbeat, token, config.token.stuck_limit, give_up))
         try:
             await server.start(sock)
             await stop.wait()
@@ -371,21 +381,20 @@ async def _keep_watchdog(interval: float, token: Token, stuck_limit: float) -> N
         await asyncio.sleep(interval)
 
 
-async def _keep_beating(heartbeat: Heartbeat, token: Token, stuck_limit: float) -> None:
-    """A worker's heartbeat from its event loop, the supervisor's watchdog of it: it stops when the loop is
-    wedged (an inline signature stuck in the module), or when a token call on a signing thread has been
-    stuck for longer than ``stuck_limit``; the supervisor then replaces the worker."""
-    silent = False
+async def _keep_beating(
+    heartbeat: Heartbeat, token: Token, stuck_limit: float, give_up: Callable[[], Awaitable[None]]
+) -> None:
+    """A worker's heartbeat from its event loop: the supervisor kills a worker silent for ``stuck_limit``,
+    which is what happens when an inline signature stuck in the module blocks the loop. With the loop still
+    running, a token call (on a signing thread) stuck for longer than ``stuck_limit`` makes the worker give
+    up by itself: it drains its connections and exits."""
     while True:
         stuck = token.stuck_for()
         if stuck > stuck_limit:
-            if not silent:
-                log.error("a token call has been stuck for %.0fs; no more heartbeats: the supervisor replaces "
-                          "this worker", stuck)  # fmt: skip
-            silent = True
-        else:
-            silent = False
-            heartbeat.beat()
+            log.error("a token call has been stuck for %.0fs; this worker drains its connections and exits so "
+                      "that the supervisor replaces it", stuck)  # fmt: skip
+            await give_up()
+        heartbeat.beat()
         await asyncio.sleep(beat_interval(stuck_limit))
 
 
