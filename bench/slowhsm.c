@@ -10,6 +10,8 @@
  *
  * SLOWHSM_MAX_SESSIONS (tests) caps the sessions open in the process: one more C_OpenSession returns
  * CKR_SESSION_COUNT, as ykcs11 does past 16 and a YubiHSM 2 past its 16 device sessions.
+ * SLOWHSM_CANT_LOCK=1 (tests) answers C_Initialize with CKF_OS_LOCKING_OK by CKR_CANT_LOCK, as a module
+ * built without thread support does; C_Initialize without it goes through.
  */
 #include <dlfcn.h>
 #include <errno.h>
@@ -25,6 +27,7 @@ static CK_FUNCTION_LIST_PTR inner;
 static CK_RV load_rv = CKR_GENERAL_ERROR;
 static long sign_us;
 static long max_sessions;  /* 0: no cap */
+static int cant_lock;
 static long open_sessions;
 static pthread_mutex_t count_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
@@ -83,17 +86,26 @@ static CK_RV capped_finalize(CK_VOID_PTR reserved) {
     return rv;
 }
 
+static CK_RV picky_initialize(CK_VOID_PTR args) {
+    if (args != NULL && (((CK_C_INITIALIZE_ARGS *)args)->flags & CKF_OS_LOCKING_OK)) {
+        return CKR_CANT_LOCK;
+    }
+    return inner->C_Initialize(args);
+}
+
 CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list);
 
 static void load(void) {
     const char *path = getenv("SLOWHSM_MODULE");
     const char *us = getenv("SLOWHSM_SIGN_US");
     const char *cap = getenv("SLOWHSM_MAX_SESSIONS");
+    const char *nolock = getenv("SLOWHSM_CANT_LOCK");
     if (path == NULL || path[0] == '\0') {
         return;
     }
     sign_us = us != NULL ? strtol(us, NULL, 10) : 0;
     max_sessions = cap != NULL ? strtol(cap, NULL, 10) : 0;
+    cant_lock = nolock != NULL && strcmp(nolock, "1") == 0;
     void *handle = dlopen(path, RTLD_NOW | RTLD_LOCAL);
     if (handle == NULL) {
         return;
@@ -105,6 +117,9 @@ static void load(void) {
     memcpy(&slow_list, inner, sizeof slow_list);
     slow_list.C_GetFunctionList = C_GetFunctionList;
     slow_list.C_Sign = slow_sign;
+    if (cant_lock) {
+        slow_list.C_Initialize = picky_initialize;
+    }
     if (max_sessions > 0) {
         slow_list.C_OpenSession = capped_open;
         slow_list.C_CloseSession = capped_close;

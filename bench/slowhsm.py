@@ -51,11 +51,13 @@ def build() -> Path:
     return out
 
 
-def environ(inner_module: str, sign_ms: float, *, max_sessions: int = 0) -> dict[str, str]:
+def environ(inner_module: str, sign_ms: float, *, max_sessions: int = 0, cant_lock: bool = False) -> dict[str, str]:
     """What the process that loads the filter needs in its environment (``max_sessions``: the sessions it
-    lets the process open before ``CKR_SESSION_COUNT``, 0 for no cap)."""
+    lets the process open before ``CKR_SESSION_COUNT``, 0 for no cap; ``cant_lock``: refuse
+    ``CKF_OS_LOCKING_OK`` with ``CKR_CANT_LOCK``)."""
     return {
         "SLOWHSM_MODULE": inner_module,
         "SLOWHSM_SIGN_US": str(round(sign_ms * 1000)),
         "SLOWHSM_MAX_SESSIONS": str(max_sessions),
+        "SLOWHSM_CANT_LOCK": "1" if cant_lock else "0",
     }

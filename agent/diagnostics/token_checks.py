@@ -61,7 +61,12 @@ def check_module(cfg: TokenConfig) -> tuple[Any, Check]:
     major, minor = lib.library_version
     ck_major, ck_minor = lib.cryptoki_version
     desc = f"{lib.library_description.strip()} {major}.{minor} by {lib.manufacturer_id.strip()}"
-    locking = "OS locking" if loaded.os_locking else "a new instance per caller, module's own locking"
+    if loaded.cant_lock:
+        locking = "cannot use OS locking (CKR_CANT_LOCK): called one at a time"
+    elif loaded.os_locking:
+        locking = "OS locking"
+    else:
+        locking = "a new instance per caller, module's own locking"
     return lib, passed("module", f"{path}: {desc} (Cryptoki {ck_major}.{ck_minor}; {locking})")
 
 

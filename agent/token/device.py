@@ -441,11 +441,12 @@ def _describe(identity: TokenIdentity) -> str:
 
 def _serial(cfg: TokenConfig, loaded: LoadedModule) -> bool:
     """Whether calls into the module must be one at a time: as configured, else (``auto``) for the modules
-    known to need it, and for a per-call-instance module other than p11-kit (we could not give it locking)."""
+    known to need it, for one that cannot lock (``CKR_CANT_LOCK``), and for a per-call-instance module other
+    than p11-kit (we could not give it locking)."""
     if cfg.concurrency is not TokenConcurrency.AUTO:
         return cfg.concurrency is TokenConcurrency.SERIAL
     maker = loaded.manufacturer.strip()
-    return maker in SERIAL_MODULES or (not loaded.os_locking and maker != P11KIT)
+    return maker in SERIAL_MODULES or loaded.cant_lock or (not loaded.os_locking and maker != P11KIT)
 
 
 def _login(token: Any, pin: Secret, *, rw: bool) -> Any:

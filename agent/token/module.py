@@ -11,6 +11,9 @@ every call, so the list we would get is not python-pkcs11's: there we leave pyth
 (p11-kit locks internally and refuses only explicit locking arguments without ``CKF_OS_LOCKING_OK``) and
 never call through a list of our own (:attr:`LoadedModule.raw` is None). Which case applies is measured
 (two calls, two pointers), not guessed from the file name.
+
+A module that cannot use the OS's locking answers ``CKR_CANT_LOCK``; it is initialised again as
+python-pkcs11 had it, and ``[token] concurrency = "auto"`` then makes every call into it one at a time.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class _CK_FUNCTION_LIST_HEAD(ctypes.Structure):
 
 _CKF_OS_LOCKING_OK = 0x2
 _CKR_CRYPTOKI_ALREADY_INITIALIZED = 0x191
+_CKR_CANT_LOCK = 0x0A
 USER_STATES = frozenset({1, 3})  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
 _RV = ctypes.c_ulong
 _InitFn = ctypes.CFUNCTYPE(_RV, ctypes.c_void_p)
@@ -112,14 +116,22 @@ class RawModule:
         self.finalize = _InitFn(fl.f1)
         self.get_session_info = _SessionInfoFn(fl.f15)
 
-    def reinitialize_with_locking(self) -> None:
+    def reinitialize_with_locking(self) -> bool:
+        """True when the module now locks with the OS's primitives; False when it cannot (``CKR_CANT_LOCK``):
+        it is then initialised as before, and must be called one thread at a time."""
         rv = self.finalize(None)
         if rv != 0:
             raise TokenUnavailable(f"C_Finalize failed while enabling OS locking ({ckr_name(rv)})")
         args = _CK_C_INITIALIZE_ARGS(None, None, None, None, _CKF_OS_LOCKING_OK, None)
         rv = self.initialize(ctypes.byref(args))
+        if rv == _CKR_CANT_LOCK:
+            rv = self.initialize(None)
+            if rv not in (0, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
+                raise TokenUnavailable(f"C_Initialize failed after CKR_CANT_LOCK ({ckr_name(rv)})")
+            return False
         if rv not in (0, _CKR_CRYPTOKI_ALREADY_INITIALIZED):
             raise TokenUnavailable(f"C_Initialize with CKF_OS_LOCKING_OK failed ({ckr_name(rv)})")
+        return True
 
     def session_state(self, handle: int) -> int:
         info = _CK_SESSION_INFO()
@@ -146,11 +158,12 @@ class LoadedModule:
     raw: RawModule | None
     manufacturer: str
     description: str
+    cant_lock: bool = False  # it answered CKR_CANT_LOCK: initialised without locking, to be called serially
 
     @property
     def os_locking(self) -> bool:
         """True when we initialised it with ``CKF_OS_LOCKING_OK`` ourselves."""
-        return self.raw is not None
+        return self.raw is not None and not self.cant_lock
 
     def session_state(self, handle: int) -> int | None:
         """The session's ``CKS_*`` state, or None when this module gives us no way to ask."""
@@ -177,10 +190,14 @@ def load_module(path: str) -> LoadedModule:
         except p11.PKCS11Error as e:
             raise TokenUnavailable(f"cannot load PKCS#11 module {path}: {describe(e)}") from None
         raw: RawModule | None = None
+        cant_lock = False
         if shares_one_instance(path):
             raw = RawModule(path)
-            raw.reinitialize_with_locking()
-        loaded = LoadedModule(path, lib, raw, lib.manufacturer_id, lib.library_description)
+            cant_lock = not raw.reinitialize_with_locking()
+            if cant_lock:
+                log.warning("PKCS#11 module %s cannot use OS locking (CKR_CANT_LOCK): calling it one at a time "
+                            "unless [token] concurrency says otherwise", path)  # fmt: skip
+        loaded = LoadedModule(path, lib, raw, lib.manufacturer_id, lib.library_description, cant_lock)
         _modules[path] = loaded
         return loaded
 

@@ -1,9 +1,10 @@
-"""A module that runs out of sessions (``CKR_SESSION_COUNT``: YubiHSM 2 past 16, ykcs11 past 16 per process):
-the agent keeps signing on the sessions it has, or on its logged-in session when it has none, with no error
-and no open circuit.
+"""Modules with less than SoftHSM gives: a session cap (``CKR_SESSION_COUNT``: YubiHSM 2 past 16, ykcs11 past
+16 per process), and no OS locking (``CKR_CANT_LOCK``). The agent keeps signing, with no error and no open
+circuit: on the sessions it has, or on its logged-in session when it has none; one call at a time into a
+module that cannot lock.
 
-The module is SoftHSM behind the benchmark's filter (``bench/slowhsm.c``), which holds each signature 5 ms,
-so that signatures overlap, and caps the sessions the agent's process may open."""
+The module is SoftHSM behind the benchmark's filter (``bench/slowhsm.c``), which holds each signature a few
+ms, so that signatures overlap, and caps sessions or refuses OS locking as such modules do."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from agent.dev.testing import TokenEnv, check_assertion, sign_concurrently, softhsm_module
+from agent.dev.testing import TokenEnv, check_assertion, run_cli, sign_concurrently, softhsm_module
 from bench import slowhsm
 
 CLIENTS = 16
@@ -19,13 +20,14 @@ PER_CLIENT = 10
 KINDS = ["p256", "ed25519"]
 
 
-def _capped(te: TokenEnv, cap: int, token_extra: str = "") -> None:
-    """``te``'s agent on the filter: ``cap`` sessions in all for its process, the logged-in one included."""
+def _capped(te: TokenEnv, cap: int = 0, token_extra: str = "", *, cant_lock: bool = False) -> None:
+    """``te``'s agent on the filter: ``cap`` sessions in all for its process, the logged-in one included (0: no
+    cap); ``cant_lock``: the module refuses OS locking."""
     try:
         module = slowhsm.build()
     except slowhsm.BuildError as e:
         pytest.fail(str(e))
-    env = slowhsm.environ(softhsm_module(), 5.0, max_sessions=cap)
+    env = slowhsm.environ(softhsm_module(), 5.0, max_sessions=cap, cant_lock=cant_lock)
     text = te.config.read_text().replace(f'module = "{softhsm_module()}"', f'module = "{module}"{token_extra}')
     extra = "".join(f'{k} = "{v}"\n' for k, v in env.items())
     te.config.write_text(text.replace("[token.module_env]\n", f"[token.module_env]\n{extra}"))
@@ -68,3 +70,14 @@ def test_max_sessions_keeps_within_the_cap(token_env: TokenEnv, start_agent: Any
     _capped(token_env, 3, token_extra="\nmax_sessions = 2")
     _, out = _sign_all(token_env, start_agent)
     assert "CKR_SESSION_COUNT" not in out, out
+
+
+def test_a_module_that_cannot_lock_is_called_one_at_a_time(token_env: TokenEnv, start_agent: Any) -> None:
+    """SoftHSM initialised without locking corrupts its heap with two threads inside; the agent's 8 signing
+    threads must take turns (concurrency "auto")."""
+    token_env.write_config(server="workers = 1\nsign_threads = 8\n")
+    _capped(token_env, cant_lock=True)
+    _, out = _sign_all(token_env, start_agent)
+    assert "cannot use OS locking (CKR_CANT_LOCK)" in out, out
+    r = run_cli(token_env, "doctor")
+    assert "cannot use OS locking (CKR_CANT_LOCK): called one at a time" in r.stdout, r.stdout
