@@ -171,12 +171,14 @@ class SessionPool:
             self._anchor_lock.release()
             return
         with self._lock:
-            if session in self._open_sessions:
+            ours = session in self._open_sessions  # else of an old generation: reset() handed it to be closed
+            if ours:
                 self._open_sessions.remove(session)
-        try:
-            session.session.close()
-        except p11.PKCS11Error:
-            pass
+        if ours:  # never an old handle: a reloaded module may have given its number to a new session
+            try:
+                session.session.close()
+            except p11.PKCS11Error:
+                pass
         self._release()
 
     def _release(self) -> None:
