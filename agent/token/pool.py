@@ -5,8 +5,9 @@ PKCS#11 forbids two operations at once on one session, so concurrent signatures 
 Modules cap them: YubiHSM 2 has 16 device sessions in all, ykcs11 16 per process, network HSMs per
 partition or client licence. A module at its cap answers ``C_OpenSession`` with ``CKR_SESSION_COUNT``:
 capacity, not a fault, so the circuit stays closed. The pool keeps to the sessions it already holds, and
-signatures wait for one of them; a process that holds none (other processes took the module's sessions)
-signs on the logged-in anchor session, one signature at a time, and asks the module again now and then.
+signatures wait for one of them (asking the module for one more now and then: other programs may let theirs
+go); a process that holds none (other processes took the module's sessions) signs on the logged-in anchor
+session, one signature at a time, and asks the module again now and then.
 """
 
 from __future__ import annotations
@@ -67,7 +68,10 @@ class SessionPool:
         self._name = name
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # waited on only while a bound holds
-        self._limit = limit or None  # the configured bound, lowered to what the module gave (None: no bound)
+        self._configured = limit or None  # [token] max_sessions (None: no bound)
+        self._limit = self._configured  # the bound in force: lowered to what the module gave
+        self._grow_at: float | None = None  # with a bound the module set: when to ask it for one more
+        self._learned = 0  # that bound, as last set by a refusal
         self._in_use = 0  # sessions of our own checked out (not the anchor)
         self._open_sessions: list[Session] = []  # every session of our own that is open
         self._idle: list[Session] = []  # those not signing right now
@@ -88,6 +92,9 @@ class SessionPool:
                 on_anchor = self._ask_at is not None and time.monotonic() < self._ask_at
                 if not on_anchor:
                     while self._limit is not None and self._in_use >= self._limit:
+                        if self._grow_at is not None and time.monotonic() >= self._grow_at:
+                            self._grow()  # other programs may have let sessions go: ask for one more
+                            break
                         self._cond.wait()
                     self._in_use += 1
                     while self._idle:
@@ -132,16 +139,28 @@ class SessionPool:
                         self._name(),
                     )
                 self._ask_at = time.monotonic() + ASK_AGAIN_AFTER
-            elif self._limit is None or held < self._limit:
-                log.warning(
-                    "%s refused another session (CKR_SESSION_COUNT) with %d open for signing: signing on at most "
-                    "%d at once (set [token] max_sessions to choose the bound)",
-                    self._name(),
-                    held,
-                    held,
-                )
-                self._limit = held
+            else:
+                if self._grow_at is None or held < self._learned:
+                    log.warning(
+                        "%s refused another session (CKR_SESSION_COUNT) with %d open for signing: signing on at "
+                        "most %d at once (set [token] max_sessions to choose the bound)",
+                        self._name(),
+                        held,
+                        held,
+                    )
+                self._limit = self._learned = held
+                self._grow_at = time.monotonic() + ASK_AGAIN_AFTER
             return True
+
+    def _grow(self) -> None:
+        """Raise a bound the module set by one (with the lock held), up to ``max_sessions``; the next asking
+        waits ``ASK_AGAIN_AFTER`` again, and a refusal lowers it back quietly."""
+        assert self._limit is not None
+        self._limit += 1
+        if self._configured is not None and self._limit >= self._configured:
+            self._limit, self._grow_at = self._configured, None
+        else:
+            self._grow_at = time.monotonic() + ASK_AGAIN_AFTER
 
     def _checkout_anchor(self) -> Session:
         self._anchor_lock.acquire()

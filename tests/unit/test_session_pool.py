@@ -48,6 +48,17 @@ def make_pool(module: Module, limit: int = 0) -> SessionPool:
     return SessionPool(limit, module.open, lambda: ANCHOR, threading.RLock(), lambda: "token 't'")
 
 
+def checkout_within(pool: SessionPool, seconds: float) -> Any:
+    """pool.checkout(), failing instead of hanging when it waits (on a daemon thread, so a hang cannot
+    keep the test run alive)."""
+    got: list[Any] = []
+    t = threading.Thread(target=lambda: got.append(pool.checkout()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert got, f"checkout still waiting after {seconds}s"
+    return got[0]
+
+
 def test_sessions_are_reused_and_bounded_by_max_sessions() -> None:
     module = Module(None)
     pool = make_pool(module, limit=2)
@@ -127,3 +138,48 @@ def test_other_errors_are_the_callers_and_free_the_slot() -> None:
     for _ in range(2):  # the slot of the failed open was given back: the second call is not stuck waiting
         with pytest.raises(p11.DeviceError):
             pool.checkout()
+
+
+def test_a_bound_the_module_set_grows_back_when_it_has_sessions_again(caplog: pytest.LogCaptureFixture) -> None:
+    module = Module(1)
+    pool = make_pool(module)
+    a = pool.checkout()
+    got: list[Any] = []
+    waiter = threading.Thread(target=lambda: got.append(pool.checkout()))
+    waiter.start()
+    wait_until(lambda: module.refused == 1, 5, "the second session refused")
+    assert pool.limit == 1
+    pool.checkin(a)
+    waiter.join(5)
+    assert got == [a]
+    # Another program let its sessions go; the pause before asking again is over (ASK_AGAIN_AFTER).
+    module.cap = 3
+    pool._grow_at = 0.0
+    b = checkout_within(pool, 5)
+    assert b is not a and pool.limit == 2 and len(module.opened) == 2
+    # Asking again when the module still has none lowers the bound back, without a new warning.
+    module.cap = 2
+    pool._grow_at = 0.0
+    caplog.clear()
+    waiter = threading.Thread(target=lambda: got.append(pool.checkout()))
+    waiter.start()
+    wait_until(lambda: module.refused == 2, 5, "the third session refused")
+    assert pool.limit == 2 and "refused another session" not in caplog.text
+    pool.checkin(b)
+    waiter.join(5)
+    assert got[-1] is b
+
+
+def test_growing_back_stops_at_max_sessions() -> None:
+    module = Module(1)
+    pool = make_pool(module, limit=2)
+    a = pool.checkout()
+    waiter = threading.Thread(target=pool.checkout)
+    waiter.start()
+    wait_until(lambda: module.refused == 1, 5, "the second session refused")
+    module.cap = None
+    pool._grow_at = 0.0
+    pool.checkin(a)
+    waiter.join(5)
+    checkout_within(pool, 5)  # grows to max_sessions, and no further
+    assert pool.limit == 2 and pool._grow_at is None
