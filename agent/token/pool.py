@@ -69,15 +69,16 @@ class SessionPool:
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)  # waited on only while a bound holds
         self._configured = limit or None  # [token] max_sessions (None: no bound)
-        self._limit = self._configured  # the bound in force: lowered to what the module gave
-        self._grow_at: float | None = None  # with a bound the module set: when to ask it for one more
-        self._learned = 0  # that bound, as last set by a refusal
+        # The bound in force: lowered to what the module gave when it refused one more (0: it gave none, sign
+        # on the anchor); _grow_at is when to ask it for one more again, _learned the bound it last set.
+        self._limit = self._configured
+        self._grow_at: float | None = None
+        self._learned: int | None = None
         self._in_use = 0  # sessions of our own checked out (not the anchor)
         self._open_sessions: list[Session] = []  # every session of our own that is open
         self._idle: list[Session] = []  # those not signing right now
         self._generation = 0
         self._anchor_session: Session | None = None
-        self._ask_at: float | None = None  # with no session of our own: when to ask the module again
 
     @property
     def limit(self) -> int | None:
@@ -89,20 +90,14 @@ class SessionPool:
         the anchor; waits while the bound's sessions are all signing."""
         while True:
             with self._lock:
-                on_anchor = self._ask_at is not None and time.monotonic() < self._ask_at
-                if not on_anchor:
-                    while self._limit is not None and self._in_use >= self._limit:
-                        if self._grow_at is not None and time.monotonic() >= self._grow_at:
-                            self._grow()  # other programs may have let sessions go: ask for one more
-                            break
-                        self._cond.wait()
-                    self._in_use += 1
+                own = self._take_slot()
+                if own:
                     while self._idle:
                         session = self._idle.pop()
                         if session.generation == self._generation:
                             return session
                     generation = self._generation
-            if on_anchor:
+            if not own:
                 return self._checkout_anchor()
             try:
                 handle = self._open()
@@ -116,10 +111,23 @@ class SessionPool:
             with self._lock:
                 session = Session(handle, generation)
                 self._open_sessions.append(session)
-                if self._ask_at is not None:
-                    self._ask_at = None
+                if self._learned == 0:
+                    self._learned = None
                     log.info("%s gives this process a session of its own again", self._name())
             return session
+
+    def _take_slot(self) -> bool:
+        """With the lock held: wait while the bound's sessions are all signing. True once this signature may
+        use a session of our own (counted in use), False when it signs on the anchor (the module gave none)."""
+        while self._limit is not None and self._in_use >= self._limit:
+            if self._grow_at is not None and time.monotonic() >= self._grow_at:
+                self._grow()  # other programs may have let sessions go: ask for one more
+                break
+            if self._limit == 0:
+                return False
+            self._cond.wait()
+        self._in_use += 1
+        return True
 
     def _refused(self, generation: int) -> bool:
         """The module has no session for us: keep to those we hold, or to the anchor when we hold none. False
@@ -130,17 +138,8 @@ class SessionPool:
             if generation != self._generation:
                 return False
             held = len(self._open_sessions)
-            if not held:
-                if self._ask_at is None:
-                    log.warning(
-                        "%s refused a session (CKR_SESSION_COUNT) and this process holds none for signing: "
-                        "signing on the logged-in session, one signature at a time (other programs or workers "
-                        "hold the module's sessions)",
-                        self._name(),
-                    )
-                self._ask_at = time.monotonic() + ASK_AGAIN_AFTER
-            else:
-                if self._grow_at is None or held < self._learned:
+            if self._learned is None or held < self._learned:  # asking again and refused: nothing new to say
+                if held:
                     log.warning(
                         "%s refused another session (CKR_SESSION_COUNT) with %d open for signing: signing on at "
                         "most %d at once (set [token] max_sessions to choose the bound)",
@@ -148,17 +147,28 @@ class SessionPool:
                         held,
                         held,
                     )
-                self._limit = self._learned = held
-                self._grow_at = time.monotonic() + ASK_AGAIN_AFTER
+                else:
+                    log.warning(
+                        "%s refused a session (CKR_SESSION_COUNT) and this process holds none for signing: "
+                        "signing on the logged-in session, one signature at a time (other programs or workers "
+                        "hold the module's sessions)",
+                        self._name(),
+                    )
+            self._limit = self._learned = held
+            self._grow_at = time.monotonic() + ASK_AGAIN_AFTER
             return True
 
     def _grow(self) -> None:
-        """Raise a bound the module set by one (with the lock held), up to ``max_sessions``; the next asking
-        waits ``ASK_AGAIN_AFTER`` again, and a refusal lowers it back quietly."""
+        """With the lock held, raise a bound the module set: from none (the anchor) back to ``max_sessions``,
+        else by one, up to ``max_sessions``. A refusal lowers it again, quietly; the next asking waits
+        ``ASK_AGAIN_AFTER`` again."""
         assert self._limit is not None
+        if self._limit == 0:
+            self._limit, self._grow_at = self._configured, None  # _learned stays 0 until a session opens
+            return
         self._limit += 1
         if self._configured is not None and self._limit >= self._configured:
-            self._limit, self._grow_at = self._configured, None
+            self._limit, self._grow_at, self._learned = self._configured, None, None
         else:
             self._grow_at = time.monotonic() + ASK_AGAIN_AFTER
 
@@ -212,5 +222,6 @@ class SessionPool:
             sessions, self._open_sessions, self._idle = self._open_sessions, [], []
             self._generation += 1
             self._anchor_session = None
-            self._ask_at = None
+            if self._limit == 0:  # a reconnect: ask the module for sessions of our own again at once
+                self._limit, self._grow_at, self._learned = self._configured, None, None
             return sessions

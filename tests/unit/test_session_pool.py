@@ -107,7 +107,7 @@ def test_with_no_session_of_its_own_a_process_signs_on_the_anchor_then_asks_agai
     assert not ANCHOR.closed
     assert "holds none for signing" in caplog.text
     monkeypatch.setattr(pool_module, "ASK_AGAIN_AFTER", 0.0)
-    pool._ask_at = 0.0  # the wait is over
+    pool._grow_at = 0.0  # the wait is over
     module.cap = 1
     own = pool.checkout()
     assert not own.anchor and own.session is module.opened[0]
