@@ -56,35 +56,21 @@ static CK_RV capped_open(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NO
     return rv;
 }
 
-static CK_RV capped_close(CK_SESSION_HANDLE session) {
-    CK_RV rv = inner->C_CloseSession(session);
+/* The count after a call that closed sessions, if it succeeded: one fewer, or (all) none left. */
+static CK_RV count_closed(CK_RV rv, int all) {
     if (rv == CKR_OK) {
         pthread_mutex_lock(&count_lock);
-        open_sessions--;
+        open_sessions = all ? 0 : open_sessions - 1;
         pthread_mutex_unlock(&count_lock);
     }
     return rv;
 }
 
-static CK_RV capped_close_all(CK_SLOT_ID slot) {
-    CK_RV rv = inner->C_CloseAllSessions(slot);
-    if (rv == CKR_OK) {
-        pthread_mutex_lock(&count_lock);
-        open_sessions = 0;
-        pthread_mutex_unlock(&count_lock);
-    }
-    return rv;
-}
+static CK_RV capped_close(CK_SESSION_HANDLE session) { return count_closed(inner->C_CloseSession(session), 0); }
 
-static CK_RV capped_finalize(CK_VOID_PTR reserved) {
-    CK_RV rv = inner->C_Finalize(reserved);
-    if (rv == CKR_OK) {
-        pthread_mutex_lock(&count_lock);
-        open_sessions = 0;
-        pthread_mutex_unlock(&count_lock);
-    }
-    return rv;
-}
+static CK_RV capped_close_all(CK_SLOT_ID slot) { return count_closed(inner->C_CloseAllSessions(slot), 1); }
+
+static CK_RV capped_finalize(CK_VOID_PTR reserved) { return count_closed(inner->C_Finalize(reserved), 1); }
 
 static CK_RV picky_initialize(CK_VOID_PTR args) {
     if (args != NULL && (((CK_C_INITIALIZE_ARGS *)args)->flags & CKF_OS_LOCKING_OK)) {
