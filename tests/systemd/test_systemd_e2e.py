@@ -8,8 +8,9 @@ reload of a good and a bad config, stops under load with slow clients (nothing l
 start limit would allow, a wrong PIN tried exactly once while a client waits on the socket, the watchdog,
 doctor as the README prints it (and without sudo), and the sandbox's exposure score.
 
-The tests share one container and run in file order (each leaves the service serving). Skipped, with the
-reason, only where nspawn cannot run (not root, tools missing).
+The tests share one container, deployed and started by the fixture (the README's install, softhsm and
+start blocks), and each leaves the service serving, so any one of them runs alone (``-k``). Skipped, with
+the reason, only where nspawn cannot run (not root, tools missing).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ def wheelhouse(work: Path) -> Path:
 class Deployment:
     def __init__(self, c: nspawn.Container, pin: str, blocks: dict[str, str]) -> None:
         self.c, self.pin, self.blocks = c, pin, blocks
+        self.started: nspawn.Result | None = None  # what the README's start block printed
 
     def sh(self, script: str, **kw: Any) -> nspawn.Result:
         return self.c.run(script, **kw)
@@ -152,6 +154,10 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
         d = Deployment(c, pin, blocks)
         for name in ("install", "softhsm"):
             d.sh(f"cd {DEPLOY}\n{blocks[name]}", timeout=600, check=True)
+        # The start block too, here rather than in its test: every test needs a started deployment.
+        d.started = d.sh(f"cd {DEPLOY}\n{blocks['start']}", timeout=300)
+        if d.started.returncode == 0:  # its doctor connected: the socket is starting the service
+            wait_until(lambda: d.active() == "active", 60, "the service activated by the socket")
         took = time.monotonic() - t_boot
         print(f"container booted in {t_boot - t0:.1f}s (with rootfs and wheels), deployed in {took:.1f}s")
         yield d
@@ -164,7 +170,8 @@ def deployed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
 
 def test_readme_start_block_socket_activation_and_doctor(deployed: Deployment) -> None:
     d = deployed
-    r = d.sh(f"cd {DEPLOY}\n{d.blocks['start']}", timeout=300)
+    r = d.started
+    assert r is not None
     print(r.out)
     assert r.returncode == 0, r.out
     assert "✗" not in r.stdout and "✓ unit:" in r.stdout and "✓ pin:" in r.stdout, r.stdout
