@@ -16,9 +16,9 @@ import os
 import signal
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import cache
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from agent.caller import Caller
 from agent.config import AuditConfig, CredentialConfig
@@ -29,6 +29,7 @@ from agent.core.metrics import NO_CREDENTIAL, Metrics
 from agent.core.policy import UNRESTRICTED, Grant
 from agent.core.records import Action, AuditRecord, Event, Outcome
 from agent.core.refusals import RefusalAggregator
+from agent.core.signing_threads import SigningThreads
 from agent.dfns import (
     ClientData,
     CredentialInfo,
@@ -83,6 +84,16 @@ class _Attempt:
         self.selecting = False
 
 
+class _Expired(Exception):
+    """Set on a signature's future by its sign_timeout timer (a private type: nothing the module raises
+    can be taken for it)."""
+
+
+def _expire(future: asyncio.Future[Any]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
 def _outcome(attempt: _Attempt, error: AgentError | None) -> Outcome | None:
     """How an attempt ended, or None when it is not worth a record or a count: a bad request that never
     reached credential selection, or a fail-fast answer while the token recovers (logged once, not per
@@ -104,7 +115,7 @@ class SigningService:
         credentials: Credentials,
         audit: AuditLog | None = None,
         metrics: Metrics | None = None,
-        executor: Executor | None = None,
+        threads: SigningThreads | None = None,
         *,
         started: float | None = None,
         sign_timeout: float = 0.0,
@@ -123,7 +134,7 @@ class SigningService:
         self._unaudited_refusals = RefusalAggregator(refusal_interval, now=lambda: "") if audit is None else None
         self.metrics = metrics
         self._credentials = credentials
-        self._executor = executor
+        self._threads = threads
         # When the agent started (wall clock), for health's uptime: the agent's start, not this service's,
         # so a SIGHUP reload (a new service) or a restarted worker does not reset it. Default: now.
         self.started = time.time() if started is None else started
@@ -135,7 +146,7 @@ class SigningService:
         configs: Sequence[CredentialConfig],
         audit: AuditLog | None = None,
         metrics: Metrics | None = None,
-        executor: Executor | None = None,
+        threads: SigningThreads | None = None,
         *,
         started: float | None = None,
         sign_timeout: float = 0.0,
@@ -148,7 +159,7 @@ class SigningService:
             creds,
             audit,
             metrics,
-            executor,
+            threads,
             started=started,
             sign_timeout=sign_timeout,
             refusal_interval=refusal_interval,
@@ -259,17 +270,21 @@ class SigningService:
         return result
 
     async def _in_pool(self, fn: Callable[[], T], *, bounded: bool = False) -> T:
-        if self._executor is None:
+        if self._threads is None:
             return fn()
-        future = asyncio.get_running_loop().run_in_executor(self._executor, fn)
+        future = self._threads.run(fn)
         if not bounded or not self.sign_timeout:
             return await future
+        # A timer instead of asyncio.wait_for, which costs a task and a second future per signature.
+        expire = asyncio.get_running_loop().call_later(self.sign_timeout, _expire, future)
         try:
-            return await asyncio.wait_for(future, self.sign_timeout)
-        except asyncio.TimeoutError:
+            return await future
+        except _Expired:
             reason = f"a signature did not come back within {self.sign_timeout:g}s"
             self.keys.fault(reason)
             raise TokenTimeout(f"{self.keys.name}: {reason}; the request is abandoned") from None
+        finally:
+            expire.cancel()
 
     def _count(self, record: AuditRecord, outcome: Outcome, started: float) -> None:
         """Count the attempt under its credential, if it is a configured one; else under the fixed label

@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, Literal, TextIO
 
 from agent import __version__
@@ -28,6 +27,7 @@ from agent.core.metrics import Metrics
 from agent.core.policy import Policy
 from agent.core.ratelimit import SHARED
 from agent.core.service import SigningService
+from agent.core.signing_threads import SigningThreads
 from agent.daemon.liveness import Heartbeat, beat_interval
 from agent.dfnsapi.client import make_transport
 from agent.dfnsapi.flow import DfnsFlow
@@ -183,14 +183,14 @@ def serve_worker(
         metrics = Metrics()
         token.circuit.on_event = metrics.token_event
         threads = config.server.sign_threads
-        with ThreadPoolExecutor(max(threads, 1), thread_name_prefix="sign", initializer=_block_loop_signals) as pool:
-            executor = pool if threads else None
+        with contextlib.ExitStack() as stack:
+            signing = stack.enter_context(SigningThreads(threads, initializer=_block_loop_signals)) if threads else None
             service = SigningService.from_config(
                 token,
                 config.credentials,
                 audit,
                 metrics,
-                executor,
+                signing,
                 started=started,
                 sign_timeout=config.token.sign_timeout,
                 refusal_interval=config.audit.refusal_interval,
@@ -210,7 +210,7 @@ def serve_worker(
             signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
             check_stop()
             _run_loop(
-                _serve_until_signalled(config, service, dfns, sock, token, audit, executor, on_reload, share, heartbeat)
+                _serve_until_signalled(config, service, dfns, sock, token, audit, signing, on_reload, share, heartbeat)
             )
     finally:
         ignore_stop_signals()
@@ -246,7 +246,7 @@ def reload(
     token: Token,
     audit: AuditLog | None,
     flow: Callable[[SigningService, DfnsSettings], DfnsFlow],
-    executor: Executor | None,
+    signing: SigningThreads | None,
 ) -> Config:
     """Apply a re-read config's credentials, Dfns settings and policy; raises (keeping the old) on error."""
     fresh, changed = as_reloaded(config, load_config(config.path))
@@ -259,7 +259,7 @@ def reload(
         fresh.credentials,
         audit,
         previous.metrics,
-        executor,
+        signing,
         started=previous.started,
         sign_timeout=fresh.token.sign_timeout,
         refusal_interval=fresh.audit.refusal_interval,
@@ -281,7 +281,7 @@ async def _serve_until_signalled(
     sock: socket.socket,
     token: Token,
     audit: AuditLog | None,
-    executor: Executor | None,
+    signing: SigningThreads | None,
     on_reload: ReloadReport | None = None,
     share: WorkerSlot | None = None,
     heartbeat: Heartbeat | None = None,
@@ -306,7 +306,7 @@ async def _serve_until_signalled(
         async def on_hup() -> None:
             systemd.reloading()
             try:
-                current[0] = await loop.run_in_executor(None, reload, state, current[0], token, audit, flow, executor)
+                current[0] = await loop.run_in_executor(None, reload, state, current[0], token, audit, flow, signing)
             except AgentError as e:
                 log.error("reload failed; keeping the previous configuration: %s", e.message)
                 outcome: tuple[bool, str] = (False, e.message)

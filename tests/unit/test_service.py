@@ -14,7 +14,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from agent.core.metrics import Metrics
 from agent.core.policy import UNRESTRICTED, Grant
 from agent.core.records import Action
 from agent.core.service import SigningService
+from agent.core.signing_threads import SigningThreads
 from agent.dev.softkeys import SoftKeyStore
 from agent.dev.testing import b64url, b64url_decode, files_cannot_grow_past, make_challenge, samples_of, total
 from agent.dfns import KeyAssertion, RegistrationChallenge, verify_signature
@@ -102,12 +102,12 @@ def check_signature(store: SoftKeyStore, kind: KeyKind, signature: bytes, messag
 class World:
     """A service over a fresh SoftKeyStore, with its audit log and metrics."""
 
-    def __init__(self, tmp_path: Path, *, origin: str | None = None, executor: ThreadPoolExecutor | None = None):
+    def __init__(self, tmp_path: Path, *, origin: str | None = None, threads: SigningThreads | None = None):
         self.store = new_store()
         self.audit_path = tmp_path / "audit" / "audit.jsonl"
         self.audit = AuditLog(self.audit_path)
         self.metrics = Metrics()
-        self.service = SigningService.from_config(self.store, configs(origin), self.audit, self.metrics, executor)
+        self.service = SigningService.from_config(self.store, configs(origin), self.audit, self.metrics, threads)
 
     def samples(self) -> dict[Any, float]:
         return samples_of(self.metrics.render()[0].decode())
@@ -381,14 +381,14 @@ def test_auto_pick_takes_the_first_allowed_credential_the_grant_permits(world: W
 # -- where the token work runs ----------------------------------------------------------------------
 
 
-def test_without_an_executor_signing_runs_inline_on_the_event_loop(world: World) -> None:
+def test_without_signing_threads_signing_runs_inline_on_the_event_loop(world: World) -> None:
     asyncio.run(world.service.sign(make_challenge(cred_id(KeyKind.P256)), "p256"))
     assert world.store.sign_threads == [threading.current_thread().name]
 
 
 def test_with_a_thread_pool_concurrent_signatures_run_on_it_and_each_is_audited(tmp_path: Path) -> None:
-    with ThreadPoolExecutor(2, thread_name_prefix="signer") as pool:
-        w = World(tmp_path, executor=pool)
+    with SigningThreads(2, name="signer") as pool:
+        w = World(tmp_path, threads=pool)
         try:
             challenges = [(make_challenge(cred_id(k)), k) for k in KINDS for _ in range(4)]
 

@@ -6,7 +6,6 @@ request; the contract suite drills the real one (SIGSTOP of ``p11-kit server``).
 from __future__ import annotations
 
 import asyncio
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from agent.config import CredentialConfig
 from agent.core.audit import AuditLog, verify
 from agent.core.service import SigningService
+from agent.core.signing_threads import SigningThreads
 from agent.dev.softkeys import SoftKeyStore
 from agent.dev.testing import make_challenge
 from agent.errors import CircuitOpen, TokenTimeout
@@ -21,15 +21,15 @@ from agent.health import TokenState
 from agent.token.keys import KeyKind
 
 
-def _service(tmp_path: Path, pool: ThreadPoolExecutor) -> tuple[SoftKeyStore, SigningService, AuditLog]:
+def _service(tmp_path: Path, pool: SigningThreads) -> tuple[SoftKeyStore, SigningService, AuditLog]:
     keys = SoftKeyStore.with_keys([("key-p256", KeyKind.P256)])
     audit = AuditLog(tmp_path / "audit.jsonl")
     creds = [CredentialConfig(name="p256", key="key-p256", cred_id="Y3JlZA")]
-    return keys, SigningService.from_config(keys, creds, audit, executor=pool, sign_timeout=0.3), audit
+    return keys, SigningService.from_config(keys, creds, audit, threads=pool, sign_timeout=0.3), audit
 
 
 def test_a_hung_signature_times_out_opens_the_circuit_and_health_still_answers(tmp_path: Path) -> None:
-    with ThreadPoolExecutor(2) as pool:
+    with SigningThreads(2) as pool:
         keys, service, audit = _service(tmp_path, pool)
         release = keys.hold_signatures()
         try:
