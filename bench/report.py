@@ -173,8 +173,8 @@ def cpu_beyond_sign_us(run: RunResult, algo: AlgoResult, clients: int) -> tuple[
 def slow_checks(slow: SlowResult, cores: int) -> list[Check]:
     sessions_rate = slow.sessions * 1000 / slow.sign_ms
     cpu = slow.agent.server_cpu_per_request_us
-    # The load generator runs on the same cores, so what the CPU allows is the cores over the agent's CPU
-    # per request plus the load generator's, as the budget lines count it.
+    # The bound is all of the machine's cores, and the load generator runs on them too: what the CPU allows
+    # is the cores over the agent's CPU per request plus the load generator's.
     loadgen = slow.agent.cpu_per_request_us or 0.0
     cpu_rate = cores * 1e6 / (cpu + loadgen) if cpu and cores else None
     bound = min(sessions_rate, cpu_rate) if cpu_rate else sessions_rate
