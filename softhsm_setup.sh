@@ -33,7 +33,7 @@ the agent), makes the SoftHSM dev token in .dev/ (PIN in .dev/pin, config .dev/a
   setup       (the default) stops there
   serve       runs the agent on the dev token (Ctrl-C stops it); extra args go to dfns-agent serve
   dev-dfns    runs a local Dfns-compatible API on 127.0.0.1:8400 that knows the dev key
-  test        runs ruff, mypy, lint-imports and pytest (extra args go to pytest)
+  test        runs ruff (lint and format), mypy, lint-imports and pytest (extra args go to pytest)
   -h, --help  prints this and does nothing else
 EOF
 }
@@ -117,6 +117,7 @@ case "${1:-setup}" in
     shift
     say "ruff"
     "$VENV/bin/ruff" check agent tests bench
+    "$VENV/bin/ruff" format --check --quiet agent tests bench
     say "mypy"
     "$VENV/bin/mypy" --no-error-summary
     say "import rule (.importlinter)"

@@ -103,8 +103,13 @@ def _as_unit(obj: Context, report: Report, unit: str, socket_path: str | None) -
     described = ", ".join(f"{c.name} ({c.source or 'not present'})" for c in settings.credentials) or "none"
     who = f"runs as {settings.user}" if settings.user else "runs as root"
     if missing:
-        report.add(failed("unit", f"{unit} {who}; credentials: {described}",
-                          f"create {', '.join(missing)} (mode 0600, root): systemd refuses to start without them"))
+        report.add(
+            failed(
+                "unit",
+                f"{unit} {who}; credentials: {described}",
+                f"create {', '.join(missing)} (mode 0600, root): systemd refuses to start without them",
+            )
+        )
     else:
         report.add(passed("unit", f"{unit} {who}; credentials: {described}"))
     creds = Path(tempfile.mkdtemp(prefix="dfns-agent-doctor-"))

@@ -79,10 +79,18 @@ def print_file(name: str) -> None:
 
 
 @files.command("install")
-@click.option("--systemd-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where the units go [default: /etc/systemd/system; with --user ~/.config/systemd/user].")
-@click.option("--config-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Where agent.example.toml goes [default: /etc/dfns-agent; with --user ~/.config/dfns-agent].")
+@click.option(
+    "--systemd-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where the units go [default: /etc/systemd/system; with --user ~/.config/systemd/user].",
+)
+@click.option(
+    "--config-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where agent.example.toml goes [default: /etc/dfns-agent; with --user ~/.config/dfns-agent].",
+)
 @click.option("--user", "user_units", is_flag=True, help="Install the per-user units.")
 def install_files(systemd_dir: Path | None, config_dir: Path | None, user_units: bool) -> None:
     """Install the units (mode 0644) and the example config; existing files are left as they are."""

@@ -53,6 +53,4 @@ class WorkerSlot:
 
     def ahead(self) -> bool:
         mine = self._counts[self._index]
-        return any(
-            ABSENT < count < mine for index, count in enumerate(self._counts) if index != self._index
-        )
+        return any(ABSENT < count < mine for index, count in enumerate(self._counts) if index != self._index)

@@ -53,8 +53,11 @@ def test_logins_elsewhere_while_workers_probe_are_not_token_faults(token_env: To
     for n, victim in enumerate(sorted(workers)[:2], 1):  # new workers log in while the others probe
         time.sleep(2.0)
         os.kill(victim, signal.SIGKILL)
-        wait_until(lambda n=n: agent.proc.poll() is not None or agent.output().count("restarted (pid") >= n,
-                   30, "the supervisor to replace the worker")
+        wait_until(
+            lambda n=n: agent.proc.poll() is not None or agent.output().count("restarted (pid") >= n,
+            30,
+            "the supervisor to replace the worker",
+        )
         assert agent.proc.poll() is None, agent.output()[-3000:]
     out, _ = logins.communicate(timeout=60)
     assert logins.returncode == 0
@@ -62,8 +65,10 @@ def test_logins_elsewhere_while_workers_probe_are_not_token_faults(token_env: To
     text = agent.output()
     retried = text.count("probing again")
     looked = text.count("looking again")
-    print(f"logins elsewhere (ok, failed): {out.strip()}; {retried} probe(s) and {looked} token lookup(s) saw a "
-          "transient fault and tried again")
+    print(
+        f"logins elsewhere (ok, failed): {out.strip()}; {retried} probe(s) and {looked} token lookup(s) saw a "
+        "transient fault and tried again"
+    )
     assert agent.proc.poll() is None, text[-3000:]
     assert "recovering" not in text and "reconnected" not in text, text[-3000:]
     assert agent.http.get("/v1/health").json()["status"] == "ok"

@@ -88,7 +88,12 @@ def test_the_checkout_still_imports_the_dev_area_from_its_editable_install(tmp_p
 def test_the_wheel_carries_the_example_config_the_units_and_the_license(wheel: zipfile.ZipFile) -> None:
     """`pip install dfns-agent` alone gives `dfns-agent files` what it prints and installs."""
     names = set(wheel.namelist())
-    for name in ("agent.example.toml", "systemd/dfns-agent.service", "systemd/dfns-agent.socket",
-                 "systemd/user/dfns-agent.service", "systemd/user/dfns-agent.socket"):
+    for name in (
+        "agent.example.toml",
+        "systemd/dfns-agent.service",
+        "systemd/dfns-agent.socket",
+        "systemd/user/dfns-agent.service",
+        "systemd/user/dfns-agent.socket",
+    ):
         assert wheel.read(f"agent/data/{name}") == (ROOT / "pkcs11_config" / name).read_bytes(), name
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names), sorted(names)

@@ -61,9 +61,20 @@ class Container:
         name = f"dfns-ci-{os.getpid()}"
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen(
-                ["systemd-nspawn", "--boot", "--register=no", "--keep-unit", "--console=passive",
-                 f"--machine={name}", "-D", str(self.root)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                [
+                    "systemd-nspawn",
+                    "--boot",
+                    "--register=no",
+                    "--keep-unit",
+                    "--console=passive",
+                    f"--machine={name}",
+                    "-D",
+                    str(self.root),
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while not self.pid1:
@@ -94,8 +105,15 @@ class Container:
             todo += [int(c) for c in children]
         return 0
 
-    def run(self, script: str, *, user: str | None = None, timeout: float = 120.0, stdin: str | None = None,
-            check: bool = False) -> Result:
+    def run(
+        self,
+        script: str,
+        *,
+        user: str | None = None,
+        timeout: float = 120.0,
+        stdin: str | None = None,
+        check: bool = False,
+    ) -> Result:
         """``script`` in bash inside the container: as root, or as ``user`` (a login-less runuser)."""
         cmd = ["nsenter", "-t", str(self.pid1), "-a", "--"]
         if user is None:

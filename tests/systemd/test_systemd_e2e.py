@@ -373,9 +373,18 @@ def test_the_dfns_flow_deployment_with_the_token_credential_and_the_network_drop
     cred_id, public = d.credential()
     (tmp_path / "dev.pem").write_text(public)
     dev = subprocess.Popen(
-        [str(ROOT / ".venv/bin/dfns-agent"), "dev-dfns", "--port", "0", "--service-account",
-         f"dev={tmp_path / 'dev.pem'}", "--tokens-dir", str(tmp_path / "tokens")],
-        stdout=subprocess.PIPE, text=True,
+        [
+            str(ROOT / ".venv/bin/dfns-agent"),
+            "dev-dfns",
+            "--port",
+            "0",
+            "--service-account",
+            f"dev={tmp_path / 'dev.pem'}",
+            "--tokens-dir",
+            str(tmp_path / "tokens"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert dev.stdout is not None

@@ -113,7 +113,7 @@ async def test_a_server_that_closes_after_reading_the_request_is_broken_not_unse
 async def test_an_answer_cut_off_in_its_body_is_broken() -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_head(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{\"partial\":")
+        writer.write(b'HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n{"partial":')
         await writer.drain()
         writer.close()
 
