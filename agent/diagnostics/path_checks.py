@@ -50,13 +50,15 @@ def check_socket(path: Path, *, managed_by: str | None = None) -> Check:
             "run the agent as the directory's owner or set [server] socket in a directory of your own",
         )
     mode = stat.S_IMODE(st.st_mode)
-    if mode != 0o700:
+    if mode & 0o077:  # what the agent refuses at start-up (it never changes an existing directory's mode)
         return failed(
             "socket",
-            f"{directory} has mode {mode:04o}; other users could reach the socket in it",
-            f"chmod 700 {directory}",
+            f"{directory} has mode {mode:04o}; other users could reach the socket in it, so the agent will not "
+            "start there",
+            f"give the socket a directory of its own (one that does not exist yet: the agent creates it 0700), "
+            f"or chmod 700 {directory} if it is the agent's alone",
         )
-    return _check_socket_file(path, f"{directory} is yours, mode 0700")
+    return _check_socket_file(path, f"{directory} is yours, mode {mode:04o}")
 
 
 def _check_unit_socket(path: Path, unit: str) -> Check:

@@ -85,9 +85,15 @@ def same_process(caller: Caller) -> bool:
 
 
 def prepare_directory(directory: Path) -> None:
-    """Create the socket's directory 0700, or check that an existing one is ours and make it 0700."""
+    """Create the socket's directory with mode 0700, or check that an existing one is already private to
+    this user. An existing directory's mode is never changed: it may be shared (``--socket /tmp/agent.sock``
+    run as root would otherwise make /tmp 0700 for every user of the machine)."""
+    created = False
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True)
+        created = True
+    except FileExistsError:
+        pass
     except OSError as e:
         raise ListenError(f"cannot create socket directory {directory}: {e.strerror}") from None
     st = os.lstat(directory)
@@ -95,8 +101,16 @@ def prepare_directory(directory: Path) -> None:
         raise ListenError(f"socket directory {directory} is not a directory (or is a symlink)")
     if st.st_uid != os.geteuid():
         raise ListenError(f"socket directory {directory} belongs to uid {st.st_uid}, not to this user")
-    if stat.S_IMODE(st.st_mode) != 0o700:
-        os.chmod(directory, 0o700)
+    mode = stat.S_IMODE(st.st_mode)
+    if created and mode != 0o700:
+        os.chmod(directory, 0o700)  # the umask took bits from mkdir's mode; this directory is the agent's own
+    elif mode & 0o077:
+        raise ListenError(
+            f"socket directory {directory} has mode {mode:04o}: other users can reach what is in it, and the "
+            "agent does not change the mode of a directory it did not create. Give the socket a directory of "
+            "its own (a path in a directory that does not exist yet: the agent creates it with mode 0700), or "
+            f"`chmod 700 {directory}` if the directory is the agent's alone"
+        )
 
 
 def _agent_answers(path: Path) -> bool:

@@ -281,6 +281,19 @@ def test_stale_socket_file_is_replaced(token_env: TokenEnv, start_agent: Any, sh
     assert a.http.get("/v1/health").status_code == 200
 
 
+def test_a_socket_in_a_shared_directory_is_refused_and_the_directory_left_alone(
+    token_env: TokenEnv, start_agent: Any, short_dir: Path
+) -> None:
+    shared = short_dir / "tmp"  # like /tmp: world-writable and sticky
+    shared.mkdir()
+    shared.chmod(0o1777)
+    a: AgentProcess = start_agent(token_env, wait=False, socket_path=shared / "agent.sock")
+    assert a.proc.wait(20) != 0
+    assert stat.S_IMODE(os.stat(shared).st_mode) == 0o1777  # the old agent made it 0700, for every user
+    assert f"socket directory {shared} has mode 1777" in a.output() and "a directory of its own" in a.output()
+    assert not (shared / "agent.sock").exists()
+
+
 def test_a_live_agent_on_the_same_path_is_a_start_up_error(token_env: TokenEnv, start_agent: Any) -> None:
     first: AgentProcess = start_agent(token_env)
     second: AgentProcess = start_agent(token_env, wait=False, socket_path=first.socket_path)
