@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent.config import AuditConfig
 from agent.diagnostics.results import Check, failed, passed
+from agent.transport.listener import OPEN_TO_OTHERS, own_directory_advice
 
 _MAX_SUN_PATH = 107  # bytes of sun_path usable for a path (agent/transport/listener.py refuses longer ones)
 
@@ -50,13 +51,12 @@ def check_socket(path: Path, *, managed_by: str | None = None) -> Check:
             "run the agent as the directory's owner or set [server] socket in a directory of your own",
         )
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o077:  # what the agent refuses at start-up (it never changes an existing directory's mode)
+    if mode & OPEN_TO_OTHERS:  # what the agent refuses at start-up (it never changes an existing directory's mode)
         return failed(
             "socket",
             f"{directory} has mode {mode:04o}; other users could reach the socket in it, so the agent will not "
             "start there",
-            f"give the socket a directory of its own (one that does not exist yet: the agent creates it 0700), "
-            f"or chmod 700 {directory} if it is the agent's alone",
+            own_directory_advice(directory),
         )
     return _check_socket_file(path, f"{directory} is yours, mode {mode:04o}")
 

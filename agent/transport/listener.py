@@ -84,6 +84,17 @@ def same_process(caller: Caller) -> bool:
     return exe == caller.exe and process_start_time(caller.pid) == caller.started
 
 
+OPEN_TO_OTHERS = 0o077  # mode bits through which group or others reach what is in a directory
+
+
+def own_directory_advice(directory: Path) -> str:
+    """What to do about a socket directory others can reach (the agent at start-up and doctor say the same)."""
+    return (
+        "give the socket a directory of its own (a path in a directory that does not exist yet: the agent "
+        f"creates it with mode 0700), or `chmod 700 {directory}` if the directory is the agent's alone"
+    )
+
+
 def prepare_directory(directory: Path) -> None:
     """Create the socket's directory with mode 0700, or check that an existing one is already private to
     this user. An existing directory's mode is never changed: it may be shared (``--socket /tmp/agent.sock``
@@ -104,12 +115,10 @@ def prepare_directory(directory: Path) -> None:
     mode = stat.S_IMODE(st.st_mode)
     if created and mode != 0o700:
         os.chmod(directory, 0o700)  # the umask took bits from mkdir's mode; this directory is the agent's own
-    elif mode & 0o077:
+    elif mode & OPEN_TO_OTHERS:
         raise ListenError(
             f"socket directory {directory} has mode {mode:04o}: other users can reach what is in it, and the "
-            "agent does not change the mode of a directory it did not create. Give the socket a directory of "
-            "its own (a path in a directory that does not exist yet: the agent creates it with mode 0700), or "
-            f"`chmod 700 {directory}` if the directory is the agent's alone"
+            f"agent does not change the mode of a directory it did not create; {own_directory_advice(directory)}"
         )
 
 

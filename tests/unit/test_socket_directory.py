@@ -17,8 +17,8 @@ def mode_of(path: Path) -> int:
 
 
 def test_a_missing_directory_is_created_0700_whatever_the_umask(short_dir: Path) -> None:
-    directory = short_dir / "a" / "run"
-    old = os.umask(0o277)  # takes the owner's write bit from mkdir's mode
+    directory = short_dir / "run"
+    old = os.umask(0o277)  # takes the owner's write bit from mkdir's mode (one level: parents would get it too)
     try:
         prepare_directory(directory)
     finally:
