@@ -10,8 +10,9 @@ thread is stuck gives up by itself, draining its connections first: ``agent/daem
 
 from __future__ import annotations
 
-import mmap
 import time
+
+from agent.shared_words import shared_words
 
 NOT_STARTED = 0  # a slot with no serving worker: not judged
 
@@ -21,10 +22,7 @@ class Heartbeats:
     shared with the forked workers; the clock is the same in every process."""
 
     def __init__(self, workers: int) -> None:
-        self._map = mmap.mmap(-1, 8 * workers)  # MAP_SHARED | MAP_ANONYMOUS: shared with forked children
-        self._stamps = memoryview(self._map).cast("q")
-        for index in range(workers):
-            self._stamps[index] = NOT_STARTED
+        self._stamps = shared_words(workers, NOT_STARTED)
 
     def slot(self, index: int) -> Heartbeat:
         return Heartbeat(self._stamps, index)

@@ -11,7 +11,7 @@ or stuck delays a new connection by that moment at most, never refuses it.
 
 from __future__ import annotations
 
-import mmap
+from agent.shared_words import shared_words
 
 ABSENT = -1  # a slot with no serving worker: not waited for
 YIELD_SECONDS = 0.002
@@ -22,10 +22,7 @@ class ConnectionShare:
     them, so that each worker sees the others' counts (one aligned 64-bit word each: no torn reads)."""
 
     def __init__(self, workers: int) -> None:
-        self._map = mmap.mmap(-1, 8 * workers)  # MAP_SHARED | MAP_ANONYMOUS: shared with forked children
-        self._counts = memoryview(self._map).cast("q")
-        for index in range(workers):
-            self._counts[index] = ABSENT
+        self._counts = shared_words(workers, ABSENT)
 
     def slot(self, index: int) -> WorkerSlot:
         return WorkerSlot(self._counts, index)
