@@ -10,6 +10,7 @@ guard against that (a scan for long digit runs) costs more than it saves.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import orjson
@@ -20,15 +21,24 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    # A number too large for a double (1e400) would read as inf, and be written back as Infinity.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:40]} is beyond the range of a JSON number the agent can carry")
+    return value
+
+
 # Built once: json.loads and json.dumps build a new decoder or encoder per call when given options.
-_DECODER = json.JSONDecoder(parse_constant=_not_json)
+_DECODER = json.JSONDecoder(parse_constant=_not_json, parse_float=_finite)
 # ASCII with escapes: the only way to write a lone surrogate that every JSON reader accepts.
 _ENCODER = json.JSONEncoder(separators=(",", ":"), default=str)
 
 
 def loads(raw: bytes) -> Any:
-    """Strict JSON from bytes in any encoding RFC 8259 names (as ``json.loads`` reads them), without ``NaN``
-    or ``Infinity``; raises ``ValueError`` (or ``UnicodeDecodeError``, ``RecursionError``) on anything else."""
+    """Strict JSON from bytes in any encoding RFC 8259 names (as ``json.loads`` reads them), without ``NaN``,
+    ``Infinity`` or a number that overflows a double; raises ``ValueError`` (or ``UnicodeDecodeError``,
+    ``RecursionError``) on anything else."""
     return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
 
 

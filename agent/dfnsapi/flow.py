@@ -31,8 +31,17 @@ MAX_PATH = 2048
 
 
 def serialize_payload(body: Any) -> str:
-    """The one serialization of a request body: compact JSON, ``{}`` when there is no body."""
-    return json.dumps({} if body is None else body, separators=(",", ":"), ensure_ascii=False)
+    """The one serialization of a request body: compact JSON, ``{}`` when there is no body.
+
+    Checked before any call to Dfns is made for it: the payload must be JSON (no ``NaN`` or ``Infinity``)
+    and travel as UTF-8, which has no form for a lone surrogate (``"\\ud800"`` is valid JSON syntax)."""
+    try:
+        payload = json.dumps({} if body is None else body, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        payload.encode("utf-8")
+    except ValueError as e:  # UnicodeEncodeError is one
+        what = "a lone surrogate, which UTF-8 cannot carry" if isinstance(e, UnicodeEncodeError) else "NaN or Infinity"
+        raise BadRequest(f"the request body holds {what}", code="invalid_json") from None
+    return payload
 
 
 def check_path(path: str) -> str:

@@ -14,6 +14,8 @@ from agent.errors import BadRequest
         b"[" * 100_000 + b"]" * 100_000,  # deeper than Python's json can recurse: RecursionError inside json
         b'{"a":' * 100_000 + b"1" + b"}" * 100_000,
         b'{"x": NaN}',  # Python's json takes NaN, JSON does not
+        b'{"x": 1e400}',  # beyond a double: Python's json reads inf, which would be written back as Infinity
+        b'{"x": [-1e999]}',
         b"\xff\xfe\x00",
         b"{",
     ],

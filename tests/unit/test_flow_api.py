@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
+from agent.app.bodies import json_object
 from agent.caller import Caller
 from agent.config import CredentialConfig, DfnsConfig
 from agent.core.audit import AuditLog, verify
@@ -313,6 +314,30 @@ def test_a_get_with_a_body_is_refused(world: World) -> None:
     with pytest.raises(BadRequest, match="GET request has no body"):
         world.run(lambda flow: flow.request(DfnsCall("GET", "/wallets", {"x": 1}, "main")))
     assert world.dfns.requests == []
+
+
+@pytest.mark.parametrize(
+    ("body", "what"),
+    [
+        ({"name": "\ud800"}, "lone surrogate"),  # "\\ud800" in a request body reads as this: valid JSON syntax
+        ({"amount": float("inf")}, "NaN or Infinity"),  # (the body reader refuses 1e400; this is the second guard)
+    ],
+)
+@pytest.mark.parametrize("step", ["request", "user_action"])
+def test_a_body_that_cannot_be_sent_as_json_is_refused_before_any_call_to_dfns(
+    world: World, body: dict[str, Any], what: str, step: str
+) -> None:
+    """What the agent signs and sends must be JSON in UTF-8; a body that is not is the caller's 400, found
+    before a challenge is asked for (not a 500 after one was used up)."""
+    call = DfnsCall("POST", "/wallets", body, "main")
+    with pytest.raises(BadRequest, match=what) as e:
+        world.run(lambda flow: getattr(flow, step)(call))
+    assert e.value.code == "invalid_json"
+    assert world.dfns.requests == [] and world.store.signatures == 0 and world.records() == []
+
+
+def test_an_escaped_lone_surrogate_in_a_request_body_reads_as_one() -> None:
+    assert json_object(b'{"name":"\\ud800"}') == {"name": "\ud800"}
 
 
 @pytest.mark.parametrize(
