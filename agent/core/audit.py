@@ -17,7 +17,8 @@ same file: each batch is appended under an exclusive ``flock`` after re-reading 
 after the lock is released, so one worker's fsync does not hold up another's append.
 
 Failures never leave a broken chain: a write that fails or comes up short is cut back (``ftruncate``, under
-the lock) to where it started; a torn tail left by a crash mid-write is cut off at the last complete record,
+the lock) to where it started; lines whose fsync fails stay (others may have read them), their signatures
+withheld; a torn tail left by a crash mid-write is cut off at the last complete record,
 with a warning and a ``repair`` record, before anything is appended; a last record that is not a record at
 all is refused (nothing is appended to it). ``seq`` goes on across restarts, recoveries and rotated files.
 Rotation (by size or age) starts the next file with a ``rotate`` record chained to the previous file's head.
@@ -672,11 +673,11 @@ class AuditLog:
             # sync. Holding the lock through the fsync made the other worker's writer wait for it: 1.3-2.6 ms
             # at p90 under load.
             self._release_lock(fd)
-            try:
-                os.fsync(fd)
-            except OSError:
-                self._undo_unsynced(fd, tail.size, new.end)
-                raise
+            # A failed fsync leaves the lines where they are: another worker may have read them since the lock
+            # was released (its cached tail, a checkpoint it is signing, a rotation), and taking them out would
+            # leave it chained to records that no longer exist. Their signatures are withheld below; a record
+            # without an answer is harmless, an answer without a record is not.
+            os.fsync(fd)
             self._tail_cache = (os.fstat(fd).st_ino, new)
             self.last_error = None
             every = self.settings.checkpoint_every
@@ -694,20 +695,6 @@ class AuditLog:
             if finish:
                 for item in batch:
                     item.finish()
-
-    def _undo_unsynced(self, fd: int, start: int, end: int) -> None:
-        """After a failed fsync, take our lines back out if nobody appended after them (their signatures
-        are withheld); if someone did, they stay: a record without an answer is harmless, an answer
-        without a record is not."""
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            try:
-                if os.fstat(fd).st_size == end:
-                    self._cut_back(fd, start)
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-        except OSError:
-            pass
 
     def close(self) -> None:
         """Stop the writer after the queue, the refusal summaries and a last checkpoint are written."""

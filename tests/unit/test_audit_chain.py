@@ -111,6 +111,38 @@ def test_a_last_record_that_is_not_a_record_is_refused_not_appended_to(tmp_path:
     assert path.read_bytes() == before
 
 
+def test_a_failed_fsync_leaves_its_records_so_what_other_workers_read_meanwhile_stays_true(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker syncs after it has released the lock, so another may read its lines before the fsync fails.
+    Taking them back out then would leave that reader chained to records that no longer exist (its cached
+    tail matches by size once the file regrows). They stay: a record without an answer is harmless."""
+    path = tmp_path / "audit.jsonl"
+    a, b = AuditLog(path), AuditLog(path)  # two workers
+    real_fsync, failed = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        if not failed:
+            failed.append(fd)
+            assert b.probe() is None  # worker B reads the tail (and caches it) while A's lines are unsynced
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    try:
+        with pytest.raises(AuditUnavailable, match="signature withheld"):
+            a.record(Fields(event="sign", n=1))
+        a.record(Fields(event="sign", n=2))  # the same length as the first: the file regrows to the same size
+        b.record(Fields(event="sign", n=3))
+    finally:
+        a.close()
+        b.close()
+    assert failed
+    assert verify(path).ok, verify(path)
+    records = lines(path)
+    assert [r["n"] for r in records] == [1, 2, 3] and [r["seq"] for r in records] == [1, 2, 3]
+
+
 def test_seq_goes_on_across_instances_sharing_the_file(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     a, b = AuditLog(path), AuditLog(path)  # two workers
