@@ -28,7 +28,16 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 CONFIG_ENV = "DFNS_AGENT_CONFIG"
 DEFAULT_MAX_BODY = 64 * 1024
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+CREDENTIAL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_NAME_RE = re.compile(CREDENTIAL_NAME_PATTERN)
+NAME_RULE = "1-64 characters of letters, digits, '.', '_', '-'"
+
+
+def is_credential_name(name: str) -> bool:
+    """Whether ``name`` can name a credential at all (a request naming anything else is refused unread)."""
+    return _NAME_RE.fullmatch(name) is not None
+
+
 _CRED_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,512}={0,2}$")
 
 
@@ -503,8 +512,8 @@ def _credential(c: Any, base: Path, where: str) -> CredentialConfig:
         raise ConfigError(f"{where}: must be a table")
     _only(c, {"name", "key", "key_id", "cred_id", "origin", "dfns"}, where)
     name = _str(c, "name", where, required=True)
-    if not _NAME_RE.fullmatch(name):
-        raise ConfigError(f"{where}: name {name!r} must be 1-64 characters of letters, digits, '.', '_', '-'")
+    if not is_credential_name(name):
+        raise ConfigError(f"{where}: name {name!r} must be {NAME_RULE}")
     key_id_hex = _str(c, "key_id", where)
     try:
         key_id = bytes.fromhex(key_id_hex) if key_id_hex else None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import jsonio
+from agent.config import NAME_RULE, is_credential_name
 from agent.dfnsapi.flow import DfnsCall, check_path
 from agent.errors import BadRequest
 
@@ -116,6 +117,24 @@ def _required_str(body: Mapping[str, Any], key: str) -> str:
     return value
 
 
+def _optional_name(body: Mapping[str, Any], key: str) -> str | None:
+    """A credential's name, or None. A string no credential can be called is refused here: it never reaches
+    credential selection, so it is neither audited nor echoed at length (a caller could otherwise write
+    records as long as its body into the audit log, twice each)."""
+    value = _optional_str(body, key)
+    if value is not None and not is_credential_name(value):
+        shown = repr(value[:64]) + ("…" if len(value) > 64 else "")
+        raise BadRequest(f"{key} must be a credential name, {NAME_RULE} (got {shown})")
+    return value
+
+
+def _required_name(body: Mapping[str, Any], key: str) -> str:
+    value = _optional_name(body, key)
+    if value is None:
+        raise BadRequest(f"{key} must be a non-empty string")
+    return value
+
+
 @dataclass(frozen=True)
 class SignBody:
     """``POST /v1/sign``: ``{"challenge": {…}, "credential"?}``."""
@@ -127,7 +146,7 @@ class SignBody:
     def parse(cls, raw: bytes) -> SignBody:
         body = json_object(raw)
         _check_fields(body, {"challenge"}, {"credential"}, SIGN_SHAPE, "/auth/action/init")
-        return cls(_challenge_object(body, "/auth/action/init", SIGN_SHAPE), _optional_str(body, "credential"))
+        return cls(_challenge_object(body, "/auth/action/init", SIGN_SHAPE), _optional_name(body, "credential"))
 
 
 @dataclass(frozen=True)
@@ -147,7 +166,7 @@ class RegisterBody:
         )
         return cls(
             _challenge_object(body, "/auth/credentials/init", REGISTER_SHAPE),
-            _required_str(body, "credential"),
+            _required_name(body, "credential"),
             _optional_str(body, "credId"),
             _optional_str(body, "credentialName"),
         )
@@ -163,7 +182,7 @@ def dfns_call(raw: bytes) -> DfnsCall:
     if not isinstance(path, str):
         raise BadRequest("path must be a string", code="invalid_path")
     # Checked here, before the policy sees it: the policy and the Dfns call get this one value.
-    return DfnsCall(method.upper(), check_path(path), body.get("body"), _optional_str(body, "credential"))
+    return DfnsCall(method.upper(), check_path(path), body.get("body"), _optional_name(body, "credential"))
 
 
 @dataclass(frozen=True)
@@ -178,4 +197,6 @@ class RegisterCredentialBody:
     def parse(cls, raw: bytes) -> RegisterCredentialBody:
         body = json_object(raw)
         _check_fields(body, {"credential"}, {"via", "credentialName"}, REGISTER_CREDENTIAL_SHAPE)
-        return cls(_required_str(body, "credential"), _optional_str(body, "via"), _optional_str(body, "credentialName"))
+        return cls(
+            _required_name(body, "credential"), _optional_name(body, "via"), _optional_str(body, "credentialName")
+        )

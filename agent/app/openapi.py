@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from agent import __version__
+from agent.config import CREDENTIAL_NAME_PATTERN
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -84,7 +85,7 @@ SCHEMAS: dict[str, Any] = {
             "challenge": _ref("UserActionChallenge"),
             "credential": {
                 "type": "string",
-                "minLength": 1,
+                "pattern": CREDENTIAL_NAME_PATTERN,
                 "description": "configured credential name; default: the first one the challenge allows",
             },
         },
@@ -112,7 +113,7 @@ SCHEMAS: dict[str, Any] = {
             "challenge": _ref("RegistrationChallenge"),
             "credential": {
                 "type": "string",
-                "minLength": 1,
+                "pattern": CREDENTIAL_NAME_PATTERN,
                 "description": "configured credential whose key to register",
             },
             "credId": {"type": "string", "minLength": 1, "description": "default: the credential's credId"},
@@ -154,7 +155,11 @@ SCHEMAS: dict[str, Any] = {
                 "'/', '\\' or NUL (else 400 invalid_path)",
             },
             "body": {"description": "JSON body; serialized once, compactly; omitted or null means {}"},
-            "credential": {"type": "string", "minLength": 1, "description": "default: the first with Dfns settings"},
+            "credential": {
+                "type": "string",
+                "pattern": CREDENTIAL_NAME_PATTERN,
+                "description": "default: the first with Dfns settings",
+            },
         },
     },
     "UserAction": {
@@ -171,8 +176,16 @@ SCHEMAS: dict[str, Any] = {
         "required": ["credential"],
         "additionalProperties": False,
         "properties": {
-            "credential": {"type": "string", "minLength": 1, "description": "credential whose key to register"},
-            "via": {"type": "string", "minLength": 1, "description": "existing credential that signs the user action"},
+            "credential": {
+                "type": "string",
+                "pattern": CREDENTIAL_NAME_PATTERN,
+                "description": "credential whose key to register",
+            },
+            "via": {
+                "type": "string",
+                "pattern": CREDENTIAL_NAME_PATTERN,
+                "description": "existing credential that signs the user action",
+            },
             "credentialName": {"type": "string", "minLength": 1},
         },
     },

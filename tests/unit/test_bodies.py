@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
-from agent.app.bodies import json_object
+from agent.app.bodies import RegisterCredentialBody, SignBody, json_object
 from agent.errors import BadRequest
 
 
@@ -30,3 +32,20 @@ def test_a_json_body_that_is_not_an_object_is_refused() -> None:
     with pytest.raises(BadRequest, match="must be a JSON object"):
         json_object(b"[1, 2]")
     assert json_object(b'{"challenge": {"a": [1, {"b": null}]}}') == {"challenge": {"a": [1, {"b": None}]}}
+
+
+@pytest.mark.parametrize("field", ["credential", "via"])
+@pytest.mark.parametrize("name", ["x" * 30_000, "has space", "-leading-dash", "a/b", "é"])
+def test_a_name_no_credential_can_have_is_refused_unread_and_not_echoed_at_length(field: str, name: str) -> None:
+    """Config names are 1-64 letters, digits, '.', '_', '-'; anything else cannot name a credential, and a
+    long one would otherwise be written into the audit log (twice per refusal record) and echoed back."""
+    with pytest.raises(BadRequest, match=f"{field} must be a credential name") as info:
+        RegisterCredentialBody.parse(json.dumps({"credential": "ok", field: name}).encode())
+    assert info.value.code == "invalid_request" and len(info.value.message) < 200
+
+
+def test_names_a_credential_can_have_pass() -> None:
+    name = "A" + "b.c_d-" * 10 + "xyz"  # 64 characters
+    assert RegisterCredentialBody.parse(json.dumps({"credential": name, "via": "ops.1"}).encode()).credential == name
+    sign = {"challenge": {"challenge": "Y2g", "challengeIdentifier": "id"}, "credential": name}
+    assert SignBody.parse(json.dumps(sign).encode()).credential == name
