@@ -297,7 +297,7 @@ class AuditLog:
         if tail.torn:
             tail = self._repair(fd, tail)
         if tail.seq == 0 and stat.S_ISREG(st.st_mode):
-            tail = self._continue_from_archive(tail)
+            tail = self._continue_from_archive(fd, tail)
         self._tail_cache = (st.st_ino, tail)
         return tail
 
@@ -329,7 +329,10 @@ class AuditLog:
         stem, suffix = self.path.stem, self.path.suffix
         return sorted(p for p in self.path.parent.glob(f"{stem}-*{suffix}") if p.name[len(stem) + 1 :][:1].isdigit())
 
-    def _continue_from_archive(self, tail: Tail) -> Tail:
+    def _continue_from_archive(self, fd: int, tail: Tail) -> Tail:
+        """An empty live file next to rotated ones (an operator moved it away): it starts with a ``rotate``
+        record continuing the newest rotated file, as a rotation would have, so the file says where its chain
+        comes from and still verifies on its own once retention deletes the files before it."""
         archives = self._archives()
         if not archives:
             return tail
@@ -339,7 +342,14 @@ class AuditLog:
             except CorruptTail:
                 return tail
         log.warning("audit log %s is empty; continuing the chain of %s (seq %d)", self.path, archives[-1], last.seq)
-        return Tail(last.prev, last.seq, last.event, tail.end, tail.size, last.covers)
+        fields = {
+            "event": Event.ROTATE.value,
+            "previousFile": archives[-1].name,
+            "previousSeq": last.seq,
+            "reason": "the live file was empty: the chain continues from the newest rotated file",
+        }
+        continued = Tail(last.prev, last.seq, last.event, tail.end, tail.size, last.covers)
+        return self._append(fd, continued, [fields], sync=True)
 
     def _append(self, fd: int, tail: Tail, items: list[Mapping[str, Any]], *, sync: bool) -> Tail:
         """Append ``items`` (the lock held) as one write; a failed or short write is cut back to where it

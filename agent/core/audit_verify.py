@@ -9,6 +9,10 @@ What it proves, and what not (the README's audit section says the same to operat
   detected, as is a set that ends before a checkpoint's size (truncation), provided the verifier has that
   checkpoint: the ones in the file, or, stronger, copies from the journal (``--checkpoints``), which someone
   who rewrites the file cannot take back.
+- A set that starts later than seq 1 (the oldest files deleted by retention, or not given) must start with
+  a ``rotate`` record, the first record of a rotated file; one that starts with any other record had records
+  cut from the front of its first file, and fails. Such a set is proven only from its first record: what it
+  no longer holds can be neither checked nor proven.
 - Records after the newest verified checkpoint are only chained: the last of them could have been altered,
   some of them cut off, or all of them rewritten, without a trace in the file. Only a newer checkpoint from
   outside the file covers them.
@@ -50,8 +54,9 @@ class Verification:
     last_seq: int = 0
     files: tuple[Path, ...] = ()
     checkpoints: tuple[CheckpointCheck, ...] = ()
-    proven: int = 0  # records 1..proven are covered by a checkpoint whose signature verified
+    proven: int = 0  # records first_seq..proven are covered by a checkpoint whose signature verified
     warnings: tuple[str, ...] = field(default=())
+    continues: str | None = None  # a set that starts later: the file its first (rotate) record continues
 
     def summary(self) -> list[str]:
         """What an operator reads: the verdict, then what is proven and what is not."""
@@ -61,12 +66,12 @@ class Verification:
             return [f"BROKEN{line}: {where}{self.reason} ({self.records} record(s) before it)", *self.warnings]
         span = f", seq {self.first_seq}..{self.last_seq}" if self.records else ""
         out = [f"ok: {self.records} record(s){span} in {len(self.files)} file(s), chain intact", *self.warnings]
-        signed = [c for c in self.checkpoints if c.signed]
-        unchecked = [c for c in self.checkpoints if c.signed is None]
+        start = max(self.first_seq, 1)
+        unchecked = [c for c in self.checkpoints if c.signed is None and c.matches]
         if self.proven:
-            newest = max(signed, key=lambda c: c.checkpoint.size)
+            newest = next(c for c in self.checkpoints if c.signed and c.matches and c.checkpoint.size == self.proven)
             out.append(
-                f"proven: records 1..{self.proven} match a checkpoint signed by {newest.checkpoint.origin} "
+                f"proven: records {start}..{self.proven} match a checkpoint signed by {newest.checkpoint.origin} "
                 f"({newest.source}): none of them was edited, dropped or rewritten"
             )
         elif unchecked:
@@ -75,7 +80,7 @@ class Verification:
                 "signatures were not checked (anyone rewriting the file could have made them)"
             )
         if self.last_seq > self.proven:
-            what = f"records {self.proven + 1}..{self.last_seq}"
+            what = f"records {max(self.proven + 1, start)}..{self.last_seq}"
             why = "come after the newest verified checkpoint" if self.proven else "are in no verified checkpoint"
             out.append(
                 f"not proven: {what} {why}; they are only chained: the last of them could be altered, some cut off "
@@ -84,8 +89,9 @@ class Verification:
             )
         if self.first_seq > 1:
             out.append(
-                f"the set starts at seq {self.first_seq}: earlier files are not in it; records before it can be "
-                "neither checked nor proven here"
+                f"the set starts at seq {self.first_seq}, with a rotate record continuing {self.continues}: "
+                f"earlier files are not in it (deleted by retention, or not given); records 1..{self.first_seq - 1} "
+                "can be neither checked nor proven here"
             )
         return out
 
@@ -138,6 +144,7 @@ def verify(
     found: list[tuple[Checkpoint, str]] = []
     warnings: list[str] = []
     count, first_seq, prev, seq = 0, 0, None, 0
+    continues: str | None = None
     try:
         for index, path in enumerate(files):
             last_file = index == len(files) - 1
@@ -166,6 +173,7 @@ def verify(
                             raise _Broken(path, number, "the first record does not start the chain")
                         first_seq, prev = seq, record.get("prev")
                         if seq > 1:
+                            continues = _continued(path, number, seq, record)
                             hashes[seq - 1] = str(prev)
                     else:
                         if record.get("prev") != prev:
@@ -188,15 +196,36 @@ def verify(
     checks = [_check(cp, src, hashes, seq, public_key, origin) for cp, src in found]
     checks += [_check(cp, "external", hashes, seq, public_key, origin) for cp in external]
     problem = next((c for c in checks if c.problem), None)
-    proven = max((c.checkpoint.size for c in checks if c.signed and c.matches), default=0)
+    # A checkpoint proves the records of the set up to its size; one of the record just before the set (the
+    # first record's prev) proves none of them: anyone can write a record with that prev.
+    proven = max((c.checkpoint.size for c in checks if c.signed and c.matches and c.checkpoint.size >= first_seq),
+                 default=0)  # fmt: skip
     if problem is not None:
         return Verification(
             False, count, None, f"checkpoint ({problem.source}): {problem.problem}", None, first_seq, seq,
-            tuple(files), tuple(checks), proven, tuple(warnings),
+            tuple(files), tuple(checks), proven, tuple(warnings), continues,
         )  # fmt: skip
     return Verification(
-        True, count, None, None, None, first_seq, seq, tuple(files), tuple(checks), proven, tuple(warnings)
-    )
+        True, count, None, None, None, first_seq, seq, tuple(files), tuple(checks), proven, tuple(warnings),
+        continues,
+    )  # fmt: skip
+
+
+def _continued(path: Path, number: int, seq: int, record: dict[str, object]) -> str:
+    """The file a set that starts at ``seq`` > 1 continues. Only a ``rotate`` record (the first record of a
+    rotated file, left first when retention deleted the files before it) may start such a set: any other
+    record means records were cut from the front of the file."""
+    event = record.get("event")
+    if event != "rotate":
+        raise _Broken(
+            path, number,
+            f"the set starts at seq {seq} with a {event!r} record, not at seq 1 or with a rotate record: "
+            f"records were cut from the front of this file (records 1..{seq - 1}, or the ones of them it held, "
+            "are missing; retention deletes whole files, each of which starts with seq 1 or a rotate record)",
+        )  # fmt: skip
+    if record.get("previousSeq") != seq - 1:
+        raise _Broken(path, number, f"a rotate record at seq {seq} whose previousSeq is {record.get('previousSeq')!r}")
+    return str(record.get("previousFile"))
 
 
 def _check(

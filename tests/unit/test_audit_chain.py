@@ -327,7 +327,15 @@ def test_an_emptied_live_file_continues_the_newest_rotated_file(tmp_path: Path) 
     log = AuditLog(path)
     log.record(Fields(event="sign", i=6))
     log.close()
-    assert lines(path)[0]["seq"] > 1 and verify([tmp_path]).ok
+    archives = sorted(tmp_path.glob("audit-*.jsonl"))
+    first, second = lines(path)
+    assert first["event"] == "rotate" and first["previousFile"] == archives[-1].name
+    assert first["seq"] == first["previousSeq"] + 1 == lines(archives[-1])[-1]["seq"] + 1
+    assert second["i"] == 6 and verify([tmp_path]).ok
+    for archive in archives:  # retention deleted every rotated file: the live file still verifies alone
+        archive.unlink()
+    alone = verify([tmp_path])
+    assert alone.ok and alone.first_seq == first["seq"], alone
 
 
 # -- refusals --------------------------------------------------------------------------------------------------
@@ -496,3 +504,88 @@ def test_a_checkpoint_that_landed_after_newer_records_does_not_stand_for_the_las
         ("sign", None), ("sign", None), ("checkpoint", 1), ("checkpoint", 3),
     ]  # fmt: skip
     assert verify(path, public_key=signer().public_key).proven == 3
+
+
+# -- sets that start mid-chain -------------------------------------------------------------------------------
+
+
+def rotated_set(directory: Path, s: NoteSigner) -> list[Path]:
+    """A rotated log (each archive ends with a checkpoint of its head); returns the archives, oldest first."""
+    settings = AuditConfig(rotate_bytes=600, checkpoint_every=0, checkpoint_interval=0)
+    log = AuditLog(directory / "audit.jsonl", settings=settings, signer=s)
+    try:
+        for i in range(20):
+            log.record(Fields(event="sign", i=i, pad="p" * 80))
+    finally:
+        log.close()
+    archives = sorted(directory.glob("audit-*.jsonl"))
+    assert len(archives) >= 3
+    return archives
+
+
+def test_records_cut_from_the_front_of_a_checkpointed_file_are_not_reported_as_proven(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    s = signer()
+    journal = list(find_in_text("\n".join(write_signed(path, s, 5, every=100))))  # a checkpoint over 1..5
+    assert verify(path, public_key=s.public_key).proven == 5
+    path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[2:]))  # records 1-2 deleted
+    for external in ([], journal):
+        result = verify(path, public_key=s.public_key, external=external)
+        text = "\n".join(result.summary())
+        assert not result.ok and result.first_bad_line == 1, text
+        assert "cut from the front" in text and "starts at seq 3" in text
+        assert "proven: records 1..5" not in text and "none of them was" not in text
+
+
+def test_records_cut_from_the_front_of_the_first_remaining_archive_are_caught(tmp_path: Path) -> None:
+    s = signer()
+    archives = rotated_set(tmp_path, s)
+    archives[0].unlink()  # retention
+    kept = archives[1].read_bytes().splitlines(keepends=True)
+    assert json.loads(kept[0])["event"] == "rotate"
+    archives[1].write_bytes(b"".join(kept[2:]))  # its rotate record and the record after it deleted
+    result = verify([tmp_path], public_key=s.public_key)
+    text = "\n".join(result.summary())
+    assert not result.ok and result.bad_file == archives[1] and result.first_bad_line == 1, text
+    assert "cut from the front" in text and "none of them was" not in text
+
+
+def test_a_set_after_retention_proves_only_what_it_holds_and_says_where_it_starts(tmp_path: Path) -> None:
+    s = signer()
+    archives = rotated_set(tmp_path, s)
+    for archive in archives[:2]:
+        archive.unlink()  # retention: the oldest files deleted whole
+    first = lines(archives[2])[0]
+    rest = verify([tmp_path], public_key=s.public_key)
+    text = "\n".join(rest.summary())
+    assert rest.ok and rest.first_seq == first["seq"] > 1 and rest.proven > rest.first_seq, text
+    assert f"proven: records {rest.first_seq}..{rest.proven} " in text and "proven: records 1.." not in text
+    assert f"the set starts at seq {rest.first_seq}" in text and first["previousFile"] in text
+    assert "earlier files are not in it" in text
+    # Without the key nothing is proven, and what is not proven starts where the set does.
+    unkeyed = "\n".join(verify([tmp_path]).summary())
+    assert f"not proven: records {rest.first_seq}..{rest.last_seq} " in unkeyed
+    # The live file alone is a set that starts mid-chain too: it starts with a rotate record.
+    live = verify(tmp_path / "audit.jsonl", public_key=s.public_key)
+    assert live.ok and live.first_seq == lines(tmp_path / "audit.jsonl")[0]["seq"]
+    assert "proven: records 1.." not in "\n".join(live.summary())
+
+
+def test_a_checkpoint_of_the_record_just_before_the_set_proves_none_of_its_records(tmp_path: Path) -> None:
+    """The first record's ``prev`` matching a signed head shows the set continues that chain, but anyone can
+    write a record with that ``prev``: no record of the set is proven by it."""
+    s = signer()
+    archives = rotated_set(tmp_path, s)
+    live = tmp_path / "audit.jsonl"
+    first = lines(live)[0]
+    before = parse(lines(archives[-1])[-1]["checkpoint"])  # the archive's own checkpoint, of its last record
+    assert before.size == first["seq"] - 2
+    for archive in archives:
+        archive.unlink()
+    kept = [line for line in live.read_bytes().splitlines(keepends=True) if b'"event":"checkpoint"' not in line]
+    live.write_bytes(b"".join(kept))  # the live file's own checkpoint (at shutdown, at its end) taken out
+    assert verify(live).ok
+    cp = parse(s.sign(first["seq"] - 1, first["prev"]))  # a signed head: the archive's checkpoint record
+    result = verify(live, public_key=s.public_key, external=[cp])
+    assert result.ok and result.proven == 0 and result.checkpoints[-1].matches is True
+    assert "proven: records" not in "\n".join(result.summary()).replace("not proven: records", "")
