@@ -30,6 +30,7 @@ from agent.config import Config
 from agent.core import metrics
 from agent.daemon import reload_status
 from agent.daemon.hardening import harden_process
+from agent.daemon.limits import raise_open_files_limit
 from agent.daemon.supervisor import Supervisor
 from agent.daemon.worker import (
     StopRequested,
@@ -59,6 +60,7 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
     metrics_dir: Path | None = None
     try:
         harden_process()
+        raise_open_files_limit()  # before the workers fork: they inherit it
         _warn_unmatchable_exes(config)
         if not config.credentials:
             raise ConfigError(f"{config.path or 'config'}: no [[credential]] configured; nothing to sign with")
