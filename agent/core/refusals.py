@@ -80,7 +80,8 @@ class RefusalAggregator:
     def _overflow(record: AuditRecord) -> tuple[RefusalKey, AuditRecord]:
         c = record.caller
         uid = c.uid if c is not None else None
-        generic = replace(record, caller=None, reason="refusals of more callers and reasons than the audit log tracks")
+        # The caller stays: the bucket is its uid's (the pid and exe are those of the last one, as in every summary).
+        generic = replace(record, reason="refusals of more callers and reasons than the audit log tracks")
         return ("overflow", uid, record.code), generic
 
     def due(self, *, everything: bool = False) -> list[AuditRecord]:

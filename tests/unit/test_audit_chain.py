@@ -372,8 +372,9 @@ def test_the_refusal_table_is_bounded() -> None:
     agg = RefusalAggregator(60.0, clock=lambda: 0.0, now=lambda: "t")
     written = sum(agg.admit(refusal(pid=p)) for p in range(10 * MAX_KEYS))
     assert written == MAX_KEYS + 1  # beyond the bound, one overflow bucket per uid and code
-    overflow = [s for s in agg.due(everything=True) if s.caller is None]
+    overflow = [s for s in agg.due(everything=True) if s.reason and "more callers and reasons" in s.reason]
     assert len(overflow) == 1 and overflow[0].count == 10 * MAX_KEYS - MAX_KEYS - 1
+    assert overflow[0].caller is not None and overflow[0].caller.uid == 65534  # whose refusals they were
 
 
 def test_a_refusal_flood_writes_two_records_and_a_count(tmp_path: Path) -> None:
