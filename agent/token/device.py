@@ -10,6 +10,12 @@
   and recovery takes over (``agent/token/recovery.py``). Before signing again it checks that the token has
   the same serial and that every expected key still signs and verifies against the public key known at
   start-up.
+- Every call into the module takes the gate's shared side (``agent/token/gate.py``), and recovery and
+  :meth:`Token.close` take it alone: the module is never finalized, nor the anchor closed, under a call.
+  Calls other than signatures (keys, self-tests, health) are refused while the circuit is open.
+- :meth:`Token.stuck_for` counts every token call: signatures, the probe, those calls, and each recovery
+  attempt (a login or module reload that hangs is as stuck as a signature). :meth:`Token.close` waits for
+  them at most ``CLOSE_TIMEOUT`` seconds.
 """
 
 from __future__ import annotations
@@ -64,6 +70,9 @@ log = logging.getLogger(__name__)
 # Pauses before probing again after a failed probe; None: give up (the fault is real). See _probe_loop.
 _PROBE_RETRIES: tuple[float | None, ...] = (0.05, 0.25, None)
 _STALE = (p11.SessionHandleInvalid, p11.SessionClosed, p11.ObjectHandleInvalid, p11.KeyHandleInvalid)
+# Seconds close() waits for token calls in progress before it leaves the sessions to the process's exit: the
+# supervisor kills a worker that has not exited shutdown_timeout + 5 s after SIGTERM.
+CLOSE_TIMEOUT = 3.0
 
 
 class Token:
@@ -85,7 +94,7 @@ class Token:
         self.identity = _identity(token)
         self._expected: list[KeyInfo] = []
         self._mechanisms: dict[KeyKind, Mechanism] = {}
-        self._inflight: dict[int, float] = {}  # thread id -> when its token call began (signatures, probe)
+        self._inflight: dict[int, float] = {}  # thread id -> when its token call began (any, recovery's too)
         self.circuit = Circuit(lambda: self.name, self._gate, self._reconnect)
         self._probe: threading.Thread | None = None
 
@@ -120,15 +129,31 @@ class Token:
         self._probe = threading.Thread(target=self._probe_loop, args=(period,), name="token-probe", daemon=True)
         self._probe.start()
 
-    def close(self) -> None:
-        """Stop background work, close worker sessions, then log out. Errors are ignored on the way out."""
+    def close(self, timeout: float | None = None) -> None:
+        """Stop background work, close worker sessions, then log out. Errors are ignored on the way out.
+
+        Waits at most ``timeout`` seconds (default ``CLOSE_TIMEOUT``) for the token calls in progress (a
+        signature, the probe, a recovery attempt): one still running then is stuck in the module, and the
+        sessions are left to the process's exit rather than blocking it; the log says so."""
         if self.circuit.closed:
             return
         self.circuit.close()
+        deadline = time.monotonic() + (CLOSE_TIMEOUT if timeout is None else timeout)
         if self._probe is not None:
-            self._probe.join(timeout=5)
-        with self._gate.exclusive():
-            self._close_sessions()
+            self._probe.join(timeout=max(0.0, deadline - time.monotonic()))
+        if self._gate.acquire_exclusive(max(0.0, deadline - time.monotonic())):
+            try:
+                self._close_sessions()
+            finally:
+                self._gate.release_exclusive()
+        else:
+            log.error(
+                "%s: gave up waiting for a token call in progress for %.1fs (it has run %.1fs); not logging out: "
+                "the process's exit ends the session",
+                self.name,
+                CLOSE_TIMEOUT if timeout is None else timeout,
+                self.stuck_for(),
+            )
         self._pin = Secret("", "cleared")
 
     def _close_sessions(self) -> None:
@@ -160,12 +185,12 @@ class Token:
         self._expected = list(keys)
 
     def keys(self) -> list[KeyInfo]:
-        with self._anchor_lock, self._errors("list keys"):
+        with self._on_anchor(), self._errors("list keys"):
             privs = list(self._anchor.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY}))
             return [key_info(self._anchor, p) for p in privs]
 
     def find_key(self, label: str, key_id: bytes | None = None) -> KeyInfo:
-        with self._anchor_lock, self._errors(f"find key {label!r}"):
+        with self._on_anchor(), self._errors(f"find key {label!r}"):
             return find_key(self._anchor, label, key_id, self.name)
 
     def generate(self, kind: KeyKind, label: str) -> KeyInfo:
@@ -173,7 +198,7 @@ class Token:
         with ``keygen_template = "module"``, with the usages the module adds)."""
         if not label:
             raise UnsupportedKey("a key needs a non-empty label")
-        with self._anchor_lock, self._errors("generate a key"):
+        with self._on_anchor(), self._errors("generate a key"):
             s = self._anchor
             if next(iter(s.get_objects({Attribute.LABEL: label})), None) is not None:
                 raise KeyExists(f"an object labelled {label!r} already exists on {self.name}")
@@ -201,7 +226,15 @@ class Token:
         raises :class:`UnsupportedMechanism` naming the ones it lacks."""
         found = self._mechanisms.get(kind)
         if found is None:
-            with self._anchor_lock, self._errors("list the mechanisms"):
+            with self._on_anchor():
+                found = self._mechanism(kind)
+        return found
+
+    def _mechanism(self, kind: KeyKind) -> Mechanism:
+        """:meth:`mechanism_for`, called on the anchor (:meth:`_on_anchor`)."""
+        found = self._mechanisms.get(kind)
+        if found is None:
+            with self._errors("list the mechanisms"):
                 found = self._mechanisms[kind] = choose_mechanism(kind, self._token.slot, self.name)
         return found
 
@@ -217,8 +250,8 @@ class Token:
                 f"key {key.label!r} on {self.name} also allows {', '.join(key.other_usages)}; refusing a key that "
                 "can do more than sign (set [token] allow_other_usages = true to accept it)"
             )
-        mechanism = self.mechanism_for(key.kind)
-        with self._anchor_lock:
+        with self._on_anchor():  # never under recovery: it may be closing the anchor or reloading the module
+            mechanism = self._mechanism(key.kind)
             try:
                 self_test(self._anchor, key, key, mechanism)
             except IdentityMismatch:
@@ -247,6 +280,8 @@ class Token:
     def _sign(self, key: KeyInfo, message: bytes, mechanism: Mechanism) -> bytes:
         assert key.kind is not None
         with self._gate.shared(), self._one_at_a_time():
+            if self.circuit.state is not TokenState.OK:  # it opened while this waited for recovery's attempt
+                raise CircuitOpen(f"{self.name} is unavailable: {self.circuit.reason}")
             for attempt in (1, 2):
                 session = self._checkout()
                 try:
@@ -289,9 +324,28 @@ class Token:
             self._inflight.pop(me, None)
 
     def stuck_for(self) -> float:
-        """How long the oldest token call still running has been running (0 when none is)."""
+        """How long the oldest token call still running has been running (0 when none is): signatures, the
+        probe, keys, self-tests and health, and recovery's attempts (sessions, login, module reload)."""
         started = list(self._inflight.values())
         return time.monotonic() - min(started) if started else 0.0
+
+    @contextmanager
+    def _on_anchor(self) -> Iterator[None]:
+        """A call on the anchor session other than a signature (keys, self-test, health): a token call under the
+        gate's shared side and the anchor lock, so that recovery never closes the anchor nor reloads the
+        module under it. Refused (:class:`CircuitOpen`) while the circuit is open, recovery is waiting for the
+        gate, or the token is closed: the anchor may be closed and the module unloaded then."""
+        if not self._gate.try_shared():
+            raise CircuitOpen(f"{self.name} is unavailable: {self.circuit.reason or 'being recovered or closed'}")
+        try:
+            if self.circuit.closed:
+                raise CircuitOpen(f"{self.name} is closed")
+            if self.circuit.state is not TokenState.OK:
+                raise CircuitOpen(f"{self.name} is unavailable: {self.circuit.reason}")
+            with self._in_call(), self._anchor_lock:
+                yield
+        finally:
+            self._gate.release_shared()
 
     def _checkout(self) -> Session:
         """A session to sign on (``agent/token/pool.py``); one the module will not open is a fault."""
@@ -307,7 +361,12 @@ class Token:
 
     def _reconnect(self, reload_module: bool) -> None:
         """Sessions again (and the module again, on later attempts); then prove it is the same token.
-        Called by the circuit's recovery with the gate held exclusively."""
+        Called by the circuit's recovery with the gate held exclusively: a token call like any other, so one
+        that hangs (a login, a reload) shows in :meth:`stuck_for`."""
+        with self._in_call():
+            self._reconnect_now(reload_module)
+
+    def _reconnect_now(self, reload_module: bool) -> None:
         self._close_sessions()
         if reload_module:
             unload_module(self.module)
@@ -331,6 +390,8 @@ class Token:
                     )
                 assert found.kind is not None
                 self_test(anchor, found, expected, choose_mechanism(found.kind, token.slot, self.name))
+            if self.circuit.closed:  # close() gave up waiting for this attempt: log out again, keep nothing
+                raise TokenUnavailable(f"{self.name} was closed while it reconnected")
         except BaseException:
             try:
                 anchor.close()
@@ -342,6 +403,8 @@ class Token:
 
     def _probe_once(self) -> tuple[bool, int]:
         with self._in_call(), self._gate.shared(), self._anchor_lock:  # a probe that hangs is stuck too
+            if self.circuit.state is not TokenState.OK or self.circuit.closed:
+                raise CircuitOpen(f"{self.name} is unavailable: {self.circuit.reason}")
             logged_in = self._logged_in()
             flags = self._token.slot.get_token().flags
             for expected in self._expected[:1]:  # a call that reaches the device, not just the library
@@ -360,6 +423,8 @@ class Token:
                 try:
                     result = self._probe_once()
                     break
+                except CircuitOpen:
+                    break  # it opened while this probe waited for the gate: recovery has the token
                 except (TokenError, p11.PKCS11Error) as e:
                     error = e.message if isinstance(e, TokenError) else describe(e)
                     if retry is None or self.circuit.wait(retry):
@@ -368,7 +433,8 @@ class Token:
             if self.circuit.closed:
                 return
             if result is None:
-                self.circuit.fault(f"probe failed: {error}")
+                if self.circuit.state is TokenState.OK:
+                    self.circuit.fault(f"probe failed: {error}")
                 continue
             logged_in, flags = result
             if flags & TokenFlag.USER_PIN_LOCKED:
@@ -381,9 +447,11 @@ class Token:
         present = logged_in = False
         if self.circuit.state is TokenState.OK:
             try:
-                with self._anchor_lock:
+                with self._on_anchor():
                     logged_in = self._logged_in()
                 present = True
+            except CircuitOpen:
+                pass  # it opened meanwhile: recovery has the token
             except TokenError as e:
                 self.circuit.fault(f"health check failed: {e.message}")
             if present and not logged_in:

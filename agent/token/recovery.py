@@ -2,10 +2,11 @@
 
 Faults (``shared/reference/anchors-agents.md`` §7): any device error opens the circuit (``degraded``:
 requests fail fast with 503) and one background thread recovers with backoff, calling the token's
-``reconnect`` under the gate's exclusive side, so no signature is running while sessions (or the module)
-are replaced. A rejected, locked or expired PIN stops recovery (``down``): it is never retried by itself.
-A different token (or key) answering is ``down`` too, but recovery keeps checking: the right one may
-come back.
+``reconnect`` under the gate's exclusive side, so no signature (nor any other call into the module) is
+running while sessions (or the module) are replaced. The token counts each attempt as a token call, so one
+that hangs in the module (a login, a reload) shows in its ``stuck_for()`` like a hung signature.
+A rejected, locked or expired PIN stops recovery (``down``): it is never retried by itself. A different
+token (or key) answering is ``down`` too, but recovery keeps checking: the right one may come back.
 """
 
 from __future__ import annotations
@@ -88,6 +89,8 @@ class Circuit:
                 attempt += 1
                 try:
                     with self._gate.exclusive():
+                        if self._stop.is_set():
+                            return  # closed while this waited for the gate: close() has the sessions
                         self._reconnect(attempt > 1)  # later attempts reload the module too
                 except (PinRejected, PinLocked) as e:
                     self.down(e.message)
@@ -97,6 +100,8 @@ class Circuit:
                     self.down(e.message)
                     log.error("%s: %s", self._name(), e.message)
                 except (TokenError, p11.PKCS11Error) as e:
+                    if self._stop.is_set():
+                        return  # closed meanwhile (the attempt gave up its new session): nothing to report
                     reason = e.message if isinstance(e, TokenError) else describe(e)
                     self.reason = f"reconnecting (attempt {attempt}): {reason}"
                     log.info("%s: %s", self._name(), self.reason)
