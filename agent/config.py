@@ -237,11 +237,24 @@ def find_config(explicit: str | os.PathLike[str] | None = None) -> Path:
 
 
 def load_config(path: str | os.PathLike[str] | None = None) -> Config:
+    return read_config(path)[0]
+
+
+def read_config(path: str | os.PathLike[str] | None = None) -> tuple[Config, bytes]:
+    """The config and the exact text it was parsed from (what a reload hands its workers: they apply that
+    text, not whatever the file holds when each of them gets to it)."""
     p = find_config(path)
     try:
         raw = p.read_bytes()
     except OSError as e:
         raise ConfigError(f"cannot read configuration file {p}: {e.strerror}") from None
+    return config_from_text(raw, p), raw
+
+
+def config_from_text(raw: bytes, path: str | os.PathLike[str]) -> Config:
+    """Parse ``raw`` as the contents of the config file ``path``: relative paths in it are taken relative to
+    that file's folder, and messages name it."""
+    p = Path(path)
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
@@ -286,6 +299,12 @@ def _token(t: Mapping[str, Any], base: Path, where: str) -> TokenConfig:
         # both may be set (both must match): some modules give every token one serial (opencryptoki "123",
         # tpm2-pkcs11 "0000000000000000"), some let two tokens share a label
         raise ConfigError(f"{where}: set 'label' or 'serial' (or both) to select the token")
+    if not os.path.isabs(module):
+        # dlopen would search the loader's path for it: which library runs would depend on the environment
+        raise ConfigError(
+            f"{where}: 'module' {module!r} is a relative path; give the PKCS#11 module's absolute path "
+            "(e.g. /usr/lib/softhsm/libsofthsm2.so)"
+        )
     env = t.get("module_env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{where}: 'module_env' must be a table of strings")

@@ -7,6 +7,11 @@ fails instead of returning 0 while the old configuration stays in force.
 
 One small file per agent process, ``reload.PID`` in the agent's state directory (``$XDG_STATE_HOME/dfns-agent``,
 ``/var/lib/dfns-agent`` under the shipped unit): ``SEQ ok|failed MESSAGE``, replaced atomically.
+
+Beside it, while a reload with several workers runs, ``reload.PID.toml`` (mode 0600, in the 0700 state
+directory): the config text the supervisor read and validated, which every worker applies, so that none
+applies what the file holds by the time it gets to it. It holds only what the config file holds (never the
+PIN or a Dfns token read from elsewhere) and is removed when the reload ends.
 """
 
 from __future__ import annotations
@@ -28,6 +33,40 @@ class ReloadOutcome:
 
 def status_path(pid: int) -> Path:
     return default_audit_path().parent / f"reload.{pid}"
+
+
+def staged_path(pid: int) -> Path:
+    return status_path(pid).with_name(f"reload.{pid}.toml")
+
+
+_STAGED = b"# dfns-agent reload "
+
+
+def stage(pid: int, seq: int, text: bytes) -> None:
+    """Hand reload ``seq``'s config text to the workers of supervisor ``pid``; raises OSError."""
+    path = staged_path(pid)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(_STAGED + str(seq).encode() + b"\n" + text)
+    os.replace(tmp, path)
+
+
+def read_staged(pid: int) -> tuple[int, bytes]:
+    """The reload sequence number and the config text supervisor ``pid`` staged; raises OSError or
+    ValueError (nothing staged: no reload is under way)."""
+    header, _, text = staged_path(pid).read_bytes().partition(b"\n")
+    if not header.startswith(_STAGED):
+        raise ValueError(f"{staged_path(pid)} is not a staged configuration")
+    return int(header[len(_STAGED) :]), text
+
+
+def unstage(pid: int) -> None:
+    with contextlib.suppress(OSError):
+        staged_path(pid).unlink()
 
 
 def write(pid: int, outcome: ReloadOutcome) -> None:
@@ -55,3 +94,4 @@ def read(pid: int) -> ReloadOutcome | None:
 def remove(pid: int) -> None:
     with contextlib.suppress(OSError):
         status_path(pid).unlink()
+    unstage(pid)

@@ -64,6 +64,7 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
         _warn_unmatchable_exes(config)
         if not config.credentials:
             raise ConfigError(f"{config.path or 'config'}: no [[credential]] configured; nothing to sign with")
+        _check_module(config)
         with held_stop_signals():  # a file made here is always one the clean-up knows about
             sock = systemd.listen_socket()
             if sock is None:
@@ -95,6 +96,18 @@ def run(config: Config, *, socket_override: str | Path | None = None, out: TextI
         if metrics_dir is not None:
             metrics.cleanup(metrics_dir)
         reload_status.remove(os.getpid())
+
+
+def _check_module(config: Config) -> None:
+    """A module path that names no file is a config error (exit status 2: the units do not restart the agent
+    for it every few seconds), found before anything else starts. Later, while serving, a module gone for a
+    moment (a package upgrade) is a token fault the agent recovers from."""
+    module = config.token.module
+    where = f"{config.path or 'config'}: [token] module"
+    if not os.path.exists(module):
+        raise ConfigError(f"{where}: PKCS#11 module {module} does not exist; install it or correct the path")
+    if not os.path.isfile(module):
+        raise ConfigError(f"{where}: PKCS#11 module {module} is not a regular file")
 
 
 def _warn_unmatchable_exes(config: Config) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -10,9 +11,11 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Collection
+from pathlib import Path
 from typing import TextIO
 
-from agent.config import Config, as_reloaded, load_config
+from agent.config import Config, as_reloaded, config_from_text, find_config, read_config
 from agent.core import metrics
 from agent.daemon import reload_status
 from agent.daemon.liveness import Heartbeats, beat_interval
@@ -35,8 +38,10 @@ log = logging.getLogger(__name__)
 _PR_SET_PDEATHSIG = 1
 _MAX_RESTARTS = 5  # within _RESTART_WINDOW seconds, then give up and let the service manager restart us
 _RESTART_WINDOW = 60.0
-_STOP_CHECK = 0.05  # how often a supervisor waiting for a worker to start looks for SIGTERM/SIGINT
-_RELOAD_WAIT = 60.0  # how long a reload waits for every worker's answer before calling it failed
+_STOP_CHECK = 0.05  # how often a supervisor waiting for a worker (to start, to reload) looks for SIGTERM/SIGINT
+# How long a reload waits for every worker's answer; at most the watchdog timeout. A worker that has not
+# answered by then is replaced (see Supervisor.reload).
+_RELOAD_WAIT = 60.0
 
 # A worker's lines to the supervisor on its control pipe (each one write, well under PIPE_BUF: atomic).
 _READY = b"ready\n"
@@ -54,6 +59,18 @@ def _start_error(line: bytes, index: int) -> AgentError:
     status, _, message = text[len(_START_FAILED) :].partition(" ")
     kind = {str(int(ExitStatus.PIN)): PinRejected, str(int(ExitStatus.CONFIG)): ConfigError}.get(status, TokenError)
     return kind(message or f"worker {index} exited during start-up")
+
+
+def _reload_answer(data: bytes, seq: int) -> tuple[bool, str] | None:
+    """A worker's answer to reload ``seq`` in what its control pipe gave (applied, and what or why), or None.
+    A worker that could not even learn which reload it answers says seq 0."""
+    for line in data.split(b"\n"):
+        for tag, applied in ((_RELOADED, True), (_REFUSED, False)):
+            if line.startswith(tag):
+                number, _, message = line[len(tag) :].decode("utf-8", "replace").partition(" ")
+                if number in ("0", str(seq)):
+                    return applied, message.strip()
+    return None
 
 
 def _tell(fd: int, data: bytes) -> None:
@@ -85,6 +102,8 @@ class Supervisor:
         self.control: dict[int, int] = {}  # pid -> read end of its control pipe (ready, then reload outcomes)
         self.restarts: list[float] = []
         self.reloads = 0
+        self.watchdog_every = systemd.watchdog_interval()  # seconds between WATCHDOG=1 pings, or None
+        self.pinged = time.monotonic()
         # Mapped before the first fork: how the workers share the socket's connections (agent/transport/share.py).
         self.share = ConnectionShare(config.server.workers) if config.server.workers > 1 else None
         # And whether each still serves (agent/daemon/liveness.py): judged on every wake-up below.
@@ -92,6 +111,7 @@ class Supervisor:
 
     def spawn(self, index: int) -> int:
         read_end, write_end = os.pipe()
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             os.close(read_end)
@@ -108,8 +128,22 @@ class Supervisor:
                 def ready() -> None:
                     _tell(write_end, _READY)
 
+                answering = [0]  # the reload this worker answers (0: it could not tell which)
+
+                def staged(path: Path | None) -> Config:
+                    """What the supervisor read and validated for this reload, not the file as it is now."""
+                    answering[0] = 0
+                    try:
+                        seq, text = reload_status.read_staged(supervisor)
+                    except (OSError, ValueError) as e:
+                        where = reload_status.staged_path(supervisor)
+                        raise ConfigError(f"no configuration staged by the supervisor in {where}: {e}") from None
+                    answering[0] = seq
+                    return config_from_text(text, path if path is not None else find_config())
+
                 def reloaded(ok: bool, message: str) -> None:
-                    _tell(write_end, (_RELOADED if ok else _REFUSED) + message.encode("utf-8", "replace")[:400] + b"\n")
+                    head = (_RELOADED if ok else _REFUSED) + f"{answering[0]} ".encode()
+                    _tell(write_end, head + message.encode("utf-8", "replace")[:400] + b"\n")
 
                 serve_worker(
                     self.config,
@@ -123,6 +157,7 @@ class Supervisor:
                     on_reload=reloaded,
                     share=self.share.slot(index) if self.share is not None else None,
                     heartbeat=self.heartbeats.slot(index),
+                    read_config=staged,
                 )
             except AgentError as e:
                 code = exit_status_for(e)
@@ -140,6 +175,7 @@ class Supervisor:
         while not select.select([read_end], [], [], _STOP_CHECK)[0]:
             if self.stop_pending():
                 return pid  # it starts (its signals held) and is stopped with the rest
+            self.keep_alive()
         answer = _read_line(read_end)
         if answer != _READY:
             self.workers.pop(pid, None)
@@ -152,6 +188,16 @@ class Supervisor:
         fd = self.control.pop(pid, None)
         if fd is not None:
             os.close(fd)
+
+    def ping(self) -> None:
+        if self.watchdog_every is not None:
+            systemd.watchdog()
+            self.pinged = time.monotonic()
+
+    def keep_alive(self) -> None:
+        """While the supervisor waits for workers (one starting, a reload): the watchdog still gets its pings."""
+        if self.watchdog_every is not None and time.monotonic() - self.pinged >= self.watchdog_every:
+            self.ping()
 
     @staticmethod
     def stop_pending() -> bool:
@@ -171,15 +217,14 @@ class Supervisor:
             if not self.stop_pending():  # else the loop below stops at once: no READY=1 for a stopping agent
                 log.info("%d workers serving", len(self.workers))
                 systemd.ready(serving)
-            interval = systemd.watchdog_interval()
+            interval = self.watchdog_every
             limit = self.config.token.stuck_limit
             wake = min(x for x in (interval, beat_interval(limit) if limit else None, 3600.0) if x is not None)
             while True:
                 # On every wake-up, and at least every `wake` seconds: replace wedged workers, ping systemd.
                 if limit:
                     self.replace_silent(limit)
-                if interval is not None:
-                    systemd.watchdog()
+                self.ping()
                 if (timed := signal.sigtimedwait(wanted, wake)) is None:
                     continue
                 info = timed
@@ -189,7 +234,8 @@ class Supervisor:
                 if info.si_signo == signal.SIGHUP:
                     systemd.reloading()
                     self.reload()
-                    systemd.ready(serving)
+                    if not self.stop_pending():  # else the next wait takes the stop signal
+                        systemd.ready(serving)
                     continue
                 self.reap()
         finally:
@@ -213,19 +259,26 @@ class Supervisor:
             except ProcessLookupError:
                 pass
 
+    def _gone(self, pid: int) -> int | None:
+        """Forget worker ``pid``, which has been waited for; its index, or None if it was not one."""
+        index = self.workers.pop(pid, None)
+        self._forget(pid)
+        if index is None:
+            return None
+        metrics.process_dead(pid)
+        self.heartbeats.forget(index)
+        if self.share is not None:
+            self.share.leave(index)  # it may have died holding connections, or none
+        return index
+
     def reap(self) -> None:
         while self.workers:
             pid, status = os.waitpid(-1, os.WNOHANG)
             if pid == 0:
                 return
-            index = self.workers.pop(pid, None)
-            self._forget(pid)
+            index = self._gone(pid)
             if index is None:
                 continue
-            metrics.process_dead(pid)
-            self.heartbeats.forget(index)
-            if self.share is not None:
-                self.share.leave(index)  # it may have died holding connections, or none
             log.warning("worker %d (pid %d) ended with status %d; restarting it", index, pid, status)
             self._restart(index)
 
@@ -248,43 +301,132 @@ class Supervisor:
                 time.sleep(0.5)
 
     def reload(self) -> None:
-        """Check the new config here first (and keep it for workers started later), then have every worker
-        apply it and wait for each one's answer; the outcome goes to ``dfns-agent reload``
-        (agent/daemon/reload_status.py). A config refused by any worker is a failed reload."""
+        """Read and check the new config here, hand that very text to every worker (agent/daemon/reload_status.py
+        stages it) and wait for each one's answer, keeping the watchdog fed meanwhile. One outcome for all:
+
+        - at least one worker applied it: it is the agent's config from now on (workers started later get it
+          too), and every worker that refused it, ended or did not answer in time is replaced by one started
+          on it;
+        - none did: the previous config stays, in every worker (one that did not answer is replaced).
+
+        The outcome, naming what was replaced and why, goes to ``dfns-agent reload``."""
         self.reloads += 1
+        me = os.getpid()
         try:
-            fresh = load_config(self.config.path)
+            fresh, text = read_config(self.config.path)
             dfns = read_dfns_tokens(fresh)
         except AgentError as e:
             log.error("reload failed; keeping the previous configuration: %s", e.message)
             self._reloaded(False, e.message)
             return
-        waiting = {fd: pid for pid, fd in self.control.items() if pid in self.workers}
-        self.signal_all(signal.SIGHUP)
-        refusals: list[str] = []
-        deadline = time.monotonic() + _RELOAD_WAIT
-        while waiting and (left := deadline - time.monotonic()) > 0:
-            for fd in select.select(list(waiting), [], [], left)[0]:
-                pid = waiting.pop(fd)
-                line = _read_line(fd)
-                if line.startswith(_REFUSED):
-                    refusals.append(line[len(_REFUSED) :].decode("utf-8", "replace").strip())
-                elif not line.startswith(_RELOADED):
-                    refusals.append(f"worker pid {pid} ended during the reload")
-        if waiting:
-            refusals.append(f"{len(waiting)} worker(s) did not answer within {_RELOAD_WAIT:g}s")
-        if refusals:
-            self._reloaded(False, refusals[0])
+        try:
+            reload_status.stage(me, self.reloads, text)
+        except OSError as e:
+            message = f"cannot hand the configuration to the workers in {reload_status.staged_path(me)}: {e.strerror}"
+            log.error("reload failed; keeping the previous configuration: %s", message)
+            self._reloaded(False, message)
             return
-        # Workers started from now on get the new credentials, policy and Dfns tokens; what only a restart
-        # changes stays as the running workers have it (a restarted worker must append to the same audit log).
-        self.config = as_reloaded(self.config, fresh)[0]
-        self.dfns = dfns
-        self._reloaded(True, f"{len(fresh.credentials)} credential(s) in {len(self.workers)} workers")
+        try:
+            self._reload_workers(fresh, dfns)
+        except BaseException:
+            self._reloaded(False, "the supervisor failed while replacing workers; see its log")
+            raise
+        finally:
+            reload_status.unstage(me)
+
+    def _reload_wait(self) -> float:
+        if self.watchdog_every is None:
+            return _RELOAD_WAIT
+        return min(_RELOAD_WAIT, 2 * self.watchdog_every)  # the watchdog's timeout
+
+    def _reload_workers(self, fresh: Config, dfns: DfnsSettings) -> None:
+        seq, wait, limit = self.reloads, self._reload_wait(), self.config.token.stuck_limit
+        waiting = {fd: pid for pid, fd in self.control.items() if pid in self.workers}
+        for fd in waiting:  # what a worker said outside a reload (a SIGHUP sent to it directly) is no answer
+            while select.select([fd], [], [], 0)[0] and _read_line(fd):
+                pass
+        for pid in waiting.values():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+        applied: list[int] = []
+        refused: dict[int, str] = {}  # pid -> why
+        deadline = time.monotonic() + wait
+        while waiting and (left := deadline - time.monotonic()) > 0 and not self.stop_pending():
+            self.keep_alive()
+            if limit:
+                self.replace_silent(limit)  # killed: its pipe ends, and it counts as not having applied it
+            for fd in select.select(list(waiting), [], [], min(left, _STOP_CHECK))[0]:
+                data = _read_line(fd)
+                answer = _reload_answer(data, seq)
+                if answer is None and data:
+                    continue  # not an answer to this reload
+                pid = waiting.pop(fd)
+                name = f"worker {self.workers.get(pid, '?')} (pid {pid})"
+                if answer is None:
+                    refused[pid] = f"{name} ended during the reload"
+                elif answer[0]:
+                    applied.append(pid)
+                else:
+                    refused[pid] = f"{name} refused it: {answer[1]}"
+        if self.stop_pending():
+            self._reloaded(False, "the agent is stopping")
+            return
+        silent = {pid: f"worker {self.workers.get(pid, '?')} (pid {pid}) did not answer within {wait:g}s"
+                  for pid in waiting.values()}  # fmt: skip
+        if applied or not refused:
+            # Validated here and applied by a worker: the agent's config now, for every worker.
+            self.config = as_reloaded(self.config, fresh)[0]
+            self.dfns = dfns
+            odd = {**refused, **silent}
+            for why in odd.values():
+                log.warning("reload: %s; replacing it with a worker started on the new configuration", why)
+            self._replace(odd, graceful=set(refused))
+            message = f"{len(fresh.credentials)} credential(s) in {len(self.workers)} workers"
+            if odd:
+                message += f" ({'; '.join(odd.values())}: replaced by a worker started on the new configuration)"
+            self._reloaded(True, message)
+            return
+        # No worker applied it: each one still serves the previous config, but one that did not answer might
+        # yet apply it; a worker started on the previous config takes its place.
+        for why in silent.values():
+            log.warning("reload: %s; replacing it with a worker started on the previous configuration", why)
+        self._replace(silent, graceful=set())
+        message = "; ".join(refused.values())
+        if silent:
+            message += f" ({'; '.join(silent.values())}: replaced by a worker started on the previous configuration)"
+        log.error("reload failed; keeping the previous configuration: %s", message)
+        self._reloaded(False, message)
+
+    def _replace(self, pids: Collection[int], graceful: Collection[int]) -> None:
+        """End workers ``pids`` (SIGTERM, and a drain, for those in ``graceful``, which still serve; SIGKILL for
+        the others, which may be wedged or stopped) and start another in each one's place, on ``self.config``."""
+        left = set(pids)
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if pid in graceful else signal.SIGKILL)
+        deadline = time.monotonic() + self.config.server.shutdown_timeout + 5.0
+        while left and not self.stop_pending():
+            self.keep_alive()
+            for pid in list(left):
+                try:
+                    done = os.waitpid(pid, os.WNOHANG)[0]
+                except ChildProcessError:
+                    done = pid
+                if done:
+                    left.discard(pid)
+                    index = self._gone(pid)
+                    if index is not None:
+                        self._restart(index)
+            if left and time.monotonic() > deadline:
+                for pid in left:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            if left:
+                time.sleep(_STOP_CHECK)
 
     def _reloaded(self, ok: bool, message: str) -> None:
         if ok:
-            log.info("new configuration applied by every worker: %s", message)
+            log.info("new configuration in force in every worker: %s", message)
         reload_status.write(os.getpid(), reload_status.ReloadOutcome(self.reloads, ok, message))
 
     def signal_all(self, signo: int) -> None:

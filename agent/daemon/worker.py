@@ -15,6 +15,7 @@ import signal
 import socket
 import sys
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterator
+from pathlib import Path
 from typing import Any, Literal, TextIO
 
 from agent import __version__
@@ -119,6 +120,9 @@ def _block_loop_signals() -> None:
 
 DfnsSettings = dict[str, tuple[DfnsConfig, Secret]]
 ReloadReport = Callable[[bool, str], None]  # (applied, what was loaded or why it was refused)
+# What a reload applies, given the running config's path: the file itself (a single serving process), or the
+# text the supervisor read and validated (a worker: agent/daemon/supervisor.py).
+ConfigReader = Callable[[Path | None], Config]
 
 
 def read_dfns_tokens(config: Config) -> dict[str, tuple[DfnsConfig, Secret]]:
@@ -169,11 +173,13 @@ def serve_worker(
     on_reload: ReloadReport | None = None,
     share: WorkerSlot | None = None,
     heartbeat: Heartbeat | None = None,
+    read_config: ConfigReader = load_config,
 ) -> None:
     """Log in, find the keys, open the audit log; report ready; serve until SIGTERM/SIGINT. ``started`` is
     when the agent started (the supervisor's start, for a worker): health's uptime counts from it.
-    ``on_reload`` hears the outcome of every SIGHUP (applied, or refused with why); ``heartbeat`` (a
-    worker's) tells the supervisor this worker still serves (``agent/daemon/liveness.py``)."""
+    ``on_reload`` hears the outcome of every SIGHUP (applied, or refused with why), which applies the config
+    ``read_config`` gives; ``heartbeat`` (a worker's) tells the supervisor this worker still serves
+    (``agent/daemon/liveness.py``)."""
     token: Token | None = None
     audit: AuditLog | None = None
     try:
@@ -210,7 +216,9 @@ def serve_worker(
             signal.pthread_sigmask(signal.SIG_BLOCK, LOOP_SIGNALS)
             check_stop()
             _run_loop(
-                _serve_until_signalled(config, service, dfns, sock, token, audit, signing, on_reload, share, heartbeat)
+                _serve_until_signalled(
+                    config, service, dfns, sock, token, audit, signing, on_reload, share, heartbeat, read_config
+                )
             )
     finally:
         ignore_stop_signals()
@@ -247,9 +255,10 @@ def reload(
     audit: AuditLog | None,
     flow: Callable[[SigningService, DfnsSettings], DfnsFlow],
     signing: SigningThreads | None,
+    read_config: ConfigReader = load_config,
 ) -> Config:
     """Apply a re-read config's credentials, Dfns settings and policy; raises (keeping the old) on error."""
-    fresh, changed = as_reloaded(config, load_config(config.path))
+    fresh, changed = as_reloaded(config, read_config(config.path))
     if changed:
         sections = ", ".join(f"[{name}]" for name in changed)
         log.warning("%s settings changed in %s; restart the agent to apply them", sections, config.path)
@@ -285,6 +294,7 @@ async def _serve_until_signalled(
     on_reload: ReloadReport | None = None,
     share: WorkerSlot | None = None,
     heartbeat: Heartbeat | None = None,
+    read_config: ConfigReader = load_config,
 ) -> None:
     loop = asyncio.get_running_loop()
     current = [config]
@@ -306,7 +316,9 @@ async def _serve_until_signalled(
         async def on_hup() -> None:
             systemd.reloading()
             try:
-                current[0] = await loop.run_in_executor(None, reload, state, current[0], token, audit, flow, signing)
+                current[0] = await loop.run_in_executor(
+                    None, reload, state, current[0], token, audit, flow, signing, read_config
+                )
             except AgentError as e:
                 log.error("reload failed; keeping the previous configuration: %s", e.message)
                 outcome: tuple[bool, str] = (False, e.message)

@@ -31,6 +31,7 @@ from agent.dev.testing import (
     make_token_env,
     run_cli,
     running_agent,
+    softhsm_module,
     verify_signature,
     wait_until,
 )
@@ -402,3 +403,23 @@ def test_unknown_token_label_lists_what_is_there(token_env: TokenEnv, short_dir:
     r = _serve_once(token_env, short_dir / "agent.sock")
     assert r.returncode != 0
     assert "no token with label 'nope'" in r.stderr and "'agent-test'" in r.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_relative_or_missing_module_path_is_a_config_error(
+    token_env: TokenEnv, short_dir: Path, workers: int
+) -> None:
+    """Exit status 2 (ExitStatus.CONFIG): the units do not restart the agent on it (RestartPreventExitStatus=)."""
+    real = f'module = "{softhsm_module()}"'
+    token_env.write_config(server=f"workers = {workers}\n")
+    text = token_env.config.read_text()
+    token_env.config.write_text(text.replace(real, 'module = "libsofthsm2.so"'))
+    r = _serve_once(token_env, short_dir / "agent.sock")
+    assert r.returncode == 2, r.stderr
+    assert "'libsofthsm2.so'" in r.stderr and "absolute path" in r.stderr, r.stderr
+    missing = token_env.dir / "no-such-module.so"
+    token_env.config.write_text(text.replace(real, f'module = "{missing}"'))
+    r = _serve_once(token_env, short_dir / "agent.sock")
+    assert r.returncode == 2, r.stderr
+    assert f"{missing} does not exist" in r.stderr, r.stderr
+    assert not (short_dir / "agent.sock").exists()

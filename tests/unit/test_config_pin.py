@@ -148,7 +148,7 @@ def test_minimal_config_defaults(tmp_path: Path) -> None:
 
 
 def test_serial_instead_of_label() -> None:
-    cfg = parse_text('[token]\nmodule = "m.so"\nserial = "0123456789abcdef"\n')
+    cfg = parse_text('[token]\nmodule = "/m.so"\nserial = "0123456789abcdef"\n')
     assert cfg.token.serial == "0123456789abcdef"
     assert cfg.token.label is None
 
@@ -231,7 +231,7 @@ def test_credential_name_or_cred_id_with_trailing_newline_rejected(field: str) -
     values = {"name": "ops", "key": "k", "cred_id": "Y2ktMQ"}
     values[field] += "\n"
     with pytest.raises(ConfigError, match=field):
-        parse_config({"token": {"module": "m.so", "label": "l"}, "credential": [values]}, base=Path("/cfg"))
+        parse_config({"token": {"module": "/m.so", "label": "l"}, "credential": [values]}, base=Path("/cfg"))
 
 
 def test_bad_cred_id() -> None:
