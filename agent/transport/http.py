@@ -10,7 +10,11 @@ Limits, all per connection: a request head must arrive within ``idle_timeout`` o
 of the previous answer (else the connection is closed without an answer: nobody is listening); a body must
 arrive within ``body_timeout`` of its head (408); a body larger than ``max_body`` is refused at once (413),
 and so is a head over 64 KiB (431); at most ``max_connections`` connections are served, the rest get a fixed
-503 and are closed.
+503 and are closed. What a connection can make the server hold is bounded too: at most a few pipelined
+requests are read ahead (``_MAX_QUEUED``, one read being fed to the parser in pieces), and no answer is
+written while the transport's buffer is over its high-water mark (asyncio's write flow control), so a
+client that sends and never reads stalls its own connection, no more; one that has not read its answers
+within ``idle_timeout`` is cut off (nobody is listening).
 
 Admission comes before any of that: the server accepts on the listening socket itself and asks the
 application about each new connection's peer (``SO_PEERCRED``) before it has cost anything. A peer no rule
@@ -43,6 +47,12 @@ log = logging.getLogger(__name__)
 _REASONS = {s.value: s.phrase for s in HTTPStatus}
 _MAX_QUEUED = 16  # pipelined requests read ahead per connection before reading pauses
 _MAX_HEAD = 64 * 1024  # request line and headers; llhttp itself sets no bound
+# A read longer than this is fed to the parser in pieces of this size (a piece known to be all body, by its
+# Content-Length, is fed whole), and none once _MAX_QUEUED requests are queued: so one read (asyncio's are up
+# to 256 KiB) queues at most _MAX_QUEUED + _FEED // 18 requests (18 bytes: "GET / HTTP/1.1\r\n\r\n").
+# One request of up to _FEED bytes in one read, the common case, is one feed_data call.
+_FEED = 2 * 1024
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 _READ_DRAIN = 64 * 1024
 _DRAIN_POLL = 0.005  # how often a drain looks whether every accepted connection has sent its request
 
@@ -206,7 +216,7 @@ class _Listener:
 
 
 class _Pending:
-    __slots__ = ("method", "url", "headers", "body", "head_done", "head_bytes")
+    __slots__ = ("method", "url", "headers", "body", "head_done", "head_bytes", "length", "continue_due")
 
     def __init__(self) -> None:
         self.method = ""
@@ -215,6 +225,8 @@ class _Pending:
         self.headers: dict[str, str] = {}
         self.body: list[bytes] = []
         self.head_done = False
+        self.length = 0  # the body's Content-Length, when it has one
+        self.continue_due = False  # it asked for a 100 Continue while earlier requests were being answered
 
 
 class Connection(asyncio.Protocol):
@@ -243,8 +255,14 @@ class Connection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self._closing = False
+        self._lost = False
         self._stopped = False  # no further request is read (Connection: close, EOF, error)
-        self._paused = False
+        self._paused = False  # reading paused: _MAX_QUEUED requests were queued
+        # The rest of a read, held while reading is paused (so no later byte, nor EOF, arrives before it is fed).
+        self._unfed: memoryview | None = None
+        self._write_paused = False  # the transport's buffer is over its high-water mark: the client is not reading
+        self._writable: asyncio.Future[None] | None = None  # the answer loop waits on it while writing is paused
+        self._cutoff: asyncio.TimerHandle | None = None  # closing, with answers the client has not read yet
 
     # --- transport events ---
 
@@ -254,15 +272,49 @@ class Connection(asyncio.Protocol):
         self._expect(self.limits.idle_timeout, self._idle)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
+        self._closing = self._lost = True
         self._disarm()
         self.server.connections.discard(self)
         self.server.release(self.caller)
         self._queue.clear()  # an answer in progress still finishes (and is audited); nobody reads it
+        self._unfed = None
+        self.resume_writing()  # an answer loop waiting to write ends
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._writable
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
+        if len(data) <= _FEED:
+            self._feed(data)
+        else:
+            self._feed_pieces(memoryview(data))
+
+    def _feed_pieces(self, data: memoryview) -> None:
+        """Feed ``data`` piece by piece; once ``_MAX_QUEUED`` requests are queued (reading is paused then),
+        keep the rest until the queue has drained."""
+        start, end = 0, len(data)
+        while start < end and not self._stopped:
+            if len(self._queue) >= _MAX_QUEUED:
+                self._unfed = data[start:]
+                return
+            step = _FEED
+            pending = self._current
+            if pending is not None and pending.head_done and pending.length > self._size:
+                step = pending.length - self._size  # all body: it completes no request but this one
+            if not self._feed(data[start : start + step]):
+                return
+            start += step
+
+    def _feed(self, data: bytes | memoryview) -> bool:
+        """Parse ``data``; False when nothing more is to be parsed."""
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -271,21 +323,29 @@ class Connection(asyncio.Protocol):
                 self._fail(400, "invalid_request", "protocol upgrades are not supported")
             else:
                 self._stop_reading()
-            return
+            return False
         except httptools.HttpParserError as e:
             if not self._stopped:  # (after "Connection: close" anything more is an error, and ignored)
                 log.debug("malformed request: %s", e)
                 self._fail(400, "invalid_request", "malformed HTTP request")
-            return
+            return False
         pending = self._current
         if pending is None:
-            return
+            return not self._closing
         if not pending.head_done:
+            # Counted from the start of the piece the head began in, so with up to one piece (_FEED) of what
+            # came before it: the bound allows for that, so that no head within _MAX_HEAD is refused, and a
+            # head that never ends is refused within _MAX_HEAD + _FEED bytes. (A head parsed whole is bounded
+            # exactly, by _count_head.)
             self._head_size += len(data)
-            if self._head_size > _MAX_HEAD:
+            if self._head_size > _MAX_HEAD + _FEED:
                 self._fail(431, "headers_too_large", f"request line and headers exceed {_MAX_HEAD} bytes")
-        elif self._on_deadline != self._body_late:
-            self._expect(self.limits.body_timeout, self._body_late)  # the body straddles reads
+                return False
+        elif not self._paused and self._on_deadline != self._body_late:
+            # The body straddles reads. (While reading is paused the rest may be ours to feed, or not read
+            # yet: its deadline is set once the queue has drained.)
+            self._expect(self.limits.body_timeout, self._body_late)
+        return not self._closing
 
     def eof_received(self) -> bool | None:
         # The client shut down its side: answer what it sent completely, then close.
@@ -327,11 +387,16 @@ class Connection(asyncio.Protocol):
         pending.head_done = True
         pending.method = self._parser.get_method().decode("latin-1")
         length = pending.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > self.limits.max_body:
-            self._too_large()
-            return
+        if length is not None and length.isdigit():
+            pending.length = int(length)
+            if pending.length > self.limits.max_body:
+                self._too_large()
+                return
         if pending.headers.get("expect", "").lower() == "100-continue":
-            self._write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if self._task is None and not self._queue:
+                self._write(_CONTINUE)
+            else:  # never ahead of the answers before it: sent when it is next, unless its body has begun
+                pending.continue_due = True
 
     def on_body(self, body: bytes) -> None:
         if self._current is None:
@@ -372,7 +437,11 @@ class Connection(asyncio.Protocol):
 
     async def _answer(self) -> None:
         try:
-            while self._queue:
+            while True:
+                if self._write_paused and not await self._client_read():
+                    return
+                if not self._queue:
+                    break
                 request = self._queue.popleft()
                 if isinstance(request, Response):
                     self.server.on_protocol_error(request.status)
@@ -392,18 +461,42 @@ class Connection(asyncio.Protocol):
                     self._close()
                     return
                 if self._paused and len(self._queue) < _MAX_QUEUED // 2:
-                    self._paused = False
-                    self._transport().resume_reading()
+                    self._read_on()
             if self._stopped:
                 self._close()
-            elif self._current is not None and self._current.head_done:
+            elif (pending := self._current) is not None and pending.head_done:
                 self._expect(self.limits.body_timeout, self._body_late)
+                if pending.continue_due and not self._size:
+                    self._write(_CONTINUE)  # its turn now, and its body has not begun
             else:  # the next request's head (or the rest of it) is due within the idle timeout
                 self._expect(self.limits.idle_timeout, self._idle)
         finally:
             if self._task is not None:
                 self.server.tasks.discard(self._task)
             self._task = None
+
+    def _read_on(self) -> None:
+        """The queue has drained: parse the rest of the last read, then read again (unless that rest filled
+        the queue once more)."""
+        self._paused = False
+        rest, self._unfed = self._unfed, None
+        if rest is not None:
+            self._feed_pieces(rest)
+        if not self._paused and not self._closing:
+            self._transport().resume_reading()
+
+    async def _client_read(self) -> bool:
+        """Writing is paused (the client is not reading its answers): wait until it resumes, at most
+        ``idle_timeout``. A client that has read nothing for that long is not listening, and is cut off
+        (aborted: a close would wait for its answers to be flushed, forever). False: the connection ended."""
+        waiter = self._writable = self._loop.create_future()
+        timer = self._loop.call_later(self.limits.idle_timeout, self._abort)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._writable = None
+        return not self._closing
 
     def _stop_reading(self) -> None:
         self._stopped = True
@@ -451,7 +544,20 @@ class Connection(asyncio.Protocol):
         if not self._closing:
             self._closing = True
             self._disarm()
-            self._transport().close()  # buffered answers are flushed first
+            transport = self._transport()
+            transport.close()  # buffered answers are flushed first, if the client reads them:
+            if transport.get_write_buffer_size():  # a client that does not is cut off after idle_timeout
+                self._cutoff = self._loop.call_later(self.limits.idle_timeout, self._abort)
+
+    def _abort(self) -> None:
+        """Close at once, dropping what the client has not read."""
+        if self._lost:
+            return
+        log.debug("a client did not read its answers within %gs; closing its connection", self.limits.idle_timeout)
+        self._closing = True
+        self._disarm()
+        self.resume_writing()
+        self._transport().abort()
 
     def close_if_idle(self) -> None:
         if self._task is None and not self._queue:
@@ -490,6 +596,9 @@ class Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._cutoff is not None:
+            self._cutoff.cancel()
+            self._cutoff = None
 
     @property
     def socket(self) -> socket.socket | None:

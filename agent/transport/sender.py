@@ -8,7 +8,9 @@ pid and never merges writes of different writers into one read, so a byte from a
 seen, and refused, before it reaches the HTTP parser.
 
 asyncio's transports read with ``recv`` and drop ancillary data, hence this small transport of its own.
-Only these connections pay for it; the others keep the event loop's own (uvloop's) transports.
+Only these connections pay for it; the others keep the event loop's own (uvloop's) transports. Writing
+follows asyncio's flow control, as theirs does: over the high-water mark the protocol is told to pause
+writing, and to resume once the buffer is down to the low-water mark.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 _UCRED = struct.Struct("3i")
 _ANCILLARY = socket.CMSG_SPACE(_UCRED.size)
 _READ = 64 * 1024
+_HIGH_WATER = 64 * 1024  # asyncio's default; the low-water mark is a quarter of the high
 
 
 def enable_sender_credentials(sock: socket.socket) -> None:
@@ -58,6 +61,8 @@ class SenderCheckedTransport(asyncio.Transport):
         self._reading = False
         self._writing = False
         self._lost = False
+        self._high_water, self._low_water = _HIGH_WATER, _HIGH_WATER // 4
+        self._protocol_paused = False  # told to pause writing, not yet to resume
         protocol.connection_made(self)
         self.resume_reading()
 
@@ -116,6 +121,7 @@ class SenderCheckedTransport(asyncio.Transport):
         if not self._writing:
             self._writing = True
             self._loop.add_writer(self._fd, self._write_ready)
+        self._maybe_pause_protocol()
 
     def _write_ready(self) -> None:
         try:
@@ -126,6 +132,7 @@ class SenderCheckedTransport(asyncio.Transport):
             self._fatal(e)
             return
         del self._buffer[:sent]
+        self._maybe_resume_protocol()
         if not self._buffer:
             self._writing = False
             self._loop.remove_writer(self._fd)
@@ -134,6 +141,44 @@ class SenderCheckedTransport(asyncio.Transport):
 
     def get_write_buffer_size(self) -> int:
         return len(self._buffer)
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if high is None:
+            high = _HIGH_WATER if low is None else 4 * low
+        if low is None:
+            low = high // 4
+        if not high >= low >= 0:
+            raise ValueError(f"high ({high!r}) must be >= low ({low!r}) must be >= 0")
+        self._high_water, self._low_water = high, low
+        self._maybe_pause_protocol()
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._low_water, self._high_water
+
+    def _maybe_pause_protocol(self) -> None:
+        if not self._protocol_paused and len(self._buffer) > self._high_water:
+            self._protocol_paused = True
+            self._tell_protocol(self._protocol.pause_writing)
+
+    def _maybe_resume_protocol(self) -> None:
+        if self._protocol_paused and len(self._buffer) <= self._low_water:
+            self._protocol_paused = False
+            self._tell_protocol(self._protocol.resume_writing)
+
+    def _tell_protocol(self, call: Callable[[], None]) -> None:
+        try:
+            call()
+        except (SystemExit, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - as asyncio's transports: reported, not raised into write()
+            self._loop.call_exception_handler(
+                {
+                    "message": f"protocol.{call.__name__}() failed",
+                    "exception": exc,
+                    "transport": self,
+                    "protocol": self._protocol,
+                }
+            )
 
     def can_write_eof(self) -> bool:
         return False
