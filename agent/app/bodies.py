@@ -117,22 +117,23 @@ def _required_str(body: Mapping[str, Any], key: str) -> str:
     return value
 
 
-def _optional_name(body: Mapping[str, Any], key: str) -> str | None:
-    """A credential's name, or None. A string no credential can be called is refused here: it never reaches
-    credential selection, so it is neither audited nor echoed at length (a caller could otherwise write
-    records as long as its body into the audit log, twice each)."""
-    value = _optional_str(body, key)
-    if value is not None and not is_credential_name(value):
+def _name(key: str, value: str) -> str:
+    """A credential's name. A string no credential can be called is refused here: it never reaches credential
+    selection, so it is neither audited nor echoed at length (a caller could otherwise write records as long
+    as its body into the audit log, twice each)."""
+    if not is_credential_name(value):
         shown = repr(value[:64]) + ("…" if len(value) > 64 else "")
         raise BadRequest(f"{key} must be a credential name, {NAME_RULE} (got {shown})")
     return value
 
 
+def _optional_name(body: Mapping[str, Any], key: str) -> str | None:
+    value = _optional_str(body, key)
+    return None if value is None else _name(key, value)
+
+
 def _required_name(body: Mapping[str, Any], key: str) -> str:
-    value = _optional_name(body, key)
-    if value is None:
-        raise BadRequest(f"{key} must be a non-empty string")
-    return value
+    return _name(key, _required_str(body, key))
 
 
 @dataclass(frozen=True)
