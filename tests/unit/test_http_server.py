@@ -17,7 +17,8 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,21 @@ async def serve(sock: socket.socket, handler: Callable[[Request], Awaitable[Resp
     server = Server(handler, kw.pop("limits", Limits()), admit=lambda caller: admission)
     await server.start(sock)
     return server
+
+
+@asynccontextmanager
+async def served(
+    path: Path, handler: Callable[[Request], Awaitable[Response]], **kw: Any
+) -> AsyncIterator[tuple[Server, Client]]:
+    """A server listening on ``path`` and one client connected to it; both closed at the end."""
+    with listening(path) as sock:
+        server = await serve(sock, handler, **kw)
+        client = Client(path)
+        try:
+            yield server, client
+        finally:
+            client.close()
+            await server.shutdown(timeout=2)
 
 
 async def only_connection(server: Server) -> Connection:
@@ -119,9 +135,7 @@ def test_a_client_that_never_reads_is_buffered_within_bounds_then_closed(
 
     async def go() -> None:
         clock = asyncio.get_running_loop()
-        with listening(path) as sock:
-            server = await serve(sock, handler, limits=limits, check_sender=check_sender)
-            stalled = Client(path)
+        async with served(path, handler, limits=limits, check_sender=check_sender) as (server, stalled):
             conn = await only_connection(server)
             transport = conn.transport
             assert transport is not None
@@ -155,8 +169,6 @@ def test_a_client_that_never_reads_is_buffered_within_bounds_then_closed(
             finally:
                 watcher.cancel()
                 sending.cancel()
-                stalled.close()
-                await server.shutdown(timeout=2)
 
     RUNNERS[loop](go())
 
@@ -175,20 +187,14 @@ def test_a_last_answer_the_client_never_reads_does_not_hold_the_connection(
 
     async def go() -> None:
         clock = asyncio.get_running_loop()
-        with listening(path) as sock:
-            server = await serve(sock, handler, limits=limits, check_sender=check_sender)
-            client = Client(path)
-            try:
-                conn = await only_connection(server)
-                await client.send(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
-                await until(lambda: conn._closing, "the answer written and the connection closing")
-                closing_at = clock.time()
-                await until(lambda: not server.connections, "the connection cut off, its answer unread")
-                waited = clock.time() - closing_at
-                assert waited >= limits.idle_timeout * 0.9, f"cut off {waited:.2f}s after closing"
-            finally:
-                client.close()
-                await server.shutdown(timeout=2)
+        async with served(path, handler, limits=limits, check_sender=check_sender) as (server, client):
+            conn = await only_connection(server)
+            await client.send(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+            await until(lambda: conn._closing, "the answer written and the connection closing")
+            closing_at = clock.time()
+            await until(lambda: not server.connections, "the connection cut off, its answer unread")
+            waited = clock.time() - closing_at
+            assert waited >= limits.idle_timeout * 0.9, f"cut off {waited:.2f}s after closing"
 
     RUNNERS[loop](go())
 
@@ -281,48 +287,42 @@ def test_one_read_of_many_pipelined_requests_queues_only_a_few_and_all_are_answe
             await asyncio.sleep(0)  # let the connection read (and the test look) between answers
             return await echo_path(request)
 
-        with listening(path) as sock:
-            server = await serve(sock, handler, check_sender=check_sender)
-            client = Client(path)
+        async with served(path, handler, check_sender=check_sender) as (server, client):
+            conn = await only_connection(server)
+            await client.send(b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(count)) + ENDINGS[ending])
+            if ending == "eof":
+                client.sock.shutdown(socket.SHUT_WR)
+            await until(lambda: bool(queued), "the first request reached the handler")
+            most = max(queued[0], len(conn._queue))
+            assert most <= QUEUE_BOUND, f"{most} requests queued from one read"
+
+            async def watch() -> None:
+                nonlocal most
+                while True:
+                    most = max(most, len(conn._queue))
+                    await asyncio.sleep(0)
+
+            watcher = asyncio.ensure_future(watch())
+            gate.set()
             try:
-                conn = await only_connection(server)
-                await client.send(b"".join(b"GET /%d HTTP/1.1\r\n\r\n" % i for i in range(count)) + ENDINGS[ending])
-                if ending == "eof":
-                    client.sock.shutdown(socket.SHUT_WR)
-                await until(lambda: bool(queued), "the first request reached the handler")
-                most = max(queued[0], len(conn._queue))
-                assert most <= QUEUE_BOUND, f"{most} requests queued from one read"
-
-                async def watch() -> None:
-                    nonlocal most
-                    while True:
-                        most = max(most, len(conn._queue))
-                        await asyncio.sleep(0)
-
-                watcher = asyncio.ensure_future(watch())
-                gate.set()
-                try:
-                    for i in range(count):
-                        status, headers, body = await client.response()
-                        assert (status, body) == (200, b"/%d" % i)
-                        assert ("connection" in headers) == (i == count - 1 and ending == "eof")  # the last
-                finally:
-                    watcher.cancel()
-                assert max(most, *queued) <= QUEUE_BOUND, f"{max(most, *queued)} requests queued at once"
-                if ending in ("connection-close", "upgrade"):  # answered (not upgraded), and the last
+                for i in range(count):
                     status, headers, body = await client.response()
-                    assert (status, body, headers["connection"]) == (200, b"/last", "close")
-                elif ending == "malformed":
-                    status, headers, _ = await client.response()
-                    assert status == 400 and headers["connection"] == "close"
-                if ending == "keep-alive":
-                    await client.send(b"GET /after HTTP/1.1\r\n\r\n")
-                    assert (await client.response())[::2] == (200, b"/after")
-                else:
-                    assert await client.closed()
+                    assert (status, body) == (200, b"/%d" % i)
+                    assert ("connection" in headers) == (i == count - 1 and ending == "eof")  # the last
             finally:
-                client.close()
-                await server.shutdown(timeout=2)
+                watcher.cancel()
+            assert max(most, *queued) <= QUEUE_BOUND, f"{max(most, *queued)} requests queued at once"
+            if ending in ("connection-close", "upgrade"):  # answered (not upgraded), and the last
+                status, headers, body = await client.response()
+                assert (status, body, headers["connection"]) == (200, b"/last", "close")
+            elif ending == "malformed":
+                status, headers, _ = await client.response()
+                assert status == 400 and headers["connection"] == "close"
+            if ending == "keep-alive":
+                await client.send(b"GET /after HTTP/1.1\r\n\r\n")
+                assert (await client.response())[::2] == (200, b"/after")
+            else:
+                assert await client.closed()
 
     RUNNERS[loop](go())
 
@@ -338,18 +338,12 @@ def test_a_head_is_not_charged_for_the_body_before_it_in_the_same_read(short_dir
     get = b"GET /small HTTP/1.1\r\nHost: a\r\n\r\n"
 
     async def go() -> None:
-        with listening(path) as sock:
-            server = await serve(sock, echo_path)
-            client = Client(path)
-            try:
-                await client.send(post + get[:5])  # one write, one read: the body, then a head just begun
-                assert (await client.response())[::2] == (200, b"/big")
-                await client.send(get[5:])
-                status, _, answer = await client.response()
-                assert (status, answer) == (200, b"/small")
-            finally:
-                client.close()
-                await server.shutdown(timeout=2)
+        async with served(path, echo_path) as (server, client):
+            await client.send(post + get[:5])  # one write, one read: the body, then a head just begun
+            assert (await client.response())[::2] == (200, b"/big")
+            await client.send(get[5:])
+            status, _, answer = await client.response()
+            assert (status, answer) == (200, b"/small")
 
     RUNNERS[loop](go())
 
@@ -360,18 +354,12 @@ def test_a_head_that_never_ends_is_431_even_within_one_read(short_dir: Path, loo
     path = short_dir / "s.sock"
 
     async def go() -> None:
-        with listening(path) as sock:
-            server = await serve(sock, echo_path, check_sender=check_sender)
-            client = Client(path)
-            try:
-                sending = asyncio.ensure_future(client.send(b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 300_000))
-                status, headers, _ = await client.response()
-                assert status == 431 and headers["connection"] == "close"
-                assert await client.closed()
-                sending.cancel()
-            finally:
-                client.close()
-                await server.shutdown(timeout=2)
+        async with served(path, echo_path, check_sender=check_sender) as (server, client):
+            sending = asyncio.ensure_future(client.send(b"GET / HTTP/1.1\r\nX-Pad: " + b"a" * 300_000))
+            status, headers, _ = await client.response()
+            assert status == 431 and headers["connection"] == "close"
+            assert await client.closed()
+            sending.cancel()
 
     RUNNERS[loop](go())
 
@@ -392,34 +380,26 @@ def test_100_continue_on_a_pipelined_request_waits_for_the_answers_before_it(sho
                 await gate.wait()
             return Response(200, request.path.encode() + request.body, "text/plain")
 
-        with listening(path) as sock:
-            server = await serve(sock, handler)
-            client = Client(path)
-            try:
-                conn = await only_connection(server)
-                await client.send(
-                    b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
-                    b"POST /next HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
-                )
-                # /slow is being answered and the head of /next has been read
-                await until(
-                    lambda: entered.is_set() and conn._current is not None and conn._current.head_done,
-                    "/slow in the handler, the head of /next read",
-                )
-                gate.set()
-                assert (await client.response())[::2] == (200, b"/slow"), "the first answer is the first request's"
-                assert (await client.response())[0] == 100, "then, /next being next, its 100 Continue"
-                await client.send(b"{}")
-                assert (await client.response())[::2] == (200, b"/next{}")
-                # and with nothing before it, the 100 comes at once, as always
-                await client.send(
-                    b"POST /again HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
-                )
-                assert (await client.response())[0] == 100
-                await client.send(b"{}")
-                assert (await client.response())[::2] == (200, b"/again{}")
-            finally:
-                client.close()
-                await server.shutdown(timeout=2)
+        async with served(path, handler) as (server, client):
+            conn = await only_connection(server)
+            await client.send(
+                b"GET /slow HTTP/1.1\r\nHost: a\r\n\r\n"
+                b"POST /next HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n"
+            )
+            # /slow is being answered and the head of /next has been read
+            await until(
+                lambda: entered.is_set() and conn._current is not None and conn._current.head_done,
+                "/slow in the handler, the head of /next read",
+            )
+            gate.set()
+            assert (await client.response())[::2] == (200, b"/slow"), "the first answer is the first request's"
+            assert (await client.response())[0] == 100, "then, /next being next, its 100 Continue"
+            await client.send(b"{}")
+            assert (await client.response())[::2] == (200, b"/next{}")
+            # and with nothing before it, the 100 comes at once, as always
+            await client.send(b"POST /again HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+            assert (await client.response())[0] == 100
+            await client.send(b"{}")
+            assert (await client.response())[::2] == (200, b"/again{}")
 
     RUNNERS[loop](go())
