@@ -42,17 +42,22 @@ def staged_path(pid: int) -> Path:
 _STAGED = b"# dfns-agent reload "
 
 
-def stage(pid: int, seq: int, text: bytes) -> None:
-    """Hand reload ``seq``'s config text to the workers of supervisor ``pid``; raises OSError."""
-    path = staged_path(pid)
+def _replace(path: Path, data: bytes) -> None:
+    """Write ``path`` whole, atomically (a reader sees the old file or the new one), mode 0600, in the 0700
+    state directory; a link planted where the temporary file goes is not followed. Raises OSError."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     with contextlib.suppress(FileNotFoundError):
         tmp.unlink()
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     with os.fdopen(fd, "wb") as f:
-        f.write(_STAGED + str(seq).encode() + b"\n" + text)
+        f.write(data)
     os.replace(tmp, path)
+
+
+def stage(pid: int, seq: int, text: bytes) -> None:
+    """Hand reload ``seq``'s config text to the workers of supervisor ``pid``; raises OSError."""
+    _replace(staged_path(pid), _STAGED + str(seq).encode() + b"\n" + text)
 
 
 def read_staged(pid: int) -> tuple[int, bytes]:
@@ -72,15 +77,9 @@ def unstage(pid: int) -> None:
 def write(pid: int, outcome: ReloadOutcome) -> None:
     """Best effort: a state directory that cannot be written costs the reload command its answer, not the
     reload (the command then says it could not learn the outcome)."""
-    path = status_path(pid)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        line = f"{outcome.seq} {'ok' if outcome.ok else 'failed'} {outcome.message}".replace("\n", " ")
-        tmp.write_text(line + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass
+    line = f"{outcome.seq} {'ok' if outcome.ok else 'failed'} {outcome.message}".replace("\n", " ")
+    with contextlib.suppress(OSError):
+        _replace(status_path(pid), (line + "\n").encode("utf-8"))
 
 
 def read(pid: int) -> ReloadOutcome | None:
