@@ -36,9 +36,11 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid
 
 @contextmanager
 def idle_connections_as_nobody(path: Path, count: int, answered: int) -> Iterator[list[bytes]]:
-    """A child process running as uid 65534 holds ``count`` idle connections (it never sends a byte) until
-    the block ends. It waits (up to 60 s) until the agent has answered at least ``answered`` of them, then
-    yields the first bytes the agent sent on each (b"" where it sent nothing: a connection being served)."""
+    """A child process running as uid 65534 opens ``count`` connections and holds them until the block ends.
+    It waits (up to 60 s) until the agent has answered at least ``answered`` of them unasked, then yields
+    for each the first bytes the agent sent. A connection still silent then may be served or may be about to
+    be turned away; which one is not raced: the child asks it for ``/v1/health`` (keeping it open) and
+    yields the answer, a 200 where it is served."""
     report_r, report_w = os.pipe()
     stop_r, stop_w = os.pipe()
     pid = os.fork()
@@ -61,6 +63,8 @@ def idle_connections_as_nobody(path: Path, count: int, answered: int) -> Iterato
                 waiting = [s for s, f in firsts.items() if not f]
                 for s in select.select(waiting, [], [], 0.5)[0]:
                     firsts[s] = s.recv(4096) or b"(closed)"
+            for s in [s for s, f in firsts.items() if not f]:
+                firsts[s] = one_answer(s)
             os.write(report_w, (json.dumps([f.decode("latin-1") for f in firsts.values()]) + "\n").encode())
             os.read(stop_r, 1)  # hold them until the test is done
         except BaseException:  # noqa: BLE001 - a forked child must never return into pytest
@@ -79,6 +83,26 @@ def idle_connections_as_nobody(path: Path, count: int, answered: int) -> Iterato
     finally:
         os.close(stop_w)
         os.waitpid(pid, 0)
+
+
+def one_answer(s: socket.socket) -> bytes:
+    """Send ``GET /v1/health`` on a held connection and read one whole answer, leaving the connection open
+    (a turned-away connection has its 503 waiting, and may refuse the request: the 503 is read anyway)."""
+    s.settimeout(20)
+    try:
+        s.sendall(b"GET /v1/health HTTP/1.1\r\nHost: a\r\n\r\n")
+    except OSError:
+        pass
+    answer = b""
+    while b"\r\n\r\n" not in answer and (chunk := s.recv(4096)):
+        answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    while len(body) < length and (chunk := s.recv(4096)):
+        body += chunk
+    return head + b"\r\n\r\n" + body if answer else b"(closed)"
 
 
 def served_latencies(agent: AgentProcess, n: int = 40) -> list[float]:
@@ -134,10 +158,12 @@ def test_a_flood_from_an_admitted_uid_is_bounded_per_uid(token_env: TokenEnv, st
     agent: AgentProcess = start_agent(token_env)
     open_to_everyone(agent.socket_path)
     with idle_connections_as_nobody(agent.socket_path, FLOOD, answered=FLOOD - 2 * 16) as firsts:
-        # At most 16 per worker are served (they wait, idle, for a request); the rest are turned away at once.
-        served = [f for f in firsts if not f]
-        assert len(served) == 2 * 16 or len(served) == 16, len(served)  # 16: the other was busy past the yield
-        assert all(f.startswith(b"HTTP/1.1 503") and b"too_many_connections" in f for f in firsts if f)
+        # At most 16 per worker are served; the rest are turned away. One worker took at least half of the
+        # flood, so at least 16 are served; fewer than 32 if the other took fewer than 16.
+        served = [f for f in firsts if f.startswith(b"HTTP/1.1 200")]
+        assert 16 <= len(served) <= 2 * 16, len(served)
+        refused = [f for f in firsts if not f.startswith(b"HTTP/1.1 200")]
+        assert all(f.startswith(b"HTTP/1.1 503") and b"too_many_connections" in f for f in refused), set(refused)
         during = served_latencies(agent)
     print(f"\nadmitted caller during a {FLOOD}-connection flood from another admitted uid: {summary(during)}")
 
