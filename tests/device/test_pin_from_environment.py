@@ -11,7 +11,7 @@ import pytest
 
 from agent.dev.testing import PIN, AgentProcess, TokenEnv, wait_until
 
-VAR = "DFNS_AGENT_TEST_PIN_13"
+VAR = "DFNS_AGENT_TEST_PIN_FROM_ENV"
 
 
 def environ_of(pid: int) -> bytes:
