@@ -313,6 +313,11 @@ async def _serve_until_signalled(
 
         stop = _StopEvent(lambda: systemd.ready(serving()))
 
+        # Alone, this worker's refusal is the reload's outcome; under a supervisor it is one answer of several,
+        # and the supervisor logs the outcome (it may yet replace this worker with one on the checked config).
+        alone = heartbeat is None  # a supervisor gives each of its workers a heartbeat
+        refused = "reload failed; keeping the previous configuration" if alone else "reload refused by this worker"
+
         async def on_hup() -> None:
             systemd.reloading()
             try:
@@ -320,10 +325,10 @@ async def _serve_until_signalled(
                     None, reload, state, current[0], token, audit, flow, signing, read_config
                 )
             except AgentError as e:
-                log.error("reload failed; keeping the previous configuration: %s", e.message)
+                log.error("%s: %s", refused, e.message)
                 outcome: tuple[bool, str] = (False, e.message)
             except Exception as e:  # noqa: BLE001 - the reload is refused, the agent keeps serving
-                log.exception("reload failed; keeping the previous configuration")
+                log.exception(refused)
                 outcome = (False, f"{type(e).__name__}: {e}")
             else:
                 outcome = (True, f"{len(state.current.service.credentials)} credential(s)")

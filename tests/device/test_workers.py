@@ -187,6 +187,9 @@ def test_a_worker_that_refuses_a_validated_reload_is_replaced_on_it(token_env: T
     assert len(children(agent.proc.pid)) == 3
     assert served_keys(agent) == {("p256",)}
     assert "bearer-token-for-the-test" not in agent.output()
+    # The refusing worker's own line does not claim the previous configuration stays: it did not.
+    assert "reload refused by this worker" in agent.output()
+    assert "keeping the previous configuration" not in agent.output()
 
 
 def test_watchdog_pings_go_on_while_a_reload_waits_for_a_stopped_worker(
