@@ -25,6 +25,7 @@ from agent.config import DfnsConfig
 from agent.dfns import KeyAssertion
 from agent.dfnsapi.transport import (
     AiohttpTransport,
+    Failure,
     HttpAnswer,
     HttpRequest,
     HttpTransport,
@@ -39,6 +40,10 @@ _RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 _PASS_HEADERS = frozenset({"content-type", "retry-after", "location"})
 _NEVER_PASS = frozenset({"x-dfns-useraction", "set-cookie", "authorization"})
 _MAX_RETRY_AFTER = 30.0
+# The most of an answer the agent reads (decoded). Dfns's auth answers are a few KB; the real call's answer
+# is passed back to the caller, and Dfns's list endpoints page at most a few hundred KB.
+MAX_AUTH_ANSWER = 1 << 20
+MAX_ANSWER = 8 << 20
 
 
 def make_transport() -> AiohttpTransport:
@@ -86,6 +91,12 @@ def mapped_errors(base_url: str, step: str, timeout: float, *, unsure: bool = Fa
         yield
     except TransportError as e:
         failure = e.failure
+        if failure is Failure.TOO_LARGE:
+            done = "; it was executed" if unsure and e.status is not None and e.status < 400 else ""
+            raise DfnsError(
+                f"Dfns answered {step} with {e.status} and a body larger than the agent reads{done}",
+                status=502,
+            ) from None
         if not failure.sent and (unsure or not failure.timed_out):
             raise DfnsUnreachable(f"cannot reach Dfns at {base_url} for {step}: {failure.value}") from None
         if failure.timed_out:
@@ -106,11 +117,16 @@ class DfnsApi:
         self.cfg = cfg
         self._token = token
         self._backoff = backoff
-        self._timeouts = Timeouts(connect=cfg.connect_timeout, pool=cfg.timeout, read=cfg.timeout)
+        # A call gets connect_timeout to connect and timeout for the rest, in all: bytes trickling in
+        # slower than that do not hold the caller's request open.
+        total = cfg.connect_timeout + cfg.timeout
+        self._timeouts = Timeouts(connect=cfg.connect_timeout, pool=cfg.timeout, read=cfg.timeout, total=total)
 
-    def _request(self, method: str, path: str, content: bytes | None, headers: dict[str, str]) -> HttpRequest:
+    def _request(
+        self, method: str, path: str, content: bytes | None, headers: dict[str, str], max_answer: int = MAX_AUTH_ANSWER
+    ) -> HttpRequest:
         headers["Authorization"] = f"Bearer {self._token.reveal()}"
-        return HttpRequest(method, self.cfg.base_url + path, headers, content, self._timeouts)
+        return HttpRequest(method, self.cfg.base_url + path, headers, content, self._timeouts, max_answer)
 
     async def _post_json(self, path: str, body: dict[str, Any]) -> HttpAnswer:
         content = jsonio.dumps(body)
@@ -182,7 +198,7 @@ class DfnsApi:
         if user_action is not None:
             headers["X-DFNS-USERACTION"] = user_action
         step = f"{method} {path}"
-        request = self._request(method, path, content, headers)
+        request = self._request(method, path, content, headers, MAX_ANSWER)
         with self._mapped(step, unsure=True):
             for attempt in range(1 + self.cfg.retries):
                 try:
@@ -197,10 +213,15 @@ class DfnsApi:
 
 
 def _json_object(answer: HttpAnswer, step: str) -> dict[str, Any]:
+    return json_object(answer.status, answer.content, step)
+
+
+def json_object(status: int, content: bytes, step: str) -> dict[str, Any]:
+    """A Dfns answer's JSON object, or ``dfns_error`` 502 (not JSON, not an object, nested too deep)."""
     try:
-        data = jsonio.loads(answer.content)
+        data = jsonio.loads(content)
     except (ValueError, RecursionError):
         data = None
     if not isinstance(data, dict):
-        raise DfnsError(f"Dfns answered {step} with {answer.status} but no JSON object", status=502)
+        raise DfnsError(f"Dfns answered {step} with {status} but no JSON object", status=502)
     return data

@@ -15,7 +15,7 @@ import pytest
 from agent.config import DfnsConfig
 from agent.dfns import ClientData, KeyAssertion
 from agent.dfnsapi import client as client_module
-from agent.dfnsapi.client import DfnsApi, Upstream, mapped_errors
+from agent.dfnsapi.client import MAX_ANSWER, MAX_AUTH_ANSWER, DfnsApi, Upstream, mapped_errors
 from agent.dfnsapi.transport import Failure, Timeouts, TransportError
 from agent.errors import AgentError, DfnsError, DfnsTimeout, DfnsUnreachable
 from agent.secret import Secret
@@ -122,7 +122,8 @@ def test_init_user_action_sends_the_action_and_returns_the_challenge() -> None:
     }
     assert request.headers["authorization"] == f"Bearer {TOKEN}"
     [sent] = fake.transport.sent
-    assert sent.timeouts == Timeouts(connect=2.0, pool=7.0, read=7.0)
+    assert sent.timeouts == Timeouts(connect=2.0, pool=7.0, read=7.0, total=9.0)
+    assert sent.max_answer == MAX_AUTH_ANSWER
 
 
 @pytest.mark.parametrize("status", [429, 500, 502, 503, 504])
@@ -147,11 +148,18 @@ def test_retry_after_is_honoured_and_bounded(sleeps: list[float]) -> None:
     assert fake.bodies() == [{"kind": "Key"}] * 4
 
 
-@pytest.mark.parametrize("error", list(Failure))
+@pytest.mark.parametrize("error", [f for f in Failure if f is not Failure.TOO_LARGE])
 def test_challenge_calls_are_retried_on_network_errors(error: Failure) -> None:
     fake = FakeDfns(error, dfns_json(200, CHALLENGE))
     assert run_with(fake, init_action) == CHALLENGE
     assert fake.calls == 2
+
+
+def test_a_challenge_answer_too_large_to_read_is_a_dfns_error_and_not_retried() -> None:
+    fake = FakeDfns(Failure.TOO_LARGE, dfns_json(200, CHALLENGE))
+    e = failure_of(fake, init_action)
+    assert type(e) is DfnsError and e.status == 502 and "larger than the agent reads" in e.message
+    assert fake.calls == 1  # Dfns answered: the same call would get the same answer
 
 
 def test_challenge_calls_give_up_after_the_configured_retries_keeping_dfnss_answer(sleeps: list[float]) -> None:
@@ -372,6 +380,8 @@ def test_mapped_errors_is_the_one_mapping_of_transport_failures() -> None:
         (Failure.TIMEOUT, True, DfnsTimeout, "may or may not have been executed"),
         (Failure.BROKEN, False, DfnsUnreachable, "cannot reach Dfns"),
         (Failure.BROKEN, True, DfnsUnreachable, "may or may not have been executed"),
+        (Failure.TOO_LARGE, False, DfnsError, "larger than the agent reads"),
+        (Failure.TOO_LARGE, True, DfnsError, "larger than the agent reads"),
     ]
     assert {(f, u) for f, u, _, _ in cases} == {(f, u) for f in Failure for u in (False, True)}
     for failure, unsure, expected, says in cases:
@@ -382,3 +392,20 @@ def test_mapped_errors_is_the_one_mapping_of_transport_failures() -> None:
         assert "POST /x" in e.value.message and says in e.value.message, (failure, unsure, e.value.message)
         assert "detail from the transport" not in e.value.message
         assert e.value.__cause__ is None and e.value.__suppress_context__  # `from None`: no transport detail
+
+
+@pytest.mark.parametrize(("status", "executed"), [(200, True), (202, True), (409, False)])
+def test_an_answer_too_large_to_read_says_whether_dfns_executed_the_real_call(status: int, executed: bool) -> None:
+    with pytest.raises(DfnsError) as e:
+        with mapped_errors(BASE, "POST /wallets", 7.0, unsure=True):
+            raise TransportError(Failure.TOO_LARGE, "over 8388608 bytes", status)
+    assert e.value.status == 502 and e.value.code == "dfns_error"
+    assert f"with {status}" in e.value.message
+    assert ("it was executed" in e.value.message) is executed, e.value.message
+
+
+def test_the_real_call_reads_a_larger_answer_than_the_auth_steps() -> None:
+    fake = FakeDfns(dfns_json(200, {"id": "wa-1"}))
+    run_with(fake, send_post)
+    [sent] = fake.transport.sent
+    assert sent.max_answer == MAX_ANSWER > MAX_AUTH_ANSWER

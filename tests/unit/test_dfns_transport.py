@@ -55,7 +55,7 @@ async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str]
     return lines[0].encode(), headers, body
 
 
-WAIT = Timeouts(connect=5.0, pool=30.0, read=30.0)
+WAIT = Timeouts(connect=5.0, pool=30.0, read=30.0, total=60.0)
 
 
 def client(max_connections: int = 100) -> AiohttpTransport:
@@ -133,7 +133,7 @@ async def test_a_server_that_never_answers_is_a_timeout_after_sending() -> None:
 
     async with serving(handler) as url, client() as http:
         with fails_with(Failure.TIMEOUT):
-            await post(http, url + "/wallets", timeouts=Timeouts(connect=5.0, pool=5.0, read=0.3))
+            await post(http, url + "/wallets", timeouts=Timeouts(connect=5.0, pool=5.0, read=0.3, total=60.0))
         assert Failure.TIMEOUT.sent
         release.set()
 
@@ -155,7 +155,7 @@ async def test_no_connection_from_the_pool_in_time_is_a_connect_timeout_before_s
         busy = asyncio.create_task(post(http, url + "/a"))
         await first_in.wait()  # the pool's one connection is taken
         with fails_with(Failure.CONNECT_TIMEOUT):
-            await post(http, url + "/b", timeouts=Timeouts(connect=30.0, pool=0.3, read=30.0))
+            await post(http, url + "/b", timeouts=Timeouts(connect=30.0, pool=0.3, read=30.0, total=60.0))
         assert not Failure.CONNECT_TIMEOUT.sent
         release.set()
         assert (await busy).status == 200
@@ -270,3 +270,95 @@ async def test_tls_is_verified_against_ssl_cert_file(tmp_path: Path, monkeypatch
     finally:
         server.close()
         await server.wait_closed()
+
+
+def drop_first_then_answer(got: list[bytes]) -> Handler:
+    """Reads each request; the first connection is closed without an answer, later ones answer 200."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        line, _, _ = await read_head(reader)
+        got.append(line)
+        if len(got) > 1:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+            await writer.drain()
+        writer.close()
+
+    return handler
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "POST", "PATCH"])
+@in_loop
+async def test_a_mutation_whose_connection_drops_is_sent_once(method: str) -> None:
+    # aiohttp on its own resends a PUT or DELETE once after such a drop, with the same single-use user action.
+    got: list[bytes] = []
+    async with serving(drop_first_then_answer(got)) as url, client() as http:
+        with fails_with(Failure.BROKEN):
+            await http.send(HttpRequest(method, url + "/auth/service-accounts/sa-1/deactivate", {}, b"{}", WAIT))
+    assert len(got) == 1, got
+
+
+@in_loop
+async def test_a_get_whose_connection_drops_is_sent_again_once() -> None:
+    got: list[bytes] = []
+    async with serving(drop_first_then_answer(got)) as url, client() as http:
+        assert (await get(http, url + "/wallets")).status == 200
+    assert got == [b"GET /wallets HTTP/1.1"] * 2
+
+
+@in_loop
+async def test_an_answer_trickling_in_is_cut_off_at_the_total_timeout() -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(1000):  # one byte every 50 ms: each gap is well inside the read timeout
+            writer.write(b" ")
+            await writer.drain()
+            await asyncio.sleep(0.05)
+        writer.close()
+
+    async with serving(handler) as url, client() as http:
+        with fails_with(Failure.TIMEOUT):
+            await post(http, url + "/wallets", timeouts=Timeouts(connect=5.0, pool=5.0, read=5.0, total=0.5))
+
+
+def answering(head: bytes, body: bytes) -> Handler:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(head + body)
+        await writer.drain()
+        writer.close()
+
+    return handler
+
+
+LIMIT = 64 * 1024
+BIG = b"[" + b"1," * LIMIT + b"1]"
+
+
+@pytest.mark.parametrize(
+    ("head", "body"),
+    [
+        (f"HTTP/1.1 200 OK\r\nContent-Length: {len(BIG)}\r\n\r\n".encode(), BIG),  # declared
+        (b"HTTP/1.1 201 Created\r\nConnection: close\r\n\r\n", BIG),  # not declared: read to the end
+        (
+            f"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: {len(gzip.compress(BIG))}\r\n\r\n".encode(),
+            gzip.compress(BIG),  # small on the wire, large decoded
+        ),
+    ],
+)
+@in_loop
+async def test_an_answer_over_the_bound_is_too_large_with_its_status(head: bytes, body: bytes) -> None:
+    async with serving(answering(head, body)) as url, client() as http:
+        with pytest.raises(TransportError) as e:
+            await http.send(HttpRequest("POST", url + "/wallets", {}, b"{}", WAIT, max_answer=LIMIT))
+    assert e.value.failure is Failure.TOO_LARGE and Failure.TOO_LARGE.sent
+    assert e.value.status == int(head.split()[1])
+
+
+@in_loop
+async def test_an_answer_at_the_bound_is_read_whole() -> None:
+    body = BIG[:LIMIT]
+    head = f"HTTP/1.1 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+    async with serving(answering(head, body)) as url, client() as http:
+        answer = await http.send(HttpRequest("POST", url + "/wallets", {}, b"{}", WAIT, max_answer=LIMIT))
+    assert answer.content == body
