@@ -322,6 +322,10 @@ def document() -> dict[str, Any]:
                             "description": "Dfns's POST /auth/credentials answer",
                             "content": {"application/json": {}},
                         },
+                        "202": {
+                            "description": "Dfns's POST /auth/credentials answer, with Dfns's 202 (e.g. pending)",
+                            "content": {"application/json": {}},
+                        },
                         **common,
                         "404": _error("no credential with that name (unknown_credential)"),
                         "422": _error("dfns_not_configured"),

@@ -230,10 +230,10 @@ async def dfns_request(call: _Call) -> Response:
 async def register_credential(call: _Call) -> Response:
     body = RegisterCredentialBody.parse(call.request.body)
     grant = call.check(PolicyEndpoint.REGISTER, body.credential)
-    result = await call.now.flow.register_credential(
+    registered = await call.now.flow.register_credential(
         body.credential, body.via, body.credential_name, caller=call.caller, grant=grant
     )
-    return json_response(result)
+    return json_response(registered.credential, registered.status)
 
 
 async def credentials(call: _Call) -> Response:

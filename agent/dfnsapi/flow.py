@@ -19,7 +19,7 @@ from agent.core.policy import UNRESTRICTED, Grant
 from agent.core.records import Action
 from agent.core.service import SigningService
 from agent.dfns import sha256_hex
-from agent.dfnsapi.client import DfnsApi, Upstream, dfns_error
+from agent.dfnsapi.client import DfnsApi, Upstream, dfns_error, json_object
 from agent.dfnsapi.transport import HttpTransport
 from agent.errors import BadRequest, DfnsError, DfnsNotConfigured
 from agent.secret import Secret
@@ -28,6 +28,14 @@ MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
 _PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
 _PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})|%(?:2[eEfF]|5[cC]|00)")  # malformed, or an encoded . / \ NUL
 MAX_PATH = 2048
+
+
+@dataclass(frozen=True)
+class Registered:
+    """Dfns's answer to ``POST /auth/credentials``: its status as given (a 202 is not a 200) and its body."""
+
+    status: int
+    credential: dict[str, Any]
 
 
 def serialize_payload(body: Any) -> str:
@@ -173,7 +181,7 @@ class DfnsFlow:
         *,
         caller: Caller | None = None,
         grant: Grant = UNRESTRICTED,
-    ) -> Any:
+    ) -> Registered:
         """Register ``credential``'s key as a new Dfns Key credential, user-action signed by ``via``.
 
         ``/auth/credentials/init`` → sign ``key.create`` + attestation with the new key →
@@ -192,7 +200,4 @@ class DfnsFlow:
         answer = await api.send("POST", "/auth/credentials", payload.encode("utf-8"), token)
         if answer.status >= 400:
             raise dfns_error(answer.status, answer.content, "POST /auth/credentials")
-        try:
-            return json.loads(answer.content)
-        except ValueError:
-            raise DfnsError("Dfns answered POST /auth/credentials without JSON", status=502) from None
+        return Registered(answer.status, json_object(answer.status, answer.content, "POST /auth/credentials"))

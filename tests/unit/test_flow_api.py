@@ -29,7 +29,7 @@ from agent.dev.softkeys import PrivateKey, SoftKeyStore
 from agent.dev.testing import b64url, b64url_decode
 from agent.dfns import credential_fingerprint
 from agent.dfnsapi.client import DfnsApi
-from agent.dfnsapi.flow import DfnsCall, DfnsFlow, serialize_payload
+from agent.dfnsapi.flow import DfnsCall, DfnsFlow, Registered, serialize_payload
 from agent.errors import BadRequest, DfnsError, DfnsNotConfigured, Forbidden, UnknownCredential
 from agent.secret import Secret
 from agent.token.keys import KeyKind
@@ -426,7 +426,7 @@ def test_each_signature_is_audited_with_its_action(world: World) -> None:
 
 def test_register_credential_signs_key_create_with_the_new_key_and_the_user_action_with_via(world: World) -> None:
     answer = world.run(lambda flow: flow.register_credential("new", "main", "rotated key", caller=CALLER))
-    assert answer == {"credentialId": "cr-1", "credentialName": "rotated key"}
+    assert answer == Registered(200, {"credentialId": "cr-1", "credentialName": "rotated key"})
     assert world.dfns.steps() == [
         ("POST", "/auth/credentials/init"),
         ("POST", "/auth/action/init"),
@@ -462,7 +462,7 @@ def test_a_credential_cannot_register_itself(world: World) -> None:
 
 def test_register_credential_without_via_picks_another_credential(world: World) -> None:
     answer = world.run(lambda flow: flow.register_credential("main", None, "main again"))
-    assert answer["credentialName"] == "main again"
+    assert answer.credential["credentialName"] == "main again"
 
 
 def test_dfnss_refusal_of_the_registration_is_a_dfns_error(world: World) -> None:
@@ -470,3 +470,17 @@ def test_dfnss_refusal_of_the_registration_is_a_dfns_error(world: World) -> None
     with pytest.raises(DfnsError) as e:
         world.run(lambda flow: flow.register_credential("new", "ops", None))
     assert e.value.status == 409 and e.value.details["dfns"] == {"message": "already registered"}
+
+
+def test_dfnss_202_to_the_registration_stays_a_202(world: World) -> None:
+    pending = {"id": "ap-1", "status": "Pending"}
+    world.dfns.fail["/auth/credentials"] = httpx.Response(202, json=pending)
+    answer = world.run(lambda flow: flow.register_credential("new", "ops", None))
+    assert answer == Registered(202, pending)
+
+
+def test_a_registration_answer_nested_too_deep_is_a_dfns_error_not_a_crash(world: World) -> None:
+    world.dfns.fail["/auth/credentials"] = httpx.Response(200, content=b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(DfnsError) as e:
+        world.run(lambda flow: flow.register_credential("new", "ops", None))
+    assert e.value.status == 502 and "no JSON object" in e.value.message
