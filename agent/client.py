@@ -27,10 +27,13 @@ from agent.health import AgentHealth
 from agent.paths import default_socket_path
 
 _MAX_IDLE = 4  # kept-alive connections per client; each counts against the agent's per-uid limit
+UNREACHABLE = "agent_unreachable"  # nothing reached the agent: safe to send again
+NO_ANSWER = "agent_no_answer"  # the request reached the agent and no answer came: it may still be carried out
 
 
 class AgentClientError(Exception):
-    """The agent answered with an error, or could not be reached (``code == "agent_unreachable"``)."""
+    """The agent answered with an error, or could not be reached (``code == UNREACHABLE``), or took the request
+    and gave no answer in time (``code == NO_ANSWER``: a Dfns call may still be made; check before resending)."""
 
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(f"{code}: {message}")
@@ -91,9 +94,16 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class AgentClient:
-    def __init__(self, socket_path: str | Path | None = None, *, timeout: float = 30.0) -> None:
+    """``timeout``: seconds to wait for the agent's answer to a signature, a health check and the like.
+    ``flow_timeout``: for the calls in which the agent talks to Dfns (``request``, ``user_action``,
+    ``register_credential``): several Dfns calls, each with its own timeout and retries, so far longer."""
+
+    def __init__(
+        self, socket_path: str | Path | None = None, *, timeout: float = 30.0, flow_timeout: float = 300.0
+    ) -> None:
         self.socket_path = Path(socket_path) if socket_path else default_socket_path()
         self._timeout = timeout
+        self._flow_timeout = flow_timeout
         self._idle: list[_UnixConnection] = []
         self._lock = threading.Lock()
 
@@ -125,7 +135,7 @@ class AgentClient:
                 return
         conn.close()
 
-    def _send(self, method: str, path: str, body: Any = None) -> _Answer:
+    def _send(self, method: str, path: str, body: Any = None, *, timeout: float | None = None) -> _Answer:
         headers = {"Accept": "application/json"}
         content = None
         if body is not None:
@@ -134,16 +144,27 @@ class AgentClient:
         conn = self._connection()
         try:
             conn.request(method, path, body=content, headers=headers)
+        except (OSError, http.client.HTTPException) as e:
+            conn.close()
+            raise AgentClientError(
+                0,
+                UNREACHABLE,
+                f"cannot reach the agent at {self.socket_path}: {type(e).__name__}: {e}; start it with "
+                "`dfns-agent serve`, or point this client at the socket it listens on (--socket, or [server] "
+                "socket in the config)",
+            ) from None
+        try:
+            assert conn.sock is not None
+            conn.sock.settimeout(self._timeout if timeout is None else timeout)
             response = conn.getresponse()
             data = response.read()
         except (OSError, http.client.HTTPException) as e:
             conn.close()
             raise AgentClientError(
                 0,
-                "agent_unreachable",
-                f"cannot reach the agent at {self.socket_path}: {type(e).__name__}: {e}; start it with "
-                "`dfns-agent serve`, or point this client at the socket it listens on (--socket, or [server] "
-                "socket in the config)",
+                NO_ANSWER,
+                f"the agent at {self.socket_path} took {method} {path} and gave no answer "
+                f"({type(e).__name__}: {e}); it may still carry it out, so check before sending it again",
             ) from None
         answer_headers: dict[str, str] = {}
         for k, v in response.getheaders():
@@ -152,8 +173,10 @@ class AgentClient:
         self._release(conn, response)
         return _Answer(response.status, answer_headers, data)
 
-    def _call(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (200,)) -> dict[str, Any]:
-        return self._check(self._send(method, path, body), ok)
+    def _call(
+        self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = (200,), timeout: float | None = None
+    ) -> dict[str, Any]:
+        return self._check(self._send(method, path, body, timeout=timeout), ok)
 
     @staticmethod
     def _check(r: _Answer, ok: tuple[int, ...] = (200,)) -> dict[str, Any]:
@@ -193,12 +216,14 @@ class AgentClient:
 
     def user_action(self, method: str, path: str, body: Any = None, *, credential: str | None = None) -> dict[str, str]:
         """A single-use user-action token for ``method path body``, and the exact payload to send with it."""
-        result = self._call("POST", "/v1/user-action", _flow_body(method, path, body, credential))
+        result = self._call(
+            "POST", "/v1/user-action", _flow_body(method, path, body, credential), timeout=self._flow_timeout
+        )
         return {"userAction": str(result["userAction"]), "payload": str(result["payload"])}
 
     def request(self, method: str, path: str, body: Any = None, *, credential: str | None = None) -> DfnsResponse:
         """Have the agent make the Dfns call (user action included when it mutates); Dfns's answer as is."""
-        r = self._send("POST", "/v1/request", _flow_body(method, path, body, credential))
+        r = self._send("POST", "/v1/request", _flow_body(method, path, body, credential), timeout=self._flow_timeout)
         if r.headers.get("x-dfns-agent-upstream") != "dfns":
             self._check(r)  # an error of the agent's own (or of the user-action steps): raises
         headers = {k: v for k, v in r.headers.items() if k not in ("content-length", "date", "server")}
@@ -213,7 +238,7 @@ class AgentClient:
             body["via"] = via
         if credential_name is not None:
             body["credentialName"] = credential_name
-        return self._call("POST", "/v1/credentials", body)
+        return self._call("POST", "/v1/credentials", body, ok=(200, 201, 202), timeout=self._flow_timeout)
 
     def credentials(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/credentials")["credentials"])

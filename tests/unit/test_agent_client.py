@@ -2,7 +2,9 @@
 
 What it must get right besides the bytes: it keeps one connection alive across calls, never sends a request
 on a connection the agent has closed (it opens a new one), never sends a request twice (a connection that
-dies during a call is ``agent_unreachable``, and the agent saw the request once), and it can be shared by
+dies during a call is ``agent_no_answer``, and the agent saw the request once), it tells a request that never
+reached the agent (``agent_unreachable``: safe to resend) from one that got no answer (``agent_no_answer``:
+it may still be carried out), it waits for a Dfns flow longer than for a signature, and it can be shared by
 threads. The client against the agent itself is in ``tests/device/`` (CLI, SDK, flow).
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -19,7 +22,7 @@ from socketserver import ThreadingUnixStreamServer
 
 import pytest
 
-from agent.client import AgentClient, AgentClientError
+from agent.client import NO_ANSWER, UNREACHABLE, AgentClient, AgentClientError
 
 Behaviour = Callable[["Handler", dict[str, object]], None]
 
@@ -120,7 +123,7 @@ def test_a_connection_the_agent_closed_is_replaced_not_written_to(short_dir: Pat
     assert server.seen.connections == 3 and len(server.seen.requests) == 3
 
 
-def test_a_connection_that_dies_during_a_call_is_unreachable_and_the_request_is_not_sent_again(
+def test_a_connection_that_dies_during_a_call_is_no_answer_and_the_request_is_not_sent_again(
     short_dir: Path,
 ) -> None:
     def die(handler: Handler, body: dict[str, object]) -> None:
@@ -129,8 +132,36 @@ def test_a_connection_that_dies_during_a_call_is_unreachable_and_the_request_is_
     with serving(short_dir / "a.sock", die) as server, AgentClient(short_dir / "a.sock") as client:
         with pytest.raises(AgentClientError) as info:
             client.request("POST", "/wallets", {"network": "EthereumSepolia"})
-    assert info.value.code == "agent_unreachable" and info.value.status == 0
+    assert info.value.code == NO_ANSWER and info.value.status == 0
+    assert "may still carry it out" in info.value.message
     assert len(server.seen.requests) == 1, "a request that may have reached the agent is never sent twice"
+
+
+def test_no_agent_on_the_socket_is_unreachable(short_dir: Path) -> None:
+    with AgentClient(short_dir / "none.sock") as client, pytest.raises(AgentClientError) as info:
+        client.request("POST", "/wallets", {})
+    assert info.value.code == UNREACHABLE and "dfns-agent serve" in info.value.message
+
+
+TIMEOUT = 0.2
+
+
+def slow(handler: Handler, body: dict[str, object]) -> None:
+    time.sleep(5 * TIMEOUT)  # longer than a signature may take, far shorter than a flow may
+    if handler.path == "/v1/user-action":
+        handler.answer(200, {"userAction": "ua-1", "payload": "{}"})
+    else:
+        echo(handler, body)
+
+
+def test_a_flow_may_take_longer_than_a_signature(short_dir: Path) -> None:
+    with serving(short_dir / "a.sock", slow) as server, AgentClient(short_dir / "a.sock", timeout=TIMEOUT) as client:
+        assert client.request("POST", "/wallets", {}).status == 200  # waited past ``timeout``
+        assert client.user_action("POST", "/wallets")["userAction"] == "ua-1"
+        with pytest.raises(AgentClientError) as info:
+            client.sign({"challenge": "c"})
+    assert info.value.code == NO_ANSWER, info.value
+    assert [r[1] for r in server.seen.requests] == ["/v1/request", "/v1/user-action", "/v1/sign"]
 
 
 def test_the_answer_of_a_request_keeps_dfnss_headers_in_lower_case(short_dir: Path) -> None:
