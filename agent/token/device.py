@@ -27,13 +27,14 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from pkcs11 import Attribute, Mechanism, ObjectClass, TokenFlag
 from pkcs11 import exceptions as p11
 
 from agent.config import KeygenTemplate, TokenConcurrency, TokenConfig
 from agent.errors import (
+    AgentError,
     CircuitOpen,
     IdentityMismatch,
     KeyExists,
@@ -195,7 +196,9 @@ class Token:
 
     def generate(self, kind: KeyKind, label: str) -> KeyInfo:
         """Generate a key pair on the device: private half SENSITIVE, non-EXTRACTABLE, PRIVATE, SIGN only (or,
-        with ``keygen_template = "module"``, with the usages the module adds)."""
+        with ``keygen_template = "module"``, with the usages the module adds where ``allow_other_usages`` takes
+        them). A key the agent would not serve is destroyed, never left on the token for a later start-up to
+        refuse, and so is a second key with the label made by another process at the same moment."""
         if not label:
             raise UnsupportedKey("a key needs a non-empty label")
         with self._on_anchor(), self._errors("generate a key"):
@@ -214,11 +217,35 @@ class Token:
                     "allow_other_usages = true: its keys then also allow what the module adds (e.g. CKA_DECRYPT)"
                 ) from None
             info = key_info(s, priv)
-            if info.extractable or not info.sensitive:
-                # A module that ignored the template must not leave an exportable key behind.
+
+            def discard(error: AgentError) -> NoReturn:
                 for obj in list(s.get_objects({Attribute.ID: info.id, Attribute.LABEL: label})):
                     obj.destroy()
-                raise TokenError(f"{self.name} did not honour SENSITIVE/non-EXTRACTABLE; key destroyed")
+                raise error
+
+            if info.extractable or not info.sensitive:
+                # A module that ignored the template must not leave an exportable key behind.
+                discard(TokenError(f"{self.name} did not honour SENSITIVE/non-EXTRACTABLE; key destroyed"))
+            if not info.signs or (info.other_usages and not self._cfg.allow_other_usages):
+                # A key the agent would refuse to serve (``check_signing``) is not left behind either.
+                usages = "does not allow signing" if not info.signs else f"also allows {', '.join(info.other_usages)}"
+                hint = (
+                    "; set [token] allow_other_usages = true to accept such keys"
+                    if info.signs and not sign_only
+                    else ""
+                )
+                discard(
+                    KeyUsageRefused(
+                        f"{self.name} made a key that {usages}, which the agent refuses; key destroyed{hint}"
+                    )
+                )
+            # Another process may have made a key with this label meanwhile (the check above is not atomic with
+            # the generation): the one with the lowest CKA_ID stays, the others are destroyed by their makers.
+            same = s.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})
+            if min(bytes(k[Attribute.ID]) for k in same) != info.id:
+                discard(
+                    KeyExists(f"another key labelled {label!r} was made on {self.name} at the same time; key destroyed")
+                )
             return info
 
     def mechanism_for(self, kind: KeyKind) -> Mechanism:

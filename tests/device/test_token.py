@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -15,7 +16,7 @@ from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11 import exceptions as p11
 
 import agent.token.device as agent_token
-from agent.config import TokenConfig
+from agent.config import KeygenTemplate, TokenConfig
 from agent.dev.testing import (
     KINDS,
     PIN,
@@ -26,11 +27,12 @@ from agent.dev.testing import (
     verify_signature,
     wait_until,
 )
-from agent.errors import KeyExists, KeyNotFound, TokenUnavailable
+from agent.errors import KeyExists, KeyNotFound, KeyUsageRefused, TokenUnavailable
 from agent.health import TokenHealth, TokenState
 from agent.secret import Secret
 from agent.token import KeyKind, Token, unload_module
 from agent.token import module as token_module
+from agent.token.keys import EC_PARAMS
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,52 @@ def test_generated_private_keys_are_sensitive_non_extractable_sign_only(token: T
 def test_duplicate_label_is_refused(token: Token) -> None:
     with pytest.raises(KeyExists, match="already exists"):
         token.generate(KeyKind.P256, key_label("p256"))
+
+
+@pytest.mark.parametrize("kind", ["rsa2048", "p256"])
+def test_a_key_the_agent_would_refuse_to_serve_is_not_left_behind(
+    token: Token, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # keygen_template = "module": SoftHSM's own template lets the key decrypt or derive as well, which the
+    # agent refuses to serve unless allow_other_usages is set.
+    module_template = dataclasses.replace(token._cfg, keygen_template=KeygenTemplate.MODULE)
+    monkeypatch.setattr(token, "_cfg", module_template)
+    label = f"module-{kind}"
+    with pytest.raises(KeyUsageRefused, match="also allows CKA_.*key destroyed.*allow_other_usages = true"):
+        token.generate(KeyKind(kind), label)
+    assert list(token._anchor.get_objects({Attribute.LABEL: label})) == []
+    monkeypatch.setattr(token, "_cfg", dataclasses.replace(module_template, allow_other_usages=True))
+    info = token.generate(KeyKind(kind), label)
+    assert info.other_usages and token.check_signing(info)
+
+
+@pytest.mark.parametrize(("twin_id", "ours_stays"), [(b"\x00", False), (b"\xff" * 9, True)])
+def test_of_two_keys_generated_at_once_with_one_label_one_stays(
+    token: Token, twin_id: bytes, ours_stays: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another process makes a key with the same label between the agent's check and its generation: forced
+    # here by making it just before the real generation (SoftHSM, real objects; only the order is arranged).
+    label = f"race-{twin_id.hex()}"
+    real = agent_token.generate_keypair
+
+    def twin_first(*args: Any, **kwargs: Any) -> Any:
+        token._anchor.generate_keypair(KeyType.EC, 256, id=twin_id, label=label, store=True,
+                                       public_template={Attribute.EC_PARAMS: EC_PARAMS[KeyKind.P256]})  # fmt: skip
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(agent_token, "generate_keypair", twin_first)
+    if ours_stays:
+        info = token.generate(KeyKind.P256, label)
+        assert info.id != twin_id
+    else:
+        with pytest.raises(KeyExists, match="at the same time; key destroyed"):
+            token.generate(KeyKind.P256, label)
+    ids = {
+        bytes(k[Attribute.ID])
+        for k in token._anchor.get_objects({Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label})
+    }
+    assert len(ids) == (2 if ours_stays else 1) and twin_id in ids
+    # Where ours stays, the twin's maker (another process) destroys its own: at most a moment of two.
 
 
 def test_ambiguous_label_needs_a_key_id(token: Token) -> None:
