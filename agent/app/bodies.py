@@ -8,7 +8,7 @@ from typing import Any
 
 from agent import jsonio
 from agent.config import NAME_RULE, is_credential_name
-from agent.dfnsapi.flow import DfnsCall, check_path
+from agent.dfnsapi.flow import DFNS_METHODS, DfnsCall, check_path
 from agent.errors import BadRequest
 
 MAX_JSON_DEPTH = 64  # Dfns payloads nest a few levels; deeper ones would only exhaust the stack later
@@ -178,8 +178,10 @@ def dfns_call(raw: bytes) -> DfnsCall:
     body = json_object(raw)
     _check_fields(body, {"method", "path"}, {"body", "credential"}, CALL_SHAPE)
     method, path = body["method"], body["path"]
-    if not isinstance(method, str) or not method.isalpha():
-        raise BadRequest("method must be an HTTP method name such as POST")
+    # One of the few methods Dfns has, checked before the policy: a refusal quotes the method in its audit
+    # record and log line, so a made-up one of 60,000 letters would have written 120 KB per refusal.
+    if not isinstance(method, str) or method.upper() not in DFNS_METHODS:
+        raise BadRequest(f"method must be one of {', '.join(sorted(DFNS_METHODS))}")
     if not isinstance(path, str):
         raise BadRequest("path must be a string", code="invalid_path")
     # Checked here, before the policy sees it: the policy and the Dfns call get this one value.

@@ -25,6 +25,7 @@ from agent.errors import BadRequest, DfnsError, DfnsNotConfigured
 from agent.secret import Secret
 
 MUTATING = frozenset({"POST", "PUT", "DELETE", "PATCH"})
+DFNS_METHODS = MUTATING | {"GET"}
 _PATH_RE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*(\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?")
 _PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})|%(?:2[eEfF]|5[cC]|00)")  # malformed, or an encoded . / \ NUL
 MAX_PATH = 2048

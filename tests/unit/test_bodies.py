@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from agent.app.bodies import RegisterCredentialBody, SignBody, json_object
+from agent.app.bodies import RegisterCredentialBody, SignBody, dfns_call, json_object
 from agent.errors import BadRequest
 
 
@@ -49,3 +49,16 @@ def test_names_a_credential_can_have_pass() -> None:
     assert RegisterCredentialBody.parse(json.dumps({"credential": name, "via": "ops.1"}).encode()).credential == name
     sign = {"challenge": {"challenge": "Y2g", "challengeIdentifier": "id"}, "credential": name}
     assert SignBody.parse(json.dumps(sign).encode()).credential == name
+
+
+@pytest.mark.parametrize("method", ["X" * 60_000, "CONNECT", "TRACE", "GETT", "", 7, None])
+def test_a_method_dfns_does_not_have_is_refused_unread_and_not_echoed(method: object) -> None:
+    """Before the policy: a refusal quotes the method in its audit record and log line."""
+    with pytest.raises(BadRequest, match="method must be one of DELETE, GET, PATCH, POST, PUT") as info:
+        dfns_call(json.dumps({"method": method, "path": "/wallets"}).encode())
+    assert info.value.status == 400 and len(info.value.message) < 200
+
+
+def test_dfnss_methods_pass_in_either_case() -> None:
+    for method in ("get", "Post", "PUT", "delete", "patch"):
+        assert dfns_call(json.dumps({"method": method, "path": "/wallets"}).encode()).method == method.upper()
