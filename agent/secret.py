@@ -39,13 +39,25 @@ class Secret:
     __str__ = __repr__
 
 
+def _text(value: str, where: str) -> str:
+    """``value`` if it is text the token can take as UTF-8 bytes; bytes that are not UTF-8 (which Python
+    keeps as lone surrogates) would fail later in the token layer, in a traceback showing part of it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise SecretError(f"{where} is not UTF-8 text") from None
+    return value
+
+
 def _strip_newline(value: str) -> str:
     # Files written by `echo` end in a newline; secrets never do. Other whitespace is kept: it may be real.
     return value[:-1] if value.endswith("\n") else value
 
 
 def read_secret_file(path: Path, what: str = "PIN") -> str:
-    """Read a secret file, refusing it if group or others have any access (as OpenSSH does for keys)."""
+    """Read a secret file, refusing it if group or others have any access, or if anyone but this user or root
+    owns it (as OpenSSH does for keys): its owner could read the secret, or replace it with a wrong PIN
+    that locks the token."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
@@ -54,6 +66,11 @@ def read_secret_file(path: Path, what: str = "PIN") -> str:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise SecretError(f"{what} file {path} is not a regular file")
+        if st.st_uid not in (os.geteuid(), 0):
+            raise SecretError(
+                f"{what} file {path} belongs to uid {st.st_uid}; it must belong to the agent's user "
+                f"(uid {os.geteuid()}) or root (chown {os.geteuid()} {path})"
+            )
         if st.st_mode & 0o077:
             raise SecretError(
                 f"{what} file {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must not be accessible by group "
@@ -106,7 +123,7 @@ def read_secret(
     if source.env:
         from_env = _from_environment(source.env, env, real=environ is None)
         if from_env:
-            return Secret(from_env, f"environment variable {source.env}")
+            return Secret(_text(from_env, f"environment variable {source.env}"), f"environment variable {source.env}")
     if interactive is None:
         interactive = sys.stdin.isatty()
     if source.prompt and interactive:
@@ -114,7 +131,7 @@ def read_secret(
         value = ask(prompt_text or f"{what}: ")
         if not value:
             raise SecretError(f"no {what} entered")
-        return Secret(value, "prompt")
+        return Secret(_text(value, f"the {what} entered"), "prompt")
     tried = [f"{setting}file (not set)", f"systemd credential {source.credential!r} (not present)"]
     tried.append(f"environment variable {source.env!r} (not set)" if source.env else f"{setting}env (not set)")
     tried.append("prompt (no terminal)" if source.prompt else "prompt (disabled)")

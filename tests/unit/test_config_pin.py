@@ -426,6 +426,27 @@ def test_pin_file_owner_only_accepted(tmp_path: Path, mode: int) -> None:
     assert read_secret_file(pin_file) == "1234"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another uid needs root (CI runs as root)")
+def test_a_pin_file_another_user_owns_is_refused(tmp_path: Path) -> None:
+    # Its owner could read the PIN, or put a wrong one there that locks the token.
+    pin_file = write_pin(tmp_path / "pin", "1234")
+    os.chown(pin_file, 65534, 65534)
+    with pytest.raises(SecretError, match="belongs to uid 65534; it must belong to the agent's user") as info:
+        read_secret_file(pin_file)
+    assert "1234" not in info.value.message
+    os.chown(pin_file, 0, 0)
+    assert read_secret_file(pin_file) == "1234"
+
+
+@pytest.mark.parametrize("source", ["env", "prompt"])
+def test_a_pin_that_is_not_utf8_is_a_secret_error_that_shows_none_of_it(source: str) -> None:
+    raw = os.fsdecode(b"secret\xff123")  # as Python keeps such bytes from the environment or a terminal
+    cfg = SecretSource(env="PIN_VAR" if source == "env" else None, prompt=source == "prompt")
+    with pytest.raises(SecretError, match="is not UTF-8 text") as info:
+        read_secret(cfg, environ={"PIN_VAR": raw}, prompt=lambda _: raw, interactive=True)
+    assert "secret" not in info.value.message and "123" not in info.value.message
+
+
 @pytest.mark.parametrize(
     "content, expected",
     [("1234\n", "1234"), ("1234", "1234"), ("1234\n\n", "1234\n"), (" 12 34 \n", " 12 34 ")],
