@@ -18,6 +18,7 @@ from agent.config import (
     SecretSource,
     ServerConfig,
     TokenConfig,
+    config_from_text,
     find_config,
     load_config,
     parse_config,
@@ -625,8 +626,15 @@ def test_example_config_is_valid_and_documents_every_setting() -> None:
 
     example = ROOT / "pkcs11_config" / "agent.example.toml"
     cfg = load_config(example)
-    assert cfg.credentials[0].dfns is not None
+    # As it is, the file needs no Dfns token (the README's systemd steps take it as it is) ...
+    assert cfg.credentials[0].dfns is None
     text = example.read_text()
+    # ... and its [credential.dfns] table, uncommented, is valid.
+    table = r"^# (\[credential\.dfns\]|base_url =|token_credential =|timeout =|connect_timeout =|retries =)"
+    uncommented = re.sub(table, r"\1", text, flags=re.M)
+    assert uncommented != text
+    dfns = config_from_text(uncommented.encode(), example).credentials[0].dfns
+    assert dfns is not None and dfns.token.credential == "dfns-token"
     source = inspect.getsource(config_module)
     sets = re.findall(r"_only\(\s*\w+,\s*(\{[^}]*\})", source)
     keys = {key for allowed in sets for key in re.findall(r'"(\w+)"', allowed)}
