@@ -47,18 +47,20 @@ _RELOAD_WAIT = 60.0
 _READY = b"ready\n"
 _RELOADED = b"reloaded "
 _REFUSED = b"refused "
-_START_FAILED = b"failed "  # + the exit status class, a space, the message
+_START_FAILED = b"failed "  # + the exit status class, the error's code, the message (separated by spaces)
 
 
 def _start_error(line: bytes, index: int) -> AgentError:
     """The error a worker's start-up failure is re-raised as in the supervisor: of the same exit class, so a
-    rejected PIN or a config error ends the agent with the status systemd's units look for."""
+    rejected PIN or a config error ends the agent with the status systemd's units look for, and with the
+    worker's own code (``audit_unavailable`` is not a ``token_error``)."""
     text = line.decode("utf-8", "replace").rstrip("\n")
     if not text.startswith(_START_FAILED.decode()):
         return TokenError(f"worker {index} exited during start-up")
-    status, _, message = text[len(_START_FAILED) :].partition(" ")
+    status, _, rest = text[len(_START_FAILED) :].partition(" ")
+    code, _, message = rest.partition(" ")
     kind = {str(int(ExitStatus.PIN)): PinRejected, str(int(ExitStatus.CONFIG)): ConfigError}.get(status, TokenError)
-    return kind(message or f"worker {index} exited during start-up")
+    return kind(message or f"worker {index} exited during start-up", code=code or None)
 
 
 def _reload_answer(data: bytes, seq: int) -> tuple[bool, str] | None:
@@ -161,7 +163,8 @@ class Supervisor:
                 )
             except AgentError as e:
                 code = exit_status_for(e)
-                _tell(write_end, _START_FAILED + f"{code} {e.message}".encode("utf-8", "replace")[:3000] + b"\n")
+                said = f"{code} {e.code} {e.message}".encode("utf-8", "replace")[:3000]
+                _tell(write_end, _START_FAILED + said + b"\n")
             except BaseException:  # noqa: BLE001 - a worker must never fall back into the supervisor's code
                 log.exception("worker %d failed", index)
                 code = ExitStatus.SOFTWARE

@@ -423,3 +423,15 @@ def test_a_relative_or_missing_module_path_is_a_config_error(
     assert r.returncode == 2, r.stderr
     assert f"{missing} does not exist" in r.stderr, r.stderr
     assert not (short_dir / "agent.sock").exists()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_start_up_failure_keeps_its_own_code_with_workers(token_env: TokenEnv, short_dir: Path, workers: int) -> None:
+    """A worker's start-up error reaches the journal as itself, not as a token_error."""
+    token_env.write_config(server=f"workers = {workers}\n")
+    text = token_env.config.read_text().replace(str(token_env.audit_file), "/proc/no-such/audit.jsonl")
+    token_env.config.write_text(text)
+    r = _serve_once(token_env, short_dir / "agent.sock")
+    assert r.returncode == 1, r.stderr
+    assert "dfns-agent: audit_unavailable: cannot open audit log /proc/no-such/audit.jsonl" in r.stderr, r.stderr
+    assert "token_error" not in r.stderr, r.stderr
