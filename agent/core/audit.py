@@ -389,16 +389,19 @@ class AuditLog:
             log.error("could not cut the audit log %s back to %d bytes: %s", self.path, start, e.strerror)
 
     def _maybe_rotate(self, fd: int, tail: Tail) -> tuple[int, Tail]:
+        if not self._rotation_due(fd, tail):
+            return fd, tail
+        return self._rotate(fd, tail)
+
+    def _rotation_due(self, fd: int, tail: Tail) -> bool:
         s = self.settings
         if tail.size == 0:
-            return fd, tail
+            return False
         due = bool(s.rotate_bytes) and tail.size >= s.rotate_bytes
         if not due and s.rotate_age:
             first = self._first_record_time(fd)
             due = first is not None and time.time() - first >= s.rotate_age
-        if not due or not stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd, tail
-        return self._rotate(fd, tail)
+        return due and stat.S_ISREG(os.fstat(fd).st_mode)
 
     def _first_record_time(self, fd: int) -> float | None:
         ino = os.fstat(fd).st_ino
@@ -570,6 +573,9 @@ class AuditLog:
                     _within_size_limit(tail.size, PROBE_BYTES)
                     _reserve(fd, tail.size, PROBE_BYTES)
                     os.ftruncate(fd, tail.size)  # give the reservation back
+                    # The next append rotates first, which makes two files next to this one.
+                    if self._rotation_due(fd, tail) and not os.access(self.path.parent, os.W_OK | os.X_OK):
+                        return f"cannot rotate audit log {self.path}: its directory is not writable by the agent"
                 finally:
                     self._release_lock(fd)
             except (OSError, AuditUnavailable) as e:

@@ -8,6 +8,8 @@ import asyncio
 import json
 import os
 import re
+import shutil
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -590,3 +592,50 @@ def test_a_checkpoint_of_the_record_just_before_the_set_proves_none_of_its_recor
     result = verify(live, public_key=s.public_key, external=[cp])
     assert result.ok and result.proven == 0 and result.checkpoints[-1].matches is True
     assert "proven: records" not in "\n".join(result.summary()).replace("not proven: records", "")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="acting as another uid needs root (CI runs as root)")
+def test_health_says_so_when_a_due_rotation_cannot_make_its_files() -> None:
+    """The live file is writable but its directory is not: every append from the moment a rotation is due
+    fails (no record, no signature), and the probe behind /v1/health must say so instead of "ok"."""
+    base = Path(tempfile.mkdtemp(prefix="da-rotate-"))  # reachable by uid 65534 (pytest's tmp_path is not)
+    try:
+        _probe_as_nobody(base)
+    finally:
+        shutil.rmtree(base)
+
+
+def _probe_as_nobody(base: Path) -> None:
+    os.chmod(base, 0o755)
+    path = base / "audit.jsonl"
+    path.touch(mode=0o600)
+    os.chown(path, 65534, 65534)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # as uid 65534, who owns the file and not its directory
+        code = 1
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            log = AuditLog(path, settings=AuditConfig(rotate_bytes=300, checkpoint_every=0))
+            seen = {"before": log.probe()}
+            failed = 0
+            for i in range(20):
+                try:
+                    log.record(Fields(event="sign", i=i))
+                except AuditUnavailable:
+                    failed += 1
+            seen |= {"failed": failed, "after": log.probe()}
+            log.close()
+            os.write(write, json.dumps(seen).encode())
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read, "rb") as r:
+        seen = json.loads(r.read() or b"{}")
+    assert os.waitpid(pid, 0)[1] == 0 and seen, seen
+    assert seen["before"] is None and seen["failed"] > 0, seen
+    assert seen["after"] is not None and "cannot rotate audit log" in seen["after"], seen
