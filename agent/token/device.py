@@ -226,9 +226,8 @@ class Token:
             if info.extractable or not info.sensitive:
                 # A module that ignored the template must not leave an exportable key behind.
                 discard(TokenError(f"{self.name} did not honour SENSITIVE/non-EXTRACTABLE; key destroyed"))
-            if not info.signs or (info.other_usages and not self._cfg.allow_other_usages):
-                # A key the agent would refuse to serve (``check_signing``) is not left behind either.
-                usages = "does not allow signing" if not info.signs else f"also allows {', '.join(info.other_usages)}"
+            refused = self._usage_refused(info)
+            if refused is not None:  # a key the agent would refuse to serve is not left behind either
                 hint = (
                     "; set [token] allow_other_usages = true to accept such keys"
                     if info.signs and not sign_only
@@ -236,7 +235,7 @@ class Token:
                 )
                 discard(
                     KeyUsageRefused(
-                        f"{self.name} made a key that {usages}, which the agent refuses; key destroyed{hint}"
+                        f"{self.name} made a key that {refused}, which the agent refuses; key destroyed{hint}"
                     )
                 )
             # Another process may have made a key with this label meanwhile (the check above is not atomic with
@@ -265,18 +264,24 @@ class Token:
                 found = self._mechanisms[kind] = choose_mechanism(kind, self._token.slot, self.name)
         return found
 
+    def _usage_refused(self, key: KeyInfo) -> str | None:
+        """Why the agent will not serve ``key`` for what it allows, or None: the one rule for the self-test
+        and for a key just generated."""
+        if not key.signs:
+            return "does not allow signing (CKA_SIGN is false)"
+        if key.other_usages and not self._cfg.allow_other_usages:
+            return f"also allows {', '.join(key.other_usages)}"
+        return None
+
     def check_signing(self, key: KeyInfo) -> str:
         """The start-up and doctor self-test: a mechanism exists for the key's kind, and the key signs a fresh
         nonce that verifies with its public key. Returns the mechanism's name."""
         if key.kind is None:
             raise UnsupportedKey(f"key {key.label!r} is {key.type_name}; cannot sign with it")
-        if not key.signs:
-            raise KeyUsageRefused(f"key {key.label!r} on {self.name} does not allow signing (CKA_SIGN is false)")
-        if key.other_usages and not self._cfg.allow_other_usages:
-            raise KeyUsageRefused(
-                f"key {key.label!r} on {self.name} also allows {', '.join(key.other_usages)}; refusing a key that "
-                "can do more than sign (set [token] allow_other_usages = true to accept it)"
-            )
+        refused = self._usage_refused(key)
+        if refused is not None:
+            more = "; refusing a key that can do more than sign (set [token] allow_other_usages = true to accept it)"
+            raise KeyUsageRefused(f"key {key.label!r} on {self.name} {refused}{more if key.signs else ''}")
         with self._on_anchor():  # never under recovery: it may be closing the anchor or reloading the module
             mechanism = self._mechanism(key.kind)
             try:
