@@ -123,7 +123,8 @@ def read_secret(
     if source.env:
         from_env = _from_environment(source.env, env, real=environ is None)
         if from_env:
-            return Secret(_text(from_env, f"environment variable {source.env}"), f"environment variable {source.env}")
+            where = f"environment variable {source.env}"
+            return Secret(_text(from_env, where), where)
     if interactive is None:
         interactive = sys.stdin.isatty()
     if source.prompt and interactive:

@@ -158,7 +158,7 @@ class DfnsApi:
                 last = e
             else:
                 if answer.status < 400:
-                    return _json_object(answer, step)
+                    return json_object(answer.status, answer.content, step)
                 last = dfns_error(answer.status, answer.content, step)
                 if answer.status not in _RETRY_STATUS:
                     raise last
@@ -187,7 +187,7 @@ class DfnsApi:
             answer = await self._post_json("/auth/action", body)
         if answer.status >= 400:
             raise dfns_error(answer.status, answer.content, step)
-        token = _json_object(answer, step).get("userAction")
+        token = json_object(answer.status, answer.content, step).get("userAction")
         if not isinstance(token, str) or not token:
             raise DfnsError(f"Dfns answered {step} without a userAction", status=502)
         return token
@@ -210,10 +210,6 @@ class DfnsApi:
                     continue
                 return Upstream(answer.status, _headers_of_interest(answer.headers), answer.content)
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _json_object(answer: HttpAnswer, step: str) -> dict[str, Any]:
-    return json_object(answer.status, answer.content, step)
 
 
 def json_object(status: int, content: bytes, step: str) -> dict[str, Any]:
