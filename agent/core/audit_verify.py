@@ -18,15 +18,31 @@ What it proves, and what not (the README's audit section says the same to operat
   outside the file covers them.
 - Without the public key, checkpoints are only checked for consistency with the file, not authenticity (a
   rewriter could add checkpoints of their own).
+- A set that holds no records proves nothing, and may be all that is left of a log truncated or deleted:
+  it fails (``empty``), never verifies.
+
+Which files a directory stands for (:func:`directory_files`): the ones the agent's rotation
+(``AuditLog._rotate``) leaves there, whatever ``[audit] file`` is called. A rotated file is named
+``STEM-SEQ.SUFFIX`` after the live ``STEM.SUFFIX`` (SEQ: its last record's seq, 12 or more digits); so the
+set is every regular file named like a rotated file, the live file of each, and any ``*.jsonl`` (the
+default ``audit.jsonl``, which may not have rotated yet). Other names (a ``.next`` file left by a rotation
+cut short, notes, a file set aside) are not in it; a live file of another name that never rotated is
+given by its own path.
+
+A file that cannot be read raises :class:`UnreadableFile`: that is no verdict on the log (the CLI reports
+it as an error of its input); a line that cannot be read as a JSON record, however it fails, breaks the
+chain there.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+import re
+import stat
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from agent.core.chain import GENESIS, line_hash
 from agent.core.checkpoint import Checkpoint, VerifyKey, parse
@@ -57,9 +73,12 @@ class Verification:
     proven: int = 0  # records first_seq..proven are covered by a checkpoint whose signature verified
     warnings: tuple[str, ...] = field(default=())
     continues: str | None = None  # a set that starts later: the file its first (rotate) record continues
+    empty: bool = False  # not ok because the set holds no records (no files, or only empty ones)
 
     def summary(self) -> list[str]:
         """What an operator reads: the verdict, then what is proven and what is not."""
+        if self.empty:
+            return [f"EMPTY: {self.reason}", *self.warnings]
         if not self.ok:
             where = f"{self.bad_file}: " if self.bad_file is not None and len(self.files) > 1 else ""
             line = f" at line {self.first_bad_line}" if self.first_bad_line is not None else ""
@@ -101,33 +120,86 @@ class _Broken(Exception):
         self.path, self.line, self.reason = path, line, reason
 
 
+class UnreadableFile(Exception):
+    """A file or directory of the set that cannot be read (permissions, I/O): the set cannot be checked,
+    which says nothing about the log, so it is raised rather than turned into a verdict."""
+
+    def __init__(self, path: Path, error: OSError) -> None:
+        self.path, self.reason = path, error.strerror or str(error)
+        super().__init__(f"cannot read {path}: {self.reason}")
+
+
+_ROTATED_STEM = re.compile(r"(.+)-[0-9]{12,}")  # AuditLog._rotate: f"{stem}-{seq:012d}{suffix}"
+
+
+def live_name(name: str) -> str | None:
+    """The live file a rotated file named ``name`` was cut from (``audit-000000001000.log``:
+    ``audit.log``), or None when ``name`` is not named like a rotated file."""
+    p = PurePath(name)
+    m = _ROTATED_STEM.fullmatch(p.stem)
+    return m.group(1) + p.suffix if m else None
+
+
+def directory_files(directory: Path) -> list[Path]:
+    """The audit files in ``directory``, by the rule in the module's docstring: rotated files, the live
+    file of each, and ``*.jsonl``; regular files only (symbolic links to them too)."""
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as e:
+        raise UnreadableFile(directory, e) from None
+    rotated_from = {live for live in map(live_name, names) if live is not None}
+    found = []
+    for name in names:
+        if live_name(name) is None and name not in rotated_from and not name.endswith(".jsonl"):
+            continue
+        path = directory / name
+        try:
+            regular = stat.S_ISREG(os.stat(path).st_mode)
+        except FileNotFoundError:  # a dangling link, or renamed by a rotation since the listing
+            continue
+        except OSError as e:
+            raise UnreadableFile(path, e) from None
+        if regular:
+            found.append(path)
+    return found
+
+
 def audit_files(paths: Iterable[Path]) -> list[Path]:
-    """The files of a set: each file given, and the ``*.jsonl`` files of each directory given; a file
+    """The files of a set: each file given, and :func:`directory_files` of each directory given; a file
     with two names (a hard link left by a rotation cut short) is taken once."""
     found: list[Path] = []
     for p in paths:
-        if p.is_dir():
-            found += sorted(q for q in p.iterdir() if q.is_file() and q.name.endswith(".jsonl"))
-        else:
-            found.append(p)
+        found += directory_files(p) if p.is_dir() else [p]
     seen: set[tuple[int, int]] = set()
     unique = []
     for p in found:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise UnreadableFile(p, e) from None
         if (st.st_dev, st.st_ino) not in seen:
             seen.add((st.st_dev, st.st_ino))
             unique.append(p)
     return unique
 
 
-def _first_seq(path: Path) -> int:
-    with open(path, "rb") as f:
-        first = f.readline()
+def _lines(path: Path) -> Iterator[bytes]:
+    """The raw lines of ``path``; an open or read that fails is :class:`UnreadableFile`."""
     try:
-        seq = json.loads(first)["seq"]
-        return seq if isinstance(seq, int) else 0
-    except (ValueError, KeyError, TypeError):
+        with open(path, "rb") as f:
+            yield from f
+    except OSError as e:
+        raise UnreadableFile(path, e) from None
+
+
+def _first_seq(path: Path) -> int:
+    first = next(_lines(path), b"")
+    try:
+        record = json.loads(first)
+    except (ValueError, RecursionError):  # not a record: sorted first, where the chain check reports it
         return 0
+    seq = record.get("seq") if isinstance(record, dict) else None
+    return seq if isinstance(seq, int) else 0
 
 
 def verify(
@@ -137,8 +209,10 @@ def verify(
     external: Sequence[Checkpoint] = (),
     origin: str | None = None,
 ) -> Verification:
-    """Check the chain of a set of audit files (in seq order) and the checkpoints in them and given."""
-    files = audit_files([paths] if isinstance(paths, Path) else paths)
+    """Check the chain of a set of audit files (in seq order) and the checkpoints in them and given.
+    Raises :class:`UnreadableFile` when a file of the set cannot be read."""
+    given = [paths] if isinstance(paths, Path) else list(paths)
+    files = audit_files(given)
     files.sort(key=_first_seq)
     hashes: dict[int, str] = {}
     found: list[tuple[Checkpoint, str]] = []
@@ -148,47 +222,48 @@ def verify(
     try:
         for index, path in enumerate(files):
             last_file = index == len(files) - 1
-            with open(path, "rb") as f:
-                for number, raw in enumerate(f, start=1):
-                    if not raw.endswith(b"\n"):
-                        if last_file:
-                            warnings.append(
-                                f"warning: {path} ends in {len(raw)} bytes that are not a complete record (a write "
-                                "cut short); the agent cuts them off, with a repair record, before it appends"
-                            )
-                            break
-                        raise _Broken(path, number, "a record cut short in the middle of the set")
+            for number, raw in enumerate(_lines(path), start=1):
+                if not raw.endswith(b"\n"):
+                    if last_file:
+                        warnings.append(
+                            f"warning: {path} ends in {len(raw)} bytes that are not a complete record (a write "
+                            "cut short); the agent cuts them off, with a repair record, before it appends"
+                        )
+                        break
+                    raise _Broken(path, number, "a record cut short in the middle of the set")
+                try:
+                    record = json.loads(raw)
+                except ValueError:
+                    raise _Broken(path, number, "not a JSON record") from None
+                except RecursionError:  # the parser's own limit: a corrupt line like any other
+                    raise _Broken(path, number, "not a JSON record (nested too deep to read)") from None
+                if not isinstance(record, dict):
+                    raise _Broken(path, number, "not a JSON record")
+                if prev is None:  # the very first record of the set
+                    first = record.get("seq")
+                    seq = first if isinstance(first, int) else 0
+                    if seq < 1:
+                        raise _Broken(path, number, f"seq is {record.get('seq')!r}")
+                    if seq == 1 and record.get("prev") != GENESIS:
+                        raise _Broken(path, number, "the first record does not start the chain")
+                    first_seq, prev = seq, record.get("prev")
+                    if seq > 1:
+                        continues = _continued(path, number, seq, record)
+                        hashes[seq - 1] = str(prev)
+                else:
+                    if record.get("prev") != prev:
+                        raise _Broken(path, number, "prev does not match the hash of the record before it")
+                    seq += 1
+                    if record.get("seq") != seq:
+                        raise _Broken(path, number, f"seq is {record.get('seq')!r}, expected {seq}")
+                prev = line_hash(raw)
+                hashes[seq] = prev
+                count += 1
+                if record.get("event") == "checkpoint":
                     try:
-                        record = json.loads(raw)
-                    except ValueError:
-                        raise _Broken(path, number, "not a JSON record") from None
-                    if not isinstance(record, dict):
-                        raise _Broken(path, number, "not a JSON record")
-                    if prev is None:  # the very first record of the set
-                        given = record.get("seq")
-                        seq = given if isinstance(given, int) else 0
-                        if seq < 1:
-                            raise _Broken(path, number, f"seq is {record.get('seq')!r}")
-                        if seq == 1 and record.get("prev") != GENESIS:
-                            raise _Broken(path, number, "the first record does not start the chain")
-                        first_seq, prev = seq, record.get("prev")
-                        if seq > 1:
-                            continues = _continued(path, number, seq, record)
-                            hashes[seq - 1] = str(prev)
-                    else:
-                        if record.get("prev") != prev:
-                            raise _Broken(path, number, "prev does not match the hash of the record before it")
-                        seq += 1
-                        if record.get("seq") != seq:
-                            raise _Broken(path, number, f"seq is {record.get('seq')!r}, expected {seq}")
-                    prev = line_hash(raw)
-                    hashes[seq] = prev
-                    count += 1
-                    if record.get("event") == "checkpoint":
-                        try:
-                            found.append((parse(str(record.get("checkpoint"))), f"{path} line {number}"))
-                        except ValueError as e:
-                            raise _Broken(path, number, f"a checkpoint record that is not a checkpoint: {e}") from None
+                        found.append((parse(str(record.get("checkpoint"))), f"{path} line {number}"))
+                    except ValueError as e:
+                        raise _Broken(path, number, f"a checkpoint record that is not a checkpoint: {e}") from None
     except _Broken as b:
         return Verification(
             False, count, b.line, b.reason, b.path, first_seq, seq, tuple(files), warnings=tuple(warnings)
@@ -205,10 +280,31 @@ def verify(
             False, count, None, f"checkpoint ({problem.source}): {problem.problem}", None, first_seq, seq,
             tuple(files), tuple(checks), proven, tuple(warnings), continues,
         )  # fmt: skip
+    if count == 0:
+        return Verification(
+            False, 0, None, _nothing(given, files), None, files=tuple(files), checkpoints=tuple(checks),
+            warnings=tuple(warnings), empty=True,
+        )  # fmt: skip
     return Verification(
         True, count, None, None, None, first_seq, seq, tuple(files), tuple(checks), proven, tuple(warnings),
         continues,
     )  # fmt: skip
+
+
+def _nothing(given: Sequence[Path], files: Sequence[Path]) -> str:
+    """Why an empty set fails, and where to look: it proves nothing, and may be what is left of a log cut to
+    nothing or deleted."""
+    if files:
+        return (
+            f"no records in {len(files)} file(s): nothing to verify (an empty log proves nothing; it may have "
+            "been truncated)"
+        )
+    directories = ", ".join(str(p) for p in given if p.is_dir()) or "the paths given"
+    return (
+        f"no audit files in {directories}: a directory's set is its rotated files (STEM-SEQ.SUFFIX, SEQ of 12 "
+        "or more digits), the live file STEM.SUFFIX of each, and any *.jsonl; give a live file of another "
+        "name that has not rotated yet by its own path"
+    )
 
 
 def _continued(path: Path, number: int, seq: int, record: dict[str, object]) -> str:
