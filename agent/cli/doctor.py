@@ -7,14 +7,18 @@ import os
 import shutil
 import sys
 import tempfile
+import traceback
 from contextlib import closing
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import click
 
 from agent.cli.util import Context, socket_option
 from agent.diagnostics.results import Check, Status
+
+if TYPE_CHECKING:
+    from agent.diagnostics.unit import UnitIds, UnitSettings
 
 
 class Report:
@@ -74,13 +78,51 @@ def doctor(obj: Context, socket_path: str | None, unit: str | None) -> None:
     sys.exit(0 if report.ok else 1)
 
 
-def _run_checks(obj: Context, report: Report, socket_path: str | None, socket_unit: str | None) -> None:
+def _run_checks(
+    obj: Context, report: Report, socket_path: str | None, socket_unit: str | None, unit: UnitSettings | None = None
+) -> None:
     from agent.diagnostics.doctor import run
 
     # config_path, not obj.config: a config that does not load is the doctor's first finding, not an error.
     with closing(run(obj.config_path, socket_override=socket_path, socket_unit=socket_unit)) as checks:
         for check in checks:
-            report.add(check)
+            if unit is not None and check.name == "audit log":
+                _sandboxed(obj, report, check, unit, socket_path, socket_unit)
+            else:
+                report.add(check)
+
+
+def _sandboxed(
+    obj: Context, report: Report, audit: Check, unit: UnitSettings, socket_path: str | None, socket_unit: str | None
+) -> None:
+    """The audit log check, then the sandbox's: the doctor runs outside the unit's mount namespace, so what
+    is writable here may be read-only for the service (ProtectSystem=)."""
+    from agent.diagnostics.config_checks import load
+    from agent.diagnostics.path_checks import WritePath, check_audit_in_unit, check_sandbox, softhsm_token_dir
+    from agent.paths import default_audit_path, socket_path_for
+
+    config = load(obj.config_path).config
+    if config is None:
+        report.add(audit)
+        return
+    report.add(audit if audit.failed else check_audit_in_unit(config.audit, unit.sandbox) or audit)
+    writes = [WritePath(default_audit_path().parent, "reload status")]
+    if socket_unit is None:  # no socket unit holds it: the agent binds the socket itself
+        writes.append(WritePath(Path(os.path.abspath(socket_path_for(config, socket_path))).parent, "socket"))
+    tokens = softhsm_token_dir(config.token, unit.environment)
+    if tokens is not None:
+        writes.append(WritePath(tokens, "SoftHSM tokens"))
+    report.add(check_sandbox(unit.sandbox, writes))
+
+
+def _describe(settings: UnitSettings) -> str:
+    who = f"runs as {settings.user}" if settings.user else "runs as root"
+    if settings.group:
+        who += f", group {settings.group}"
+    if settings.supplementary_groups:
+        who += f", supplementary groups {' '.join(settings.supplementary_groups)}"
+    described = ", ".join(f"{c.name} ({c.source or 'not present'})" for c in settings.credentials) or "none"
+    return f"{settings.name} {who}; credentials: {described}"
 
 
 def _as_unit(obj: Context, report: Report, unit: str, socket_path: str | None) -> int:
@@ -88,7 +130,7 @@ def _as_unit(obj: Context, report: Report, unit: str, socket_path: str | None) -
     have: its user and groups, a private $CREDENTIALS_DIRECTORY holding copies of its credentials, and
     its environment."""
     from agent.diagnostics.results import failed, passed
-    from agent.diagnostics.unit import UnitError, as_unit_user, read_unit, user_ids
+    from agent.diagnostics.unit import UnitError, read_unit, unit_ids
 
     if os.geteuid() != 0:
         fix = f"sudo dfns-agent --config FILE doctor --unit {unit}"
@@ -99,46 +141,29 @@ def _as_unit(obj: Context, report: Report, unit: str, socket_path: str | None) -
     except UnitError as e:
         report.add(failed("unit", e.message, "install the units: sudo dfns-agent files install"))
         return 1
+    try:
+        ids = unit_ids(settings)
+    except UnitError as e:
+        fix = "create it or correct User=, Group= or SupplementaryGroups=: systemd refuses to start the unit"
+        report.add(failed("unit", e.message, fix))
+        return 1
     missing = [c.name for c in settings.credentials if c.source is None and c.required]
-    described = ", ".join(f"{c.name} ({c.source or 'not present'})" for c in settings.credentials) or "none"
-    who = f"runs as {settings.user}" if settings.user else "runs as root"
     if missing:
-        report.add(
-            failed(
-                "unit",
-                f"{unit} {who}; credentials: {described}",
-                f"create {', '.join(missing)} (mode 0600, root): systemd refuses to start without them",
-            )
-        )
+        fix = f"create {', '.join(missing)} (mode 0600, root): systemd refuses to start without them"
+        report.add(failed("unit", _describe(settings), fix))
     else:
-        report.add(passed("unit", f"{unit} {who}; credentials: {described}"))
+        report.add(passed("unit", _describe(settings)))
     creds = Path(tempfile.mkdtemp(prefix="dfns-agent-doctor-"))
     try:
-        uid, gid = user_ids(settings.user) if settings.user else (0, 0)
-        for c in settings.credentials:
-            if c.source is not None:
-                target = creds / c.name
-                shutil.copyfile(c.source, target)
-                os.chmod(target, 0o400)
-                os.chown(target, uid, gid)
-        os.chmod(creds, 0o500)
-        os.chown(creds, uid, gid)
+        _copy_credentials(settings, ids, creds)
         sys.stdout.flush()
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
-                os.environ["CREDENTIALS_DIRECTORY"] = str(creds)
-                os.environ.update(dict(settings.environment))
-                if settings.user:
-                    import pwd
-
-                    os.environ["HOME"] = pwd.getpwnam(settings.user).pw_dir
-                    os.environ["USER"] = os.environ["LOGNAME"] = settings.user
-                as_unit_user(settings)
-                sock = socket_path or (str(settings.socket) if settings.socket else None)
-                _run_checks(obj, report, sock, settings.socket_unit if socket_path is None else None)
-                code = 0 if report.ok and not missing else 1
+                code = 0 if _child(obj, report, settings, ids, creds, socket_path) and not missing else 1
+            except Exception:  # noqa: BLE001 - os._exit below would drop it unsaid
+                traceback.print_exc()
             finally:
                 sys.stdout.flush()
                 os._exit(code)
@@ -146,3 +171,33 @@ def _as_unit(obj: Context, report: Report, unit: str, socket_path: str | None) -
         return os.waitstatus_to_exitcode(status) or 0
     finally:
         shutil.rmtree(creds, ignore_errors=True)
+
+
+def _copy_credentials(settings: UnitSettings, ids: UnitIds, creds: Path) -> None:
+    """What systemd does at start: the credentials, readable by the unit's user only."""
+    for c in settings.credentials:
+        if c.source is not None:
+            target = creds / c.name
+            shutil.copyfile(c.source, target)
+            os.chmod(target, 0o400)
+            os.chown(target, ids.uid, ids.gid)
+    os.chmod(creds, 0o500)
+    os.chown(creds, ids.uid, ids.gid)
+
+
+def _child(
+    obj: Context, report: Report, settings: UnitSettings, ids: UnitIds, creds: Path, socket_path: str | None
+) -> bool:
+    """In the forked child: become the unit's user and groups, with its environment, and run every check;
+    whether all passed."""
+    from agent.diagnostics.unit import as_unit_user
+
+    os.environ["CREDENTIALS_DIRECTORY"] = str(creds)
+    os.environ.update(dict(settings.environment))
+    if settings.user:
+        os.environ["HOME"] = ids.home
+        os.environ["USER"] = os.environ["LOGNAME"] = ids.name
+    as_unit_user(ids)
+    sock = socket_path or (str(settings.socket) if settings.socket else None)
+    _run_checks(obj, report, sock, settings.socket_unit if socket_path is None else None, settings)
+    return report.ok

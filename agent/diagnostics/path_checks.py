@@ -1,4 +1,5 @@
-"""The paths the agent creates: its Unix socket (and whatever already answers on it) and its audit log.
+"""The paths the agent creates: its Unix socket (and whatever already answers on it), its audit log, and,
+for ``doctor --unit``, whether the unit's sandbox lets it write where it must.
 
 Nothing is written: no socket is bound and no audit record is made, the checks only look and connect.
 """
@@ -9,11 +10,17 @@ import errno
 import os
 import socket
 import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-from agent.config import AuditConfig
+from agent.config import AuditConfig, TokenConfig
 from agent.diagnostics.results import Check, failed, passed
+from agent.diagnostics.unit import DIRECTORY_ROOTS, UnitSandbox
 from agent.transport.listener import OPEN_TO_OTHERS, own_directory_advice
+
+# SoftHSM's config file when SOFTHSM2_CONF is not set (Debian's and the upstream default build's).
+SOFTHSM_DEFAULT_CONF = Path("/etc/softhsm/softhsm2.conf")
 
 _MAX_SUN_PATH = 107  # bytes of sun_path usable for a path (agent/transport/listener.py refuses longer ones)
 
@@ -143,7 +150,8 @@ def _running_agent(path: Path, dir_detail: str) -> Check:
 
 
 def check_audit(audit: AuditConfig) -> Check:
-    """The audit log can be opened for appending, without writing a record."""
+    """The audit log can be opened for appending, without writing a record; and, when it rotates, files can
+    be made beside it (a rotation creates the next file in its directory)."""
     from agent.paths import audit_path_for
 
     if not audit.enabled:
@@ -158,6 +166,13 @@ def check_audit(audit: AuditConfig) -> Check:
                 f"{path} is not writable by this user; the agent would refuse to sign",
                 f"chown {path} to the agent's user (keep it mode 0600)",
             )
+        rotates = bool(audit.rotate_bytes or audit.rotate_age)
+        if rotates and not os.access(path.parent, os.W_OK | os.X_OK):
+            return failed(
+                "audit log",
+                f"{path} is writable but its directory {path.parent} is not: the first rotation would fail",
+                f"chown {path.parent} to the agent's user (mode 0700)",
+            )
         return passed("audit log", f"{path} (writable)")
     parent = existing_ancestor(path.parent)
     if not os.access(parent, os.W_OK | os.X_OK):
@@ -167,3 +182,77 @@ def check_audit(audit: AuditConfig) -> Check:
             f"create {path.parent} owned by the agent's user (mode 0700), or set [audit] file elsewhere",
         )
     return passed("audit log", f"{path} (will be created, mode 0600)")
+
+
+@dataclass(frozen=True)
+class WritePath:
+    """A directory the agent writes in, and what for (the doctor names both)."""
+
+    path: Path
+    what: str
+
+
+def softhsm_token_dir(token: TokenConfig, unit_env: Sequence[tuple[str, str]]) -> Path | None:
+    """SoftHSM's directories.tokendir (it rewrites its token files there, even when only signing), from the
+    softhsm2.conf the agent will use: [token.module_env]'s, else the unit's environment's, else the default.
+    None for other modules, or when the file does not say."""
+    if "softhsm" not in os.path.basename(token.module).lower():
+        return None
+    conf = token.module_env.get("SOFTHSM2_CONF") or dict(unit_env).get("SOFTHSM2_CONF")
+    try:
+        text = Path(conf).read_text() if conf else SOFTHSM_DEFAULT_CONF.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() == "directories.tokendir" and os.path.isabs(value.strip()):
+            return Path(value.strip())
+    return None
+
+
+def check_audit_in_unit(audit: AuditConfig, sandbox: UnitSandbox) -> Check | None:
+    """The audit log's failure when the unit's sandbox keeps its directory read-only: the doctor runs
+    outside the unit's mount namespace, so :func:`check_audit` finds it writable when the agent will not."""
+    from agent.paths import audit_path_for
+
+    if not audit.enabled:
+        return None
+    path = audit_path_for(audit)
+    return _read_only("audit log", sandbox, [WritePath(path.parent, f"audit log {path}")])
+
+
+def check_sandbox(sandbox: UnitSandbox, writes: Sequence[WritePath]) -> Check:
+    """Every directory the agent writes in besides the audit log's lies in a path the unit may write to."""
+    problem = _read_only("sandbox", sandbox, writes)
+    if problem is not None:
+        return problem
+    if sandbox.protect_system == "no":
+        return passed("sandbox", f"{sandbox.unit} has ProtectSystem=no: the file system is not made read-only")
+    where = ", ".join(f"{w.what} {w.path} ({sandbox.opened_by(w.path)})" for w in writes) or "nothing to write"
+    return passed("sandbox", f"{sandbox.unit} has ProtectSystem={sandbox.protect_system}; writable: {where}")
+
+
+def _read_only(name: str, sandbox: UnitSandbox, writes: Sequence[WritePath]) -> Check | None:
+    blocked = [w for w in writes if sandbox.opened_by(w.path) is None]
+    if not blocked:
+        return None
+    listed = ", ".join(f"{w.path} ({w.what})" for w in blocked)
+    return failed(
+        name,
+        f"{sandbox.unit} has ProtectSystem={sandbox.protect_system}, which leaves {listed} read-only for it: "
+        "the agent's writes there fail with 'Read-only file system'",
+        "; ".join(_opening_fix(sandbox.unit, w.path) for w in blocked)
+        + f" (a drop-in: sudo systemctl edit {sandbox.unit}; then restart it)",
+    )
+
+
+def _opening_fix(unit: str, path: Path) -> str:
+    """The setting that opens ``path``: a directory systemd makes for the unit where there is one."""
+    for prop, root in DIRECTORY_ROOTS.items():
+        if path.is_relative_to(root) and path != root:
+            return (
+                f"add {prop}={path.relative_to(root)} to [Service] (systemd creates {path} for the unit's "
+                f"user), or ReadWritePaths={path} once {path} exists"
+            )
+    create = "" if os.path.exists(path) else f"create {path} (owned by the unit's user, mode 0700), then "
+    return f"{create}add ReadWritePaths={path} to [Service]"

@@ -3,13 +3,30 @@ loaded once per process, and the doctor is a CLI command)."""
 
 from __future__ import annotations
 
+import grp
+import os
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from agent.dev.dfns_server import DevDfns, DevDfnsServer
-from agent.dev.testing import PIN, ROOT, TOKEN_LABEL, AgentProcess, TokenEnv, key_label, run_cli, softhsm_module
+from agent.dev.testing import (
+    NOBODY,
+    PIN,
+    ROOT,
+    SYSTEM_PYTHON,
+    TOKEN_LABEL,
+    AgentProcess,
+    TokenEnv,
+    key_label,
+    make_token_env,
+    run_cli,
+    softhsm_module,
+)
 
 MODULE = softhsm_module()
 
@@ -443,3 +460,107 @@ def test_checkpoint_key(token_env: TokenEnv, short_dir: Path) -> None:
     assert r.returncode == 1 and mark == "✗" and "does not allow signing (CKA_SIGN is false)" in text, text
     # No setting makes it sign: the fix is a replacement key, not [token] allow_other_usages.
     assert "keys generate --type p256" in text and "allow_other_usages" not in text, text
+
+
+def run_doctor_unit(
+    te: TokenEnv, bin_dir: Path, show: str, unit_text: str = "", python: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``doctor --unit`` against a stand-in ``systemctl`` that prints ``show`` for ``systemctl show`` and
+    ``unit_text`` for ``systemctl cat``: the unit's settings without a running systemd. ``python``: the
+    interpreter (``PYTHON``) and its ``PYTHONPATH``, when the unit's user cannot run this one."""
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "show").write_text(show)
+    (bin_dir / "cat").write_text(unit_text)
+    fake = bin_dir / "systemctl"
+    fake.write_text(f'#!/bin/sh\ncase "$1" in show|cat) exec cat "{bin_dir}/$1" ;; esac\nexit 1\n')
+    fake.chmod(0o755)
+    env = {**te.env(), "PATH": f"{bin_dir}:{os.environ['PATH']}", **(python or {})}
+    argv = [
+        env.pop("PYTHON", sys.executable),
+        "-m",
+        "agent",
+        "--config",
+        str(te.config),
+        "doctor",
+        "--unit",
+        "t.service",
+    ]
+    r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert PIN not in r.stdout + r.stderr, "the PIN appeared in the doctor's output"
+    assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    return r
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="doctor --unit needs root (CI runs as root)")
+
+
+@needs_root
+def test_unit_with_protect_system_strict_fails_where_it_cannot_write(
+    token_env: TokenEnv, short_dir: Path, tmp_path: Path
+) -> None:
+    """The doctor runs outside the unit's mount namespace: an audit log (and the token, the state and the
+    socket directories) the unit's ProtectSystem=strict leaves read-only is a failure, not "will be created"."""
+    token_env.write_config(server=socket_conf(short_dir))
+    show = "LoadState=loaded\nUser=\nProtectSystem=strict\nReadWritePaths=\nStateDirectory=\n"
+    r = run_doctor_unit(token_env, tmp_path / "bin", show)
+    mark, text = line(r.stdout, "audit log")
+    assert r.returncode == 1 and mark == "✗" and "ProtectSystem=strict" in text, r.stdout
+    assert f"ReadWritePaths={token_env.dir}" in text and "systemctl edit t.service" in text, text
+    mark, text = line(r.stdout, "sandbox")
+    assert mark == "✗" and f"{token_env.dir / 'tokens'} (SoftHSM tokens)" in text, text
+    assert f"{short_dir / 'run'} (socket)" in text and "(reload status)" in text, text
+    # Opened by ReadWritePaths= (its "-" prefix as systemctl shows it), everything passes.
+    opened = show.replace("ReadWritePaths=", f"ReadWritePaths=-{token_env.dir} -{short_dir}")
+    r = run_doctor_unit(token_env, tmp_path / "bin", opened)
+    assert r.returncode == 0, r.stdout
+    assert (
+        f"writable: reload status {token_env.dir / 'state' / 'dfns-agent'} (ReadWritePaths=-{token_env.dir})"
+        in (line(r.stdout, "sandbox")[1])
+    ), r.stdout
+
+
+def python_for_nobody() -> dict[str, str] | None:
+    """An interpreter nobody can run this checkout with: this one, else the system's python3 (of the same
+    version) with this virtualenv's packages, e.g. when this one lives under /root; None if neither works."""
+    packages = sysconfig.get_paths()["purelib"]
+    for python in ({}, {"PYTHON": SYSTEM_PYTHON, "PYTHONPATH": f"{ROOT}:{packages}"}):
+        argv = [python.get("PYTHON", sys.executable), "-c", "import agent.cli.doctor, pkcs11"]
+        env = {**os.environ, **{k: v for k, v in python.items() if k != "PYTHON"}}
+        try:
+            r = subprocess.run(argv, user=NOBODY, group=NOBODY, cwd="/", env=env, capture_output=True, timeout=60)
+        except OSError:
+            continue
+        if r.returncode == 0:
+            return python
+    return None
+
+
+@needs_root
+def test_unit_supplementary_groups_are_applied(template_token: Path, short_dir: Path, tmp_path: Path) -> None:
+    """User=nobody reaches a token only its group may use through SupplementaryGroups= (as systemd sets it)."""
+    try:
+        group = grp.getgrnam("daemon")
+    except KeyError:
+        pytest.skip("needs the group daemon")
+    python = python_for_nobody()
+    if python is None or "nobody" in group.gr_mem or os.getgrouplist("nobody", NOBODY).count(group.gr_gid):
+        pytest.skip("needs nobody outside the group daemon, and able to run this checkout")
+    short_dir.chmod(0o755)
+    te = make_token_env(template_token, short_dir / "hsm")
+    te.write_config(server=socket_conf(short_dir), pin="")  # the PIN from the credential "pin"
+    os.chown(te.dir, NOBODY, -1)  # the audit log's directory
+    (short_dir / "run").mkdir(mode=0o700)
+    os.chown(short_dir / "run", NOBODY, -1)
+    for p in [te.dir / "tokens", *(te.dir / "tokens").rglob("*")]:  # like /var/lib/softhsm/tokens: root:softhsm
+        os.chown(p, 0, group.gr_gid)
+        p.chmod(0o2770 if p.is_dir() else 0o660)
+    show = "LoadState=loaded\nUser=nobody\nGroup=\nSupplementaryGroups=\nProtectSystem=no\n"
+    unit_text = f"[Service]\nLoadCredential=pin:{te.pin_file}\n"
+    r = run_doctor_unit(te, tmp_path / "bin", show, unit_text, python)
+    assert r.returncode == 1 and line(r.stdout, "module")[0] + line(r.stdout, "token")[0] != "✓✓", r.stdout
+    r = run_doctor_unit(
+        te, tmp_path / "bin", show.replace("SupplementaryGroups=", "SupplementaryGroups=daemon"), unit_text, python
+    )
+    assert r.returncode == 0, r.stdout
+    assert "runs as nobody, supplementary groups daemon" in line(r.stdout, "unit")[1], r.stdout
+    assert line(r.stdout, "pin")[0] == "✓" and line(r.stdout, "key ed25519")[0] == "✓", r.stdout
