@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from agent.errors import AgentError, CircuitOpen, KeyNotFound, TokenUnavailable, UnsupportedKey
 from agent.health import TokenHealth, TokenIdentity, TokenState
-from agent.token.keys import KeyInfo, KeyKind
+from agent.token.keys import CHOOSE_ONE, KeyInfo, KeyKind
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -137,7 +137,7 @@ class SoftKeyStore:
             raise KeyNotFound(f"no private key labelled {label!r} on {self.name}")
         if len(found) > 1:
             ids = ", ".join(e.info.id.hex() for e in found)
-            raise KeyNotFound(f"{len(found)} private keys are labelled {label!r} (ids {ids}); set key_id")
+            raise KeyNotFound(f"{len(found)} private keys are labelled {label!r} (ids {ids}); {CHOOSE_ONE}")
         return found[0].info
 
     def sign(self, key: KeyInfo, message: bytes) -> bytes:

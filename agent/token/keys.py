@@ -300,6 +300,10 @@ def generate_keypair(session: Any, kind: KeyKind, label: str, *, sign_only: bool
     return priv
 
 
+# What an ambiguous label asks of the caller: a credential names its key by key_id, `keys public` by --id.
+CHOOSE_ONE = 'choose one: key_id = "<hex id>" in the credential\'s config, --id for keys public'
+
+
 def find_key(session: Any, label: str, key_id: bytes | None, where: str) -> KeyInfo:
     """The one private key with this label (and id), of a supported kind, with its public key."""
     query: dict[Attribute, Any] = {Attribute.CLASS: ObjectClass.PRIVATE_KEY, Attribute.LABEL: label}
@@ -310,7 +314,7 @@ def find_key(session: Any, label: str, key_id: bytes | None, where: str) -> KeyI
         raise KeyNotFound(f"no private key labelled {label!r} on {where}")
     if len(found) > 1:
         ids = ", ".join(_attr(p, Attribute.ID, b"").hex() or "(none)" for p in found)
-        raise KeyNotFound(f"{len(found)} private keys are labelled {label!r} (ids {ids}); set key_id")
+        raise KeyNotFound(f"{len(found)} private keys are labelled {label!r} (ids {ids}); {CHOOSE_ONE}")
     info = key_info(session, found[0])
     if info.kind is None:
         raise UnsupportedKey(f"key {label!r} is {info.type_name}; supported: {', '.join(k.value for k in KeyKind)}")

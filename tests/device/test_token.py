@@ -152,7 +152,7 @@ def test_ambiguous_label_needs_a_key_id(token: Token) -> None:
     # Two keys with one label, made behind the agent's back (as other tools can).
     for key_id in (b"\x0a", b"\x0b"):
         token._anchor.generate_keypair(KeyType.RSA, 2048, id=key_id, label="twin", store=True)
-    with pytest.raises(KeyNotFound, match="set key_id"):
+    with pytest.raises(KeyNotFound, match=r"ids 0a, 0b\); choose one: key_id = .* --id for keys public"):
         token.find_key("twin")
     assert token.find_key("twin", b"\x0b").id == b"\x0b"
 
