@@ -17,10 +17,12 @@ only then, with that reason.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import signal
 import socket
 import subprocess
+import sysconfig
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -28,9 +30,20 @@ from pathlib import Path
 
 from agent.dev import softhsm
 
-P11KIT_CLIENT = "/usr/lib/x86_64-linux-gnu/pkcs11/p11-kit-client.so"
-OPENCRYPTOKI = "/usr/lib/x86_64-linux-gnu/pkcs11/libopencryptoki.so"
-TPM2_PKCS11 = "/usr/lib/x86_64-linux-gnu/pkcs11/libtpm2_pkcs11.so"
+
+def _multiarch() -> str:
+    """This machine's Debian multiarch triplet (``x86_64-linux-gnu``, ``aarch64-linux-gnu``, ...)."""
+    return str(sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu")
+
+
+def pkcs11_module(name: str) -> str:
+    """Where Debian and Ubuntu install PKCS#11 module ``name``: ``/usr/lib/<multiarch>/pkcs11/``."""
+    return f"/usr/lib/{_multiarch()}/pkcs11/{name}"
+
+
+P11KIT_CLIENT = pkcs11_module("p11-kit-client.so")
+OPENCRYPTOKI = pkcs11_module("libopencryptoki.so")
+TPM2_PKCS11 = pkcs11_module("libtpm2_pkcs11.so")
 PIN = "module-pin-1234"
 SO_PIN = "module-so-5678"
 LABEL = "contract"
@@ -426,7 +439,11 @@ def unavailable(name: str) -> str | None:
         "softhsm": (["softhsm2-util"], []),
         "p11kit": (["p11-kit", "softhsm2-util"], [P11KIT_CLIENT]),
         "opencryptoki": (["pkcsslotd", "pkcsconf"], [OPENCRYPTOKI]),
-        "tpm2": (["swtpm", "tpm2_ptool", "tpm2-abrmd", "dbus-daemon", "tpm2_getrandom"], [TPM2_PKCS11]),
+        # the tabrmd TCTI (libtss2-tcti-tabrmd0) is how tpm2-pkcs11 and the tools reach the broker
+        "tpm2": (
+            ["swtpm", "tpm2_ptool", "tpm2-abrmd", "dbus-daemon", "tpm2_getrandom"],
+            [TPM2_PKCS11, f"/usr/lib/{_multiarch()}/libtss2-tcti-tabrmd.so.0"],
+        ),
     }
     tools, files = need[name]
     missing = [t for t in tools if shutil.which(t) is None] + [f for f in files if not os.path.exists(f)]
