@@ -313,20 +313,40 @@ def world(args: argparse.Namespace) -> Iterator[tuple[BenchEnv, DevDfnsProcess, 
 Call = Callable[[], None]  # one whole flow; raises on any failure
 
 
+STRAGGLER_SECONDS = 60.0  # after the window, how long a flow in progress may take before it counts as an error
+
+
 def drive(make: Callable[[], tuple[Call, Callable[[], None]]], clients: int, duration: float, warmup: float,
-          cpu: dict[str, Callable[[], float]]) -> FlowCell:  # fmt: skip
+          cpu: dict[str, Callable[[], float]], straggler_seconds: float = STRAGGLER_SECONDS) -> FlowCell:  # fmt: skip
     """``clients`` threads, each with its own client from ``make`` (call, close), flowing back to back.
 
     Every thread builds its client and runs ``warmup`` seconds before the measured window opens, so the
-    window sees steady state; flows that finish inside it count (by their end time)."""
+    window sees steady state; flows that finish inside it count toward the rate and latencies (by their end
+    time). Errors count whenever they happen, as the load generator of ``python -m bench`` counts them: a
+    flow that fails in the warm-up or after the window, a client that could not be made, and a flow still
+    running ``straggler_seconds`` after the window are errors too."""
     cell = FlowCell(clients, duration)
     lock = threading.Lock()
     ready = threading.Barrier(clients + 1)
-    start_at = [0.0]
+    start_at = [float("inf")]
     stop = threading.Event()
+    done = [False]  # set once the cell is returned: a straggler that ends later changes nothing
+
+    def failed(why: str) -> None:
+        with lock:
+            if done[0]:
+                return
+            cell.errors += 1
+            if len(cell.error_examples) < 3:
+                cell.error_examples.append(why)
 
     def worker() -> None:
-        call, close = make()
+        try:
+            call, close = make()
+        except Exception as e:  # noqa: BLE001 - counted; the other clients still run
+            failed(f"making the client: {type(e).__name__}: {str(e)[:200]}")
+            ready.wait()
+            return
         try:
             ready.wait()
             while not stop.is_set():
@@ -334,22 +354,17 @@ def drive(make: Callable[[], tuple[Call, Callable[[], None]]], clients: int, dur
                 try:
                     call()
                 except Exception as e:  # noqa: BLE001 - every failure is counted and shown
-                    t1 = time.monotonic()
-                    with lock:
-                        if start_at[0] <= t1 <= start_at[0] + duration:
-                            cell.errors += 1
-                            if len(cell.error_examples) < 3:
-                                cell.error_examples.append(f"{type(e).__name__}: {str(e)[:200]}")
+                    failed(f"{type(e).__name__}: {str(e)[:200]}")
                     continue
                 t1 = time.monotonic()
                 if start_at[0] <= t1 <= start_at[0] + duration:
                     with lock:
-                        cell.latencies.append(t1 - t0)
+                        if not done[0]:
+                            cell.latencies.append(t1 - t0)
         finally:
             close()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
-    start_at[0] = float("inf")
     for t in threads:
         t.start()
     ready.wait()
@@ -359,8 +374,14 @@ def drive(make: Callable[[], tuple[Call, Callable[[], None]]], clients: int, dur
     time.sleep(duration)
     cell.cpu = {k: f() - cpu0[k] for k, f in cpu.items()}
     stop.set()
+    deadline = time.monotonic() + straggler_seconds
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=max(0.0, deadline - time.monotonic()))
+    stuck = sum(t.is_alive() for t in threads)
+    for _ in range(stuck):
+        failed(f"a flow still running {straggler_seconds:g} s after the window")
+    with lock:
+        done[0] = True
     return cell
 
 

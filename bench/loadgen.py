@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import multiprocessing
 import secrets
 import select
@@ -97,7 +98,10 @@ def percentile_ms(latencies: list[float], q: float) -> float | None:
     if not latencies:
         return None
     ordered = sorted(latencies)
-    return ordered[min(len(ordered) - 1, max(0, int(round(q / 100 * len(ordered) + 0.5)) - 1))] * 1000
+    # Nearest rank: the smallest value with at least q% of the samples at or below it, rank ceil(q/100 * n).
+    # (The tolerance keeps q * n / 100 from rounding up past an exact integer in floating point.)
+    rank = math.ceil(q * len(ordered) / 100 - 1e-9)
+    return ordered[min(len(ordered), max(1, rank)) - 1] * 1000
 
 
 @dataclass(frozen=True)
