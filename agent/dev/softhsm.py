@@ -84,10 +84,12 @@ def init_token(directory: Path, *, label: str, pin: str, so_pin: str) -> None:
     _init(directory, "--free", label=label, pin=pin, so_pin=so_pin)
 
 
-# softhsm2-util looks the token up by label before C_InitToken and again after it. A C_Login in another process
-# (an agent that just lost its keys logs in again to recover) rewrites token.object meanwhile, and either
-# lookup can then miss the token: "Could not find a slot/token". Running it again is safe: it wipes again.
-_LOOKUP_MISSED = "Could not find a slot/token"
+# softhsm2-util looks the token up by label before C_InitToken and again after it, then logs in as SO to set
+# the user PIN. A C_Login in another process (an agent that just lost its keys logs in again to recover)
+# rewrites token.object meanwhile, and a lookup can then miss the token ("Could not find a slot/token") or the
+# SO login fail ("Could not log in on the token", seen once in CI under load). Running it again is safe: the
+# SO PIN is unchanged, and it wipes again.
+_LOST_TO_ANOTHER_LOGIN = ("Could not find a slot/token", "Could not log in on the token")
 _REINIT_PAUSES = (0.05, 0.2, 0.5, None)
 
 
@@ -100,7 +102,7 @@ def reinit_token(directory: Path, *, label: str, pin: str, so_pin: str) -> None:
             _init(directory, "--token", label, label=label, pin=pin, so_pin=so_pin)
             return
         except SoftHsmError as e:
-            if pause is None or _LOOKUP_MISSED not in str(e):
+            if pause is None or not any(m in str(e) for m in _LOST_TO_ANOTHER_LOGIN):
                 raise
             time.sleep(pause)
 
