@@ -107,6 +107,15 @@ def reinit_token(directory: Path, *, label: str, pin: str, so_pin: str) -> None:
             time.sleep(pause)
 
 
+def delete_token(directory: Path, label: str) -> None:
+    """Delete the token labelled ``label`` and its objects (no PIN needed: its files are removed)."""
+    r = subprocess.run(
+        ["softhsm2-util", "--delete-token", "--token", label], env=environ(directory), capture_output=True, text=True
+    )
+    if r.returncode != 0:
+        raise SoftHsmError(f"softhsm2-util --delete-token failed: {r.stderr.strip()}")
+
+
 def _init(directory: Path, *where: str, label: str, pin: str, so_pin: str) -> None:
     try:
         subprocess.run(
@@ -251,10 +260,15 @@ def setup_dev_token(dev: Path, *, say: bool = True) -> Path:
     write_softhsm_conf(dev)
     old = os.umask(0o077)  # from here on (the secrets, the token's files, agent.toml): owner only
     try:
+        lost = [p.name for p in (dev / "pin", dev / "so-pin") if not p.exists() or p.stat().st_size == 0]
         pin = _secret_file(dev / "pin", secrets.token_hex(8))
         so_pin = _secret_file(dev / "so-pin", secrets.token_hex(8))
         (dev / "dfns").mkdir(exist_ok=True)
         _secret_file(dev / "dfns" / "dev.token", "dev-" + secrets.token_urlsafe(24))
+        if lost and token_present(dev, DEV_TOKEN_LABEL):
+            # Its PIN is gone with the file: nothing can log in to it any more, so it is made anew (a new key).
+            note(f"{', '.join(lost)} gone: deleting dev token '{DEV_TOKEN_LABEL}' to make it anew, with a new key")
+            delete_token(dev, DEV_TOKEN_LABEL)
         if not token_present(dev, DEV_TOKEN_LABEL):
             note(f"initializing SoftHSM token '{DEV_TOKEN_LABEL}' in {dev / 'tokens'}")
             init_token(dev, label=DEV_TOKEN_LABEL, pin=pin, so_pin=so_pin)
