@@ -144,16 +144,25 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{n:>7}  {'agent' if kind == 'own' else kind:<8}  {c.rate:>9,.0f}  {c.p50 or 0:>7.2f}  "
                   f"{c.p99 or 0:>7.2f}  {c.server_cpu_per_request_us or 0:>10,.0f}  {c.total_errors}")  # fmt: skip
     for n in clients:
-        own, uv = CellResult.pooled(cells["own", n]), CellResult.pooled(cells["uvicorn", n])
-        ratio = uv.rate / own.rate if own.rate else 0.0
-        pairs = list(zip(cells["own", n], cells["uvicorn", n], strict=True))
-        rounds = ", ".join(f"{b.rate / a.rate:.2f}x" for a, b in pairs if a.rate)
-        verdict = "PASS" if ratio >= 1 - WITHIN else "FAIL"
-        extra = (uv.server_cpu_per_request_us or 0) - (own.server_cpu_per_request_us or 0)
-        print(f"{verdict}  @{n} clients, uvicorn within {WITHIN:.0%} of the agent's HTTP layer: {ratio:.2f}x "
-              f"({uv.rate:,.0f}/s vs {own.rate:,.0f}/s; per round {rounds}); uvicorn's CPU per request "
-              f"{extra:+,.0f} us")  # fmt: skip
+        print(verdict_line(n, cells["own", n], cells["uvicorn", n]))
     return 0
+
+
+def verdict_line(clients: int, own_rounds: list[CellResult], uv_rounds: list[CellResult]) -> str:
+    """The PASS/FAIL line for one concurrency; N/A when either server failed requests (a rate counts only
+    the answers, so a server that fails looks faster or slower than it serves)."""
+    own, uv = CellResult.pooled(own_rounds), CellResult.pooled(uv_rounds)
+    ratio = uv.rate / own.rate if own.rate else 0.0
+    rounds = ", ".join(f"{b.rate / a.rate:.2f}x" for a, b in zip(own_rounds, uv_rounds, strict=True) if a.rate)
+    verdict = "PASS" if ratio >= 1 - WITHIN else "FAIL"
+    if own.total_errors or uv.total_errors:
+        verdict = (
+            f"N/A   no verdict: the agent's server failed {own.total_errors}, uvicorn {uv.total_errors} request(s);"
+        )
+    extra = (uv.server_cpu_per_request_us or 0) - (own.server_cpu_per_request_us or 0)
+    return (f"{verdict}  @{clients} clients, uvicorn within {WITHIN:.0%} of the agent's HTTP layer: {ratio:.2f}x "
+            f"({uv.rate:,.0f}/s vs {own.rate:,.0f}/s; per round {rounds}); uvicorn's CPU per request "
+            f"{extra:+,.0f} us")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -408,9 +408,10 @@ def run_job(job: Job, pool: _Pool) -> WorkerResult:
                             samples.append((response, c.check))
                     if t < end:
                         send(c)
-                    else:
+                    else:  # finished: out of the poll set, so a close by the server now is no error
                         c.done = True
                         live -= 1
+                        ep.unregister(fd)
         if cpu_start is not None:
             result.cpu = (cpu_end if cpu_end is not None else time.process_time()) - cpu_start
     finally:

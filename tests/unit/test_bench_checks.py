@@ -134,3 +134,21 @@ def test_a_flow_still_running_after_the_window_is_an_error() -> None:
     finally:
         release.set()
     assert c.errors == 2 and "still running" in c.error_examples[0]
+
+
+def test_http_layer_verdict_is_na_when_a_server_failed_requests() -> None:
+    from bench.http_layer import verdict_line
+    from bench.loadgen import CellResult
+
+    def cell(rate: int, errors: int) -> CellResult:
+        return CellResult(
+            clients=16, duration=1.0, completed=rate, latencies=[0.001] * rate, errors=errors, error_examples=[],
+            verified=0, bad_signatures=0, cpu=0.0, reused=0, answered=rate, server_cpu=rate * 20e-6,
+        )  # fmt: skip
+
+    assert verdict_line(16, [cell(1000, 0)], [cell(950, 0)]).startswith("PASS")
+    assert verdict_line(16, [cell(1000, 0)], [cell(800, 0)]).startswith("FAIL")
+    # uvicorn failing fast looked as fast as the agent: no verdict either way.
+    line = verdict_line(16, [cell(1000, 0)], [cell(1000, 300)])
+    assert line.startswith("N/A") and "uvicorn 300" in line
+    assert verdict_line(16, [cell(1000, 5)], [cell(100, 0)]).startswith("N/A")
