@@ -29,6 +29,7 @@ from agent.paths import default_socket_path
 _MAX_IDLE = 4  # kept-alive connections per client; each counts against the agent's per-uid limit
 UNREACHABLE = "agent_unreachable"  # nothing reached the agent: safe to send again
 NO_ANSWER = "agent_no_answer"  # the request reached the agent and no answer came: it may still be carried out
+INVALID_JSON = "invalid_json"  # a body that is not JSON (NaN, a float beyond a double, a lone surrogate): not sent
 
 
 class AgentClientError(Exception):
@@ -53,6 +54,19 @@ class DfnsResponse:
 
 
 @dataclass(frozen=True)
+class CredentialRegistration:
+    """Dfns's answer to a credential registration through the agent: its status as Dfns gave it, since a 202
+    (a policy awaits approval: the credential is not active yet) must not read as a 200, and its body."""
+
+    status: int
+    body: dict[str, Any]
+
+    @property
+    def pending(self) -> bool:
+        return self.status == 202
+
+
+@dataclass(frozen=True)
 class _Answer:
     """One whole answer of the agent; header names in lower case, repeated ones joined by ``", "``."""
 
@@ -66,6 +80,18 @@ class _Answer:
 
     def json(self) -> Any:
         return json.loads(self.content)
+
+
+def encode_body(body: Any) -> bytes:
+    """``body`` as the compact UTF-8 JSON the agent reads, or :class:`AgentClientError` ``invalid_json``
+    (nothing sent): NaN and infinities, a lone surrogate, nesting past Python's recursion limit or a value
+    JSON has no spelling for would otherwise escape as a bare ValueError, UnicodeEncodeError, RecursionError
+    or TypeError from the middle of a call."""
+    try:
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError, RecursionError) as e:  # UnicodeEncodeError is a ValueError
+        problem = "nested too deeply" if isinstance(e, RecursionError) else f"{type(e).__name__}: {e}"
+        raise AgentClientError(0, INVALID_JSON, f"the request body cannot be sent as JSON ({problem})") from None
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -139,7 +165,7 @@ class AgentClient:
         headers = {"Accept": "application/json"}
         content = None
         if body is not None:
-            content = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
+            content = encode_body(body)
             headers["Content-Type"] = "application/json"
         conn = self._connection()
         try:
@@ -187,8 +213,7 @@ class AgentClient:
         if not isinstance(data, dict):
             raise AgentClientError(r.status, "bad_response", f"agent answered {r.status} without a JSON object")
         if r.status not in ok:
-            err = data.get("error", {})
-            raise AgentClientError(r.status, err.get("code", "unknown"), err.get("message", r.text))
+            raise _refusal(r.status, data.get("error"), r.text)
         return data
 
     def sign(self, challenge: dict[str, Any], credential: str | None = None) -> dict[str, Any]:
@@ -232,13 +257,21 @@ class AgentClient:
     def register_credential(
         self, credential: str, *, via: str | None = None, credential_name: str | None = None
     ) -> dict[str, Any]:
-        """Register ``credential``'s key with Dfns, user-action signed by the ``via`` credential."""
+        """Register ``credential``'s key with Dfns, user-action signed by the ``via`` credential; Dfns's body
+        (:meth:`credential_registration` also gives its status)."""
+        return self.credential_registration(credential, via=via, credential_name=credential_name).body
+
+    def credential_registration(
+        self, credential: str, *, via: str | None = None, credential_name: str | None = None
+    ) -> CredentialRegistration:
+        """As :meth:`register_credential`, with Dfns's status: a 202 means approval is pending."""
         body: dict[str, Any] = {"credential": credential}
         if via is not None:
             body["via"] = via
         if credential_name is not None:
             body["credentialName"] = credential_name
-        return self._call("POST", "/v1/credentials", body, ok=(200, 201, 202), timeout=self._flow_timeout)
+        r = self._send("POST", "/v1/credentials", body, timeout=self._flow_timeout)
+        return CredentialRegistration(r.status, self._check(r, ok=(200, 201, 202)))
 
     def credentials(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/v1/credentials")["credentials"])
@@ -255,13 +288,22 @@ class AgentClient:
         r = self._send("GET", "/v1/health")
         data = self._check(r, ok=(200, 503))
         if "error" in data:
-            err = data["error"]
-            raise AgentClientError(503, err.get("code", "unknown"), err.get("message", ""))
+            raise _refusal(503, data["error"], r.text)
         try:
             return AgentHealth.from_json(data)
         except (KeyError, TypeError, ValueError) as e:
             problem = f"the health answer is not the agent's ({type(e).__name__}: {e})"
             raise AgentClientError(r.status, "bad_response", problem) from None
+
+
+def _refusal(status: int, error: object, fallback: str) -> AgentClientError:
+    """The agent's ``{"error": {"code", "message"}}`` as an exception; anything else on the socket (a proxy, a
+    server that is not the agent) gives ``bad_response`` instead of an AttributeError from its shape."""
+    if not isinstance(error, dict):
+        shown = fallback[:200] + ("…" if len(fallback) > 200 else "")
+        return AgentClientError(status, "bad_response", f"agent answered {status} without an error object: {shown}")
+    code, message = error.get("code", "unknown"), error.get("message", fallback)
+    return AgentClientError(status, str(code), str(message))
 
 
 def _flow_body(method: str, path: str, body: Any, credential: str | None) -> dict[str, Any]:

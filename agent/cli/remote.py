@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from agent.cli.util import CliError, Context, socket_option, yes
+from agent.client import INVALID_JSON, AgentClientError, encode_body
 
 
 @click.command()
@@ -26,28 +27,70 @@ def sign(obj: Context, credential: str | None, socket_path: str | None) -> None:
     Reads the challenge (JSON, as /auth/action/init returned it) on stdin and prints the firstFactor JSON
     the running agent returns.
     """
-    try:
-        challenge = json.load(sys.stdin)
-    except ValueError as e:
-        raise CliError("invalid_json", f"stdin is not JSON ({e}); give the /auth/action/init answer") from None
+    # exit 1 for sign's stdin, 2 for request's --data: both as they were (tests/unit/test_messages.py holds them)
+    challenge = _parse_json(
+        _read_stdin("stdin", exit_code=1), "stdin", "; give the /auth/action/init answer", exit_code=1
+    )
     with obj.client(socket_path) as client:
         result = client.sign(challenge, credential)
     click.echo(json.dumps(result))
+
+
+def _parse_json(text: str, where: str, hint: str = "", *, exit_code: int = 2) -> Any:
+    """``text`` as JSON the agent can be sent, or an input error (``exit_code``): besides text
+    that is not JSON, NaN/Infinity (not JSON, though Python reads them), a number beyond a double, a lone
+    surrogate and nesting too deep to read are all refused here, with the same code, before anything is sent."""
+    try:
+        value = json.loads(text, parse_constant=_no_constant)
+        encode_body(value)
+    except RecursionError:
+        raise CliError(
+            INVALID_JSON, f"{where} is nested too deeply to be JSON the agent reads{hint}", exit_code=exit_code
+        ) from None
+    except ValueError as e:
+        raise CliError(INVALID_JSON, f"{where} is not JSON ({e}){hint}", exit_code=exit_code) from None
+    except AgentClientError as e:
+        raise CliError(INVALID_JSON, f"{where}: {e.message}{hint}", exit_code=exit_code) from None
+    return value
+
+
+def _read_stdin(where: str, *, exit_code: int = 2) -> str:
+    """All of stdin as UTF-8 text; bytes that are not UTF-8 are an input error, not a UnicodeDecodeError."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CliError(
+            INVALID_JSON, f"{where} is not UTF-8 text ({e.reason} at byte {e.start})", exit_code=exit_code
+        ) from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
 
 
 def _read_data(data: str | None) -> Any:
     """``--data``: inline JSON, ``@file`` or ``@-`` for stdin."""
     if data is None:
         return None
-    if data.startswith("@"):
-        source = data[1:]
-        text = sys.stdin.read() if source == "-" else Path(source).read_text("utf-8")
-    else:
-        text = data
+    if not data.startswith("@"):
+        return _parse_json(data, "--data")
+    source = data[1:]
+    if not source:
+        raise CliError("invalid_request", "--data @ names no file: give @FILE, or @- for stdin", exit_code=2)
+    if source == "-":
+        return _parse_json(_read_stdin("--data @-"), "--data @- (stdin)")
     try:
-        return json.loads(text)
-    except ValueError as e:
-        raise CliError("invalid_json", f"--data is not JSON: {e}", exit_code=2) from None
+        text = Path(source).read_text("utf-8")
+    except OSError as e:
+        raise CliError(
+            "unreadable_file", f"--data {data}: cannot read {source}: {e.strerror or e}", exit_code=2
+        ) from None
+    except UnicodeDecodeError as e:
+        raise CliError(
+            INVALID_JSON, f"--data {data}: {source} is not UTF-8 text ({e.reason} at byte {e.start})", exit_code=2
+        ) from None
+    return _parse_json(text, f"--data {data}")
 
 
 @click.command()
@@ -91,8 +134,14 @@ def register(
     step user-action signed by the existing credential VIA. Prints Dfns's answer.
     """
     with obj.client(socket_path) as client:
-        result = client.register_credential(credential, via=via, credential_name=credential_name)
-    click.echo(json.dumps(result, indent=2))
+        registered = client.credential_registration(credential, via=via, credential_name=credential_name)
+    click.echo(json.dumps(registered.body, indent=2))
+    if registered.pending:  # not yet a credential: deactivating the one in use now would lock the account out
+        click.echo(
+            "dfns-agent: Dfns answered 202: the registration awaits policy approval; the new credential is not "
+            "active until it is approved, so keep the one in use until then",
+            err=True,
+        )
 
 
 @click.command()
