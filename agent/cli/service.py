@@ -4,8 +4,11 @@ prints or installs the example config and the systemd units shipped inside the p
 
 from __future__ import annotations
 
+import errno
+import math
 import os
 import signal
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -26,14 +29,30 @@ FILES = {
 
 
 @click.command("reload")
-@click.option("--pid", type=int, required=True, help="The agent's main process (in a unit: $MAINPID).")
-@click.option("--timeout", type=float, default=90.0, show_default=True, help="Seconds to wait for the outcome.")
+# min=1: kill(2) reads 0 as this command's own process group and -1 as every process it may signal, so a
+# SIGHUP there would hang up the caller's shell or (as root) the whole system instead of reloading an agent.
+@click.option(
+    "--pid",
+    type=click.IntRange(min=1),
+    required=True,
+    help="The agent's main process (in a unit: $MAINPID).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=90.0,
+    show_default=True,
+    help="Seconds to wait for the outcome.",
+)
 def reload(pid: int, timeout: float) -> None:
     """Reload a running agent; wait for every worker.
 
     Exit 0 once every worker has applied the new config, 1 if it was refused (with why; the running config
     stays). What the units' ExecReload= runs: systemd 252 waits for this command."""
     from agent.daemon import reload_status
+
+    if not math.isfinite(timeout):  # FloatRange lets NaN through, and NaN would end the wait at once
+        raise click.BadParameter("must be a finite number of seconds", param_hint="--timeout")
 
     before = reload_status.read(pid)
     try:
@@ -103,13 +122,58 @@ def install_files(systemd_dir: Path | None, config_dir: Path | None, user_units:
     wanted = {systemd_dir / Path(n).name: n for n in names}
     wanted[config_dir / "agent.example.toml"] = "agent.example.toml"
     for target, name in wanted.items():
-        if target.exists():
+        if target.exists() or target.is_symlink():
             click.echo(f"kept {target} (exists)")
             continue
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(_read(name), encoding="utf-8")
-        target.chmod(0o644)
-        click.echo(f"installed {target}")
+        try:
+            installed = _install(target, _read(name).encode("utf-8"))
+        except OSError as e:
+            hint = "; run it as root, or give --systemd-dir/--config-dir, or --user" if e.errno == errno.EACCES else ""
+            raise CliError("install_failed", f"cannot install {target}: {e.strerror or e}{hint}") from None
+        click.echo(f"installed {target}" if installed else f"kept {target} (exists)")
+
+
+def _install(target: Path, data: bytes) -> bool:
+    """Put ``data`` at ``target``, mode 0644, whole or not at all, never over a file (or link) already there:
+    written beside it and hard-linked into place, so a full disk or an interrupted run leaves no truncated unit
+    that a second run would then keep, and a link planted at ``target`` is not written through. False when
+    ``target`` appeared meanwhile. Raises OSError."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, target)
+        except FileExistsError:
+            return False
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP):
+                raise
+            return _create(target, data)  # a filesystem without hard links: create it exclusively instead
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def _create(target: Path, data: bytes) -> bool:
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except FileExistsError:
+        return False
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o644)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError:
+        target.unlink(missing_ok=True)  # not a truncated unit that the next run would keep
+        raise
+    return True
 
 
 def _read(name: str) -> str:
