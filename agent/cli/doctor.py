@@ -84,35 +84,9 @@ def _run_checks(
     from agent.diagnostics.doctor import run
 
     # config_path, not obj.config: a config that does not load is the doctor's first finding, not an error.
-    with closing(run(obj.config_path, socket_override=socket_path, socket_unit=socket_unit)) as checks:
+    with closing(run(obj.config_path, socket_override=socket_path, socket_unit=socket_unit, unit=unit)) as checks:
         for check in checks:
-            if unit is not None and check.name == "audit log":
-                _sandboxed(obj, report, check, unit, socket_path, socket_unit)
-            else:
-                report.add(check)
-
-
-def _sandboxed(
-    obj: Context, report: Report, audit: Check, unit: UnitSettings, socket_path: str | None, socket_unit: str | None
-) -> None:
-    """The audit log check, then the sandbox's: the doctor runs outside the unit's mount namespace, so what
-    is writable here may be read-only for the service (ProtectSystem=)."""
-    from agent.diagnostics.config_checks import load
-    from agent.diagnostics.path_checks import WritePath, check_audit_in_unit, check_sandbox, softhsm_token_dir
-    from agent.paths import default_audit_path, socket_path_for
-
-    config = load(obj.config_path).config
-    if config is None:
-        report.add(audit)
-        return
-    report.add(audit if audit.failed else check_audit_in_unit(config.audit, unit.sandbox) or audit)
-    writes = [WritePath(default_audit_path().parent, "reload status")]
-    if socket_unit is None:  # no socket unit holds it: the agent binds the socket itself
-        writes.append(WritePath(Path(os.path.abspath(socket_path_for(config, socket_path))).parent, "socket"))
-    tokens = softhsm_token_dir(config.token, unit.environment)
-    if tokens is not None:
-        writes.append(WritePath(tokens, "SoftHSM tokens"))
-    report.add(check_sandbox(unit.sandbox, writes))
+            report.add(check)
 
 
 def _describe(settings: UnitSettings) -> str:

@@ -23,12 +23,19 @@ from collections.abc import Callable, Generator, Iterator
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from agent.config import Config, CredentialConfig
 from agent.diagnostics.config_checks import check_config_summary, load
 from agent.diagnostics.dfns_check import check_dfns_url, dfns_http_client
-from agent.diagnostics.path_checks import check_audit, check_socket
+from agent.diagnostics.path_checks import (
+    WritePath,
+    check_audit,
+    check_audit_in_unit,
+    check_sandbox,
+    check_socket,
+    softhsm_token_dir,
+)
 from agent.diagnostics.results import Check, failed, skipped
 from agent.diagnostics.secret_checks import check_pin_source, read_dfns_token
 from agent.diagnostics.token_checks import (
@@ -43,6 +50,9 @@ from agent.diagnostics.token_checks import (
 from agent.secret import Secret
 from agent.token import Token
 
+if TYPE_CHECKING:
+    from agent.diagnostics.unit import UnitSettings
+
 R = TypeVar("R")
 
 _NO_PERMISSION = (
@@ -53,10 +63,16 @@ _REPORT_BUG = "an unexpected failure in this check; if the message does not expl
 
 
 def run(
-    config_path: str | None, *, socket_override: str | None = None, socket_unit: str | None = None
+    config_path: str | None,
+    *,
+    socket_override: str | None = None,
+    socket_unit: str | None = None,
+    unit: UnitSettings | None = None,
 ) -> Generator[Check, None, None]:
     """Every check, each yielded as soon as it finishes (the network checks can take seconds).
     ``socket_unit``: the socket is that systemd socket unit's (it makes the directory and the file).
+    ``unit``: the systemd service the checks stand in for; the doctor runs outside its mount namespace, so
+    what its sandbox (``ProtectSystem=``) keeps read-only is checked from its settings as well.
 
     Iterate to the end or close the generator: the token logged in for the key checks is logged out then.
     """
@@ -98,7 +114,12 @@ def run(
             pin_source = _attempt("pin file", lambda: check_pin_source(config.token.pin), _same)
             if pin_source is not None:
                 yield pin_source
-        yield _safely("audit log", lambda: check_audit(config.audit))
+        audit = _safely("audit log", lambda: check_audit(config.audit))
+        if unit is not None and not audit.failed:
+            audit = _attempt("audit log", partial(check_audit_in_unit, config.audit, unit.sandbox), _same) or audit
+        yield audit
+        if unit is not None:
+            yield _safely("sandbox", partial(_check_unit_writes, config, unit, socket_override, socket_unit))
         tokens: dict[str, Secret] = {}  # credential name -> its Dfns token, for check 7 only
         for cred in config.credentials:
             if cred.dfns is not None:
@@ -141,6 +162,21 @@ def _dfns_checks(config: Config, tokens: dict[str, Secret]) -> Iterator[Check]:
             else:
                 answers[key] = _safely(f"dfns {cred.name}", partial(check_dfns_url, http, cred.name, url, token))
                 yield answers[key]
+
+
+def _check_unit_writes(
+    config: Config, unit: UnitSettings, socket_override: str | None, socket_unit: str | None
+) -> Check:
+    """Every directory the agent writes in besides the audit log's, against the unit's sandbox."""
+    from agent.paths import default_audit_path
+
+    writes = [WritePath(default_audit_path().parent, "reload status")]
+    if socket_unit is None:  # no socket unit holds it: the agent binds the socket itself
+        writes.append(WritePath(_socket_path(config, socket_override).parent, "socket"))
+    tokens = softhsm_token_dir(config.token, unit.environment)
+    if tokens is not None:
+        writes.append(WritePath(tokens, "SoftHSM tokens"))
+    return check_sandbox(unit.sandbox, writes)
 
 
 def _socket_path(config: Config, override: str | None) -> Path:
