@@ -86,9 +86,11 @@ def public(obj: Context, label: str, key_id: str | None) -> None:
     SubjectPublicKeyInfo PEM: what Dfns asks for when creating a service account.
     """
     try:
-        id_bytes = bytes.fromhex(key_id) if key_id else None
+        id_bytes = bytes.fromhex(key_id) if key_id is not None else None
     except ValueError:
         raise click.BadParameter("must be hex", param_hint="--id") from None
+    if id_bytes == b"":  # an empty id would quietly mean "any id", the opposite of what --id asks
+        raise click.BadParameter("must be at least one byte of hex (e.g. 01)", param_hint="--id")
     with obj.open_token() as token:
         info = token.find_key(label, id_bytes)
     click.echo(info.public_pem, nl=False)

@@ -22,9 +22,9 @@ from functools import cache
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
-from agent.errors import AgentError, CircuitOpen, KeyNotFound, TokenUnavailable, UnsupportedKey
+from agent.errors import AgentError, CircuitOpen, TokenUnavailable, UnsupportedKey
 from agent.health import TokenHealth, TokenIdentity, TokenState
-from agent.token.keys import CHOOSE_ONE, KeyInfo, KeyKind
+from agent.token.keys import KeyInfo, KeyKind, ambiguous_label, no_such_key
 
 PrivateKey = ed25519.Ed25519PrivateKey | ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
@@ -134,10 +134,9 @@ class SoftKeyStore:
             if key_id:
                 found = [e for e in found if e.info.id == key_id]
         if not found:
-            raise KeyNotFound(f"no private key labelled {label!r} on {self.name}")
+            raise no_such_key(label, key_id, self.name)
         if len(found) > 1:
-            ids = ", ".join(e.info.id.hex() for e in found)
-            raise KeyNotFound(f"{len(found)} private keys are labelled {label!r} (ids {ids}); {CHOOSE_ONE}")
+            raise ambiguous_label(label, [e.info.id for e in found])
         return found[0].info
 
     def sign(self, key: KeyInfo, message: bytes) -> bytes:
@@ -185,7 +184,7 @@ class SoftKeyStore:
         with self._lock:
             entry = next((e for e in self._entries if not e.gone and e.info.label == label), None)
         if entry is None:
-            raise KeyNotFound(f"no private key labelled {label!r} on {self.name}")
+            raise no_such_key(label, None, self.name)
         return entry.private
 
     def remove(self, label: str) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from functools import cached_property
@@ -300,8 +300,20 @@ def generate_keypair(session: Any, kind: KeyKind, label: str, *, sign_only: bool
     return priv
 
 
-# What an ambiguous label asks of the caller: a credential names its key by key_id, `keys public` by --id.
-CHOOSE_ONE = 'choose one: key_id = "<hex id>" in the credential\'s config, --id for keys public'
+def ambiguous_label(label: str, ids: Sequence[bytes]) -> KeyNotFound:
+    """Several keys carry ``label``: name their ids and both ways to choose one (a credential names its key
+    by key_id, `keys public` by --id)."""
+    listed = ", ".join(i.hex() or "(none)" for i in ids)
+    return KeyNotFound(
+        f"{len(ids)} private keys are labelled {label!r} (ids {listed}); "
+        'choose one: key_id = "<hex id>" in the credential\'s config, --id for keys public'
+    )
+
+
+def no_such_key(label: str, key_id: bytes | None, where: str) -> KeyNotFound:
+    """No key matches: with an id given, say so, since a key with that label may well be there under another."""
+    with_id = f" with id {key_id.hex()}" if key_id else ""
+    return KeyNotFound(f"no private key labelled {label!r}{with_id} on {where}")
 
 
 def find_key(session: Any, label: str, key_id: bytes | None, where: str) -> KeyInfo:
@@ -311,10 +323,9 @@ def find_key(session: Any, label: str, key_id: bytes | None, where: str) -> KeyI
         query[Attribute.ID] = key_id
     found = list(session.get_objects(query))
     if not found:
-        raise KeyNotFound(f"no private key labelled {label!r} on {where}")
+        raise no_such_key(label, key_id, where)
     if len(found) > 1:
-        ids = ", ".join(_attr(p, Attribute.ID, b"").hex() or "(none)" for p in found)
-        raise KeyNotFound(f"{len(found)} private keys are labelled {label!r} (ids {ids}); {CHOOSE_ONE}")
+        raise ambiguous_label(label, [_attr(p, Attribute.ID, b"") for p in found])
     info = key_info(session, found[0])
     if info.kind is None:
         raise UnsupportedKey(f"key {label!r} is {info.type_name}; supported: {', '.join(k.value for k in KeyKind)}")

@@ -70,6 +70,12 @@ def test_keys_public_of_a_missing_key(token_env: TokenEnv) -> None:
     assert "no private key labelled 'nope'" in r.stderr
 
 
+def test_keys_public_refuses_an_empty_id(token_env: TokenEnv) -> None:
+    """--id "" used to mean no id at all: the first key under the label, not the one asked for."""
+    r = cli(token_env, "keys", "public", "--label", key_label("p256"), "--id", "")
+    assert r.returncode == 2 and "--id" in r.stderr and "BEGIN PUBLIC KEY" not in r.stdout
+
+
 def test_keys_generate_rejects_unknown_type(token_env: TokenEnv) -> None:
     r = cli(token_env, "keys", "generate", "--type", "p384", "--label", "x")
     assert r.returncode == 2

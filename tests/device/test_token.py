@@ -162,6 +162,14 @@ def test_missing_key_is_reported_by_label(token: Token) -> None:
         token.find_key("absent")
 
 
+def test_a_label_under_another_id_is_reported_with_the_id_asked_for(token: Token) -> None:
+    label = key_label("p256")
+    present = token.find_key(label).id
+    asked = b"\xff" + present
+    with pytest.raises(KeyNotFound, match=f"no private key labelled '{label}' with id {asked.hex()} on "):
+        token.find_key(label, asked)
+
+
 def test_threads_sign_concurrently_without_crashing(token: Token) -> None:
     """python-pkcs11 + SoftHSM crash under concurrent signing unless the module uses OS locking."""
     keys = [token.find_key(key_label(k)) for k in ("ed25519", "p256", "secp256k1")]
