@@ -157,8 +157,11 @@ def _reference_failed(reference: CellResult) -> str | None:
     return f"no verdict: ssh-agent failed {errors} request(s) in this cell; " if errors else None
 
 
-def _verdict(ok: bool, reference: CellResult) -> bool | None:
-    return None if _reference_failed(reference) else ok
+def _compared(name: str, ok: bool, reference: CellResult, detail: str) -> Check:
+    """A check against ``reference``: ``ok`` as its verdict, or none (said first in the detail) when the
+    reference itself failed requests."""
+    why = _reference_failed(reference)
+    return Check(name, None if why else ok, (why or "") + detail)
 
 
 def _ssh_check(p256: AlgoResult | None, clients: int, want: float) -> Check:
@@ -167,9 +170,9 @@ def _ssh_check(p256: AlgoResult | None, clients: int, want: float) -> Check:
     if not row or not row.ssh:
         return Check(name, None, "not measured")
     r = _ratio(row.agent.rate, row.ssh.rate)
-    detail = (_reference_failed(row.ssh) or "") + f"{_x(r)} ({_n(row.agent.rate)}/s vs {_n(row.ssh.rate)}/s)"
+    detail = f"{_x(r)} ({_n(row.agent.rate)}/s vs {_n(row.ssh.rate)}/s)"
     detail += _per_round((a.rate, b.rate) for a, b in zip(row.agent.rounds, row.ssh.rounds, strict=True))
-    return Check(name, _verdict(r is not None and r >= want, row.ssh), detail)
+    return _compared(name, r is not None and r >= want, row.ssh, detail)
 
 
 def cpu_beyond_sign_us(run: RunResult, algo: AlgoResult, clients: int) -> tuple[float, float] | None:
@@ -207,9 +210,8 @@ def slow_checks(slow: SlowResult, cores: int) -> list[Check]:
         out.append(Check(name, None, "not measured"))
     else:
         r = _ratio(slow.agent.rate, slow.ssh.rate)
-        out.append(Check(name, _verdict(r is not None and r >= SLOW_SSH_TARGET, slow.ssh),
-                         (_reference_failed(slow.ssh) or "")
-                         + f"{_x(r)} ({_n(slow.agent.rate)}/s vs {_n(slow.ssh.rate)}/s)"))  # fmt: skip
+        out.append(_compared(name, r is not None and r >= SLOW_SSH_TARGET, slow.ssh,
+                             f"{_x(r)} ({_n(slow.agent.rate)}/s vs {_n(slow.ssh.rate)}/s)"))  # fmt: skip
     errors = slow.agent.total_errors
     out.append(Check(f"{at}, agent: zero errors", errors == 0, f"{errors} error(s)"))
     return out
@@ -226,8 +228,7 @@ def checks(run: RunResult) -> list[Check]:
     row = p256.row(1) if p256 else None
     if row and row.ssh:
         r = _ratio(row.agent.p50, row.ssh.p50)
-        detail = (_reference_failed(row.ssh) or "") + (
-            f"{_x(r)} ({_n(row.agent.p50, '.3f')} ms vs {_n(row.ssh.p50, '.3f')} ms)")  # fmt: skip
+        detail = f"{_x(r)} ({_n(row.agent.p50, '.3f')} ms vs {_n(row.ssh.p50, '.3f')} ms)"
         detail += _per_round((a.p50, b.p50) for a, b in zip(row.agent.rounds, row.ssh.rounds, strict=True))
         if p256 is not None and p256.limit_1 and p256.limit_1.rate and run.fsync_ms:
             # What the audit's fsync-before-return leaves for everything else (HTTP, JSON, both processes).
@@ -235,7 +236,7 @@ def checks(run: RunResult) -> list[Check]:
             floor = sign_ms + run.fsync_ms
             detail += (f"; token sign {sign_ms:.3f} + append+fsync {run.fsync_ms:.3f} = {floor:.3f} ms alone "
                        f"= {_x(_ratio(floor, row.ssh.p50))}")  # fmt: skip
-        out.append(Check(name, _verdict(r is not None and r <= P50_TARGET, row.ssh), detail))
+        out.append(_compared(name, r is not None and r <= P50_TARGET, row.ssh, detail))
     else:
         out.append(Check(name, None, "not measured"))
 
