@@ -59,7 +59,8 @@ def list_keys(obj: Context, as_json: bool) -> None:
     header: tuple[str, ...] = ("LABEL", "ID", "TYPE", "FINGERPRINT", "SENSITIVE", "EXTRACTABLE")
     rows: list[tuple[str, ...]] = [
         (
-            k.label,
+            # Any tool may label a key: one with control characters (a terminal escape) is shown quoted and escaped.
+            k.label if k.label.isprintable() else repr(k.label),
             k.id.hex(),
             k.type_name,
             k.fingerprint if k.public_key is not None else "-",

@@ -70,6 +70,16 @@ def test_keys_public_of_a_missing_key(token_env: TokenEnv) -> None:
     assert "no private key labelled 'nope'" in r.stderr
 
 
+def test_keys_list_shows_a_label_with_control_characters_escaped(token_env: TokenEnv) -> None:
+    """A label is whatever the tool that made the key wrote; a terminal escape in it must not reach the terminal."""
+    label = "red\x1b[31m\rspoof"
+    assert cli(token_env, "keys", "generate", "--type", "p256", "--label", label).returncode == 0
+    r = cli(token_env, "keys", "list")
+    assert r.returncode == 0, r.stderr
+    assert "\x1b" not in r.stdout and "\r" not in r.stdout
+    assert repr(label) in r.stdout
+
+
 def test_keys_public_refuses_an_empty_id(token_env: TokenEnv) -> None:
     """--id "" used to mean no id at all: the first key under the label, not the one asked for."""
     r = cli(token_env, "keys", "public", "--label", key_label("p256"), "--id", "")
