@@ -28,6 +28,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 CONFIG_ENV = "DFNS_AGENT_CONFIG"
 DEFAULT_MAX_BODY = 64 * 1024
+MAX_BODY_LIMIT = 16 * 1024 * 1024  # the largest max_body_bytes may be: no agent reads a longer body
 CREDENTIAL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _NAME_RE = re.compile(CREDENTIAL_NAME_PATTERN)
 NAME_RULE = "1-64 characters of letters, digits, '.', '_', '-'"
@@ -375,7 +376,7 @@ def _server(s: Mapping[str, Any], base: Path, where: str) -> ServerConfig:
     sock = _str(s, "socket", where)
     return ServerConfig(
         socket=_path(sock, base) if sock else None,
-        max_body_bytes=_int(s, "max_body_bytes", where, DEFAULT_MAX_BODY, lo=1024, hi=16 * 1024 * 1024),
+        max_body_bytes=_int(s, "max_body_bytes", where, DEFAULT_MAX_BODY, lo=1024, hi=MAX_BODY_LIMIT),
         sign_threads=_int(s, "sign_threads", where, ServerConfig.sign_threads, lo=0, hi=256),
         workers=_int(s, "workers", where, 1, lo=1, hi=64),
         max_connections=_int(s, "max_connections", where, 256, lo=1, hi=65536),

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import click
 
 from agent.cli.util import CliError, Context, socket_option, yes
 from agent.client import INVALID_JSON, AgentClientError, encode_body
+from agent.config import MAX_BODY_LIMIT
 
 
 @click.command()
@@ -54,9 +55,21 @@ def _parse_json(text: str, where: str, hint: str = "", *, exit_code: int = 2) ->
     return value
 
 
+def _read_bounded(stream: BinaryIO, where: str, exit_code: int) -> bytes:
+    """At most what an agent reads: a body longer than the largest ``max_body_bytes`` (or an endless
+    source such as ``@/dev/zero``) is an input error, not a CLI that reads until memory runs out."""
+    data = stream.read(MAX_BODY_LIMIT + 1)
+    if len(data) > MAX_BODY_LIMIT:
+        raise CliError(
+            "payload_too_large", f"{where} is longer than {MAX_BODY_LIMIT} bytes, more than any agent reads",
+            exit_code=exit_code,
+        )  # fmt: skip
+    return data
+
+
 def _read_stdin(where: str, *, exit_code: int = 2) -> str:
     """All of stdin as UTF-8 text; bytes that are not UTF-8 are an input error, not a UnicodeDecodeError."""
-    data = sys.stdin.buffer.read()
+    data = _read_bounded(sys.stdin.buffer, where, exit_code)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -81,7 +94,8 @@ def _read_data(data: str | None) -> Any:
     if source == "-":
         return _parse_json(_read_stdin("--data @-"), "--data @- (stdin)")
     try:
-        text = Path(source).read_text("utf-8")
+        with Path(source).open("rb") as f:
+            text = _read_bounded(f, f"--data {data}", 2).decode("utf-8")
     except OSError as e:
         raise CliError(
             "unreadable_file", f"--data {data}: cannot read {source}: {e.strerror or e}", exit_code=2

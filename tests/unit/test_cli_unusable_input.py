@@ -15,6 +15,7 @@ from click.testing import CliRunner, Result
 
 from agent.cli.main import main
 from agent.client import INVALID_JSON, AgentClient, AgentClientError, encode_body
+from agent.config import MAX_BODY_LIMIT
 from tests.unit.test_agent_client import Handler, serving
 
 
@@ -95,6 +96,21 @@ def test_a_challenge_that_is_not_utf8_is_an_input_error(short_dir: Path) -> None
 def test_data_from_stdin_that_is_not_utf8_is_an_input_error(short_dir: Path) -> None:
     r = run("request", "POST", "/wallets", "--data", "@-", "--socket", str(short_dir / "s"), stdin=b"\xff")
     assert_input_error(r, INVALID_JSON, "--data @-", "UTF-8")
+
+
+def test_data_from_an_endless_file_is_refused_at_the_largest_body_any_agent_reads(short_dir: Path) -> None:
+    with serving(short_dir / "a.sock", nothing_sent) as server:
+        r = run("request", "POST", "/wallets", "--data", "@/dev/zero", "--socket", str(short_dir / "a.sock"))
+    assert_input_error(r, "payload_too_large", "/dev/zero", str(MAX_BODY_LIMIT))
+    assert server.seen.requests == []
+
+
+def test_a_challenge_longer_than_any_agent_reads_is_refused(short_dir: Path) -> None:
+    text = '{"challenge": "' + "a" * MAX_BODY_LIMIT + '"}'
+    with serving(short_dir / "a.sock", nothing_sent) as server:
+        r = run("sign", "--socket", str(short_dir / "a.sock"), stdin=text)
+    assert_input_error(r, "payload_too_large", "stdin", exit_code=1)
+    assert server.seen.requests == []
 
 
 # --- the client --------------------------------------------------------------------------------------
