@@ -192,7 +192,9 @@ def descendants(pid: int) -> list[int]:
 
 
 def tree_cpu_seconds(pid: int) -> float:
-    """User + system CPU of ``pid`` and its descendants so far: server-side cost per request, by difference."""
+    """User + system CPU of ``pid`` and its descendants so far: server-side cost per request, by difference.
+    With each process's waited-for children (cutime, cstime), so a worker that exits mid-cell keeps its
+    share: a living process's own CPU is not yet in its parent's, and a reaped one is no longer listed."""
     ticks = 0
     for p in descendants(pid):
         try:
@@ -200,7 +202,7 @@ def tree_cpu_seconds(pid: int) -> float:
         except OSError:
             continue
         fields = stat[stat.rfind(")") + 2 :].split()
-        ticks += int(fields[11]) + int(fields[12])
+        ticks += sum(int(f) for f in fields[11:15])  # utime, stime, cutime, cstime
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
