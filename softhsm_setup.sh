@@ -51,6 +51,10 @@ as_root() {
   fi
 }
 
+# Another apt (unattended-upgrades, just after a fresh machine boots) holds dpkg's lock for minutes: wait for
+# it rather than fail at once with "Could not get lock" (apt 1.9.11 and later; older ones ignore the option).
+APT_WAIT=(-o DPkg::Lock::Timeout=600)
+
 # Whether apt can install package $1 on this release (after apt-get update).
 installable() {
   local candidate
@@ -82,7 +86,7 @@ install_packages() {
   command -v systemd-nspawn >/dev/null || want+=(systemd-container)
   command -v debootstrap >/dev/null || want+=(debootstrap)
   if [ ${#want[@]} -gt 0 ] || [ ${#optional[@]} -gt 0 ]; then
-    as_root apt-get update -qq
+    as_root apt-get "${APT_WAIT[@]}" update -qq
     local choice
     for pkg in "${optional[@]}"; do
       for choice in ${pkg//|/ }; do
@@ -94,7 +98,8 @@ install_packages() {
   if [ ${#want[@]} -gt 0 ]; then
     say "installing ${want[*]} (apt)"
     # env inside as_root: sudo resets the environment, and without it a debconf question would wait, unseen
-    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${want[@]}" >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get "${APT_WAIT[@]}" install -y -qq --no-install-recommends \
+      "${want[@]}" >/dev/null
   fi
 }
 
@@ -119,9 +124,19 @@ setup_dev_token() {
   export SOFTHSM_MODULE="$module"
 }
 
+# One setup at a time: `serve` and `dev-dfns` started together on a fresh machine would otherwise race on
+# apt's lock and pip-install into one venv at once. Released (fd 9 closed) before the command runs, so a
+# running agent does not hold it.
+mkdir -p "$DEV"
+exec 9>"$DEV/.setup.lock"
+if ! flock -n 9; then
+  say "waiting for another ./softhsm_setup.sh to finish setting up"
+  flock 9
+fi
 install_packages
 setup_venv
 setup_dev_token
+exec 9>&-
 
 case "${1:-setup}" in
   setup)
