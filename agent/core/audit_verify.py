@@ -43,6 +43,7 @@ import stat
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
+from typing import TypeGuard
 
 from agent.core.chain import GENESIS, line_hash
 from agent.core.checkpoint import Checkpoint, VerifyKey, parse
@@ -192,14 +193,23 @@ def _lines(path: Path) -> Iterator[bytes]:
         raise UnreadableFile(path, e) from None
 
 
-def _first_seq(path: Path) -> int:
+def _first_seq(path: Path) -> int | float:
     first = next(_lines(path), b"")
+    if first and not first.endswith(b"\n"):
+        # Nothing but a torn line (a crash cut the first record short): sorted last, where a torn tail is
+        # only warned about, whatever seq it was going to have.
+        return float("inf")
     try:
         record = json.loads(first)
     except (ValueError, RecursionError):  # not a record: sorted first, where the chain check reports it
         return 0
     seq = record.get("seq") if isinstance(record, dict) else None
-    return seq if isinstance(seq, int) else 0
+    return seq if _integer(seq) else 0
+
+
+def _integer(value: object) -> TypeGuard[int]:
+    """A JSON integer: not ``true`` (Python's ``True == 1``) nor ``2.0``, which the agent does not continue."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def verify(
@@ -214,7 +224,13 @@ def verify(
     given = [paths] if isinstance(paths, Path) else list(paths)
     files = audit_files(given)
     files.sort(key=_first_seq)
+    # Only the hashes checkpoints need are kept, not one per record (a year of files holds millions): those
+    # of the sizes given from outside, and a window of recent ones for the checkpoints in the files, which
+    # land a few records after the head they sign; one that lands further on is looked up in a second pass.
     hashes: dict[int, str] = {}
+    wanted = {cp.size for cp in external}
+    recent: list[str] = [""] * _RECENT
+    missing: set[int] = set()
     found: list[tuple[Checkpoint, str]] = []
     warnings: list[str] = []
     count, first_seq, prev, seq = 0, 0, None, 0
@@ -241,7 +257,7 @@ def verify(
                     raise _Broken(path, number, "not a JSON record")
                 if prev is None:  # the very first record of the set
                     first = record.get("seq")
-                    seq = first if isinstance(first, int) else 0
+                    seq = first if _integer(first) else 0
                     if seq < 1:
                         raise _Broken(path, number, f"seq is {record.get('seq')!r}")
                     if seq == 1 and record.get("prev") != GENESIS:
@@ -254,20 +270,32 @@ def verify(
                     if record.get("prev") != prev:
                         raise _Broken(path, number, "prev does not match the hash of the record before it")
                     seq += 1
-                    if record.get("seq") != seq:
+                    if not _integer(record.get("seq")) or record.get("seq") != seq:
                         raise _Broken(path, number, f"seq is {record.get('seq')!r}, expected {seq}")
                 prev = line_hash(raw)
-                hashes[seq] = prev
+                recent[seq % _RECENT] = prev
+                if seq in wanted:
+                    hashes[seq] = prev
                 count += 1
                 if record.get("event") == "checkpoint":
                     try:
-                        found.append((parse(str(record.get("checkpoint"))), f"{path} line {number}"))
+                        cp = parse(str(record.get("checkpoint")))
                     except ValueError as e:
                         raise _Broken(path, number, f"a checkpoint record that is not a checkpoint: {e}") from None
+                    found.append((cp, f"{path} line {number}"))
+                    if cp.size > seq:
+                        wanted.add(cp.size)
+                    elif cp.size >= first_seq and cp.size not in hashes:
+                        if seq - cp.size < _RECENT:
+                            hashes[cp.size] = recent[cp.size % _RECENT]
+                        else:
+                            missing.add(cp.size)
     except _Broken as b:
         return Verification(
             False, count, b.line, b.reason, b.path, first_seq, seq, tuple(files), warnings=tuple(warnings)
         )
+    if missing:
+        hashes.update(_hashes_of(files, first_seq, missing))
     checks = [_check(cp, src, hashes, seq, public_key, origin) for cp, src in found]
     checks += [_check(cp, "external", hashes, seq, public_key, origin) for cp in external]
     problem = next((c for c in checks if c.problem), None)
@@ -289,6 +317,32 @@ def verify(
         True, count, None, None, None, first_seq, seq, tuple(files), tuple(checks), proven, tuple(warnings),
         continues,
     )  # fmt: skip
+
+
+_RECENT = 4096  # hashes of the most recent records kept while reading, for the checkpoints in the files
+
+
+def _hashes_of(files: Sequence[Path], first_seq: int, wanted: set[int]) -> dict[int, str]:
+    """The hashes of records ``wanted`` of a set whose chain was checked (its complete lines are records
+    ``first_seq``, ``first_seq + 1``, ...), read again. A line that no longer has the seq it had (a file
+    rotated or changed since) gives nothing: its checkpoint is then not compared, and proves nothing."""
+    out: dict[int, str] = {}
+    seq, last = first_seq, max(wanted)
+    for path in files:
+        for raw in _lines(path):
+            if not raw.endswith(b"\n"):
+                break
+            if seq in wanted:
+                try:
+                    same = json.loads(raw).get("seq") == seq
+                except (ValueError, AttributeError, RecursionError):
+                    same = False
+                if same:
+                    out[seq] = line_hash(raw)
+            seq += 1
+            if seq > last:
+                return out
+    return out
 
 
 def _nothing(given: Sequence[Path], files: Sequence[Path]) -> str:
