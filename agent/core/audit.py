@@ -101,6 +101,26 @@ def _within_size_limit(offset: int, length: int) -> None:
         raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
 
 
+# What a file system that cannot sync a directory (some FUSE and network ones), or a directory the agent may
+# write in but not read, answers: nothing more can be done there, so it is no reason to stop signing
+# (PostgreSQL's fsync_fname makes the same exception). Anything else (EIO) is.
+_CANNOT_SYNC_DIRECTORY = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EACCES, errno.EPERM}
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make the entries of ``directory`` durable; raises OSError unless the system cannot (see above)."""
+    try:
+        dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError as e:
+        if e.errno not in _CANNOT_SYNC_DIRECTORY:
+            raise
+        log.debug("audit log: cannot sync directory %s: %s", directory, e.strerror)
+
+
 def _record_time(line: bytes) -> float | None:
     try:
         text = json.loads(line)["time"]
@@ -231,9 +251,18 @@ class AuditLog:
 
     def _open(self) -> None:
         try:
+            missing = [p for p in (self.path.parent, *self.path.parent.parents) if not p.exists()]
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            if stat.S_ISREG(os.fstat(self._fd).st_mode):
+                # fsync(2) of the file does not make its directory entry durable: a record fsynced into a file
+                # just created (by this worker or another) could vanish with the file in a power loss. Sync
+                # the directory (and any directory just made) before anything is written through this fd.
+                for directory in (self.path.parent, *(p.parent for p in missing)):
+                    _sync_directory(directory)
         except OSError as e:
+            if self._fd >= 0:
+                os.close(self._fd)
             self._fd = -1
             self.last_error = f"cannot open audit log {self.path}: {e.strerror}"
             raise AuditUnavailable(self.last_error) from None
@@ -323,24 +352,30 @@ class AuditLog:
             "truncatedStart": head.decode("utf-8", "replace"),
             "reason": "torn tail: bytes after the last complete record were cut off before appending",
         }
-        return self._append(fd, Tail(tail.prev, tail.seq, tail.event, tail.end, tail.end), [fields], sync=True)
+        base = Tail(tail.prev, tail.seq, tail.event, tail.end, tail.end)
+        if base.end == 0 and stat.S_ISREG(os.fstat(fd).st_mode):
+            # Nothing complete was left (the ``rotate`` record of an emptied live file, cut short): the chain
+            # still continues the newest rotated file, as it would have; the repair record follows it.
+            return self._continue_from_archive(fd, base, then=[fields])
+        return self._append(fd, base, [fields], sync=True)
 
     def _archives(self) -> list[Path]:
         stem, suffix = self.path.stem, self.path.suffix
         return sorted(p for p in self.path.parent.glob(f"{stem}-*{suffix}") if p.name[len(stem) + 1 :][:1].isdigit())
 
-    def _continue_from_archive(self, fd: int, tail: Tail) -> Tail:
+    def _continue_from_archive(self, fd: int, tail: Tail, then: list[Mapping[str, Any]] | None = None) -> Tail:
         """An empty live file next to rotated ones (an operator moved it away): it starts with a ``rotate``
         record continuing the newest rotated file, as a rotation would have, so the file says where its chain
-        comes from and still verifies on its own once retention deletes the files before it."""
+        comes from and still verifies on its own once retention deletes the files before it. ``then``: records
+        appended after it in the same write (and to ``tail`` when there is nothing to continue)."""
         archives = self._archives()
         if not archives:
-            return tail
+            return self._append(fd, tail, then, sync=True) if then else tail
         with open(archives[-1], "rb") as f:
             try:
                 last = read_tail(f.fileno())
             except CorruptTail:
-                return tail
+                return self._append(fd, tail, then, sync=True) if then else tail
         log.warning("audit log %s is empty; continuing the chain of %s (seq %d)", self.path, archives[-1], last.seq)
         fields = {
             "event": Event.ROTATE.value,
@@ -349,7 +384,7 @@ class AuditLog:
             "reason": "the live file was empty: the chain continues from the newest rotated file",
         }
         continued = Tail(last.prev, last.seq, last.event, tail.end, tail.size, last.covers)
-        return self._append(fd, continued, [fields], sync=True)
+        return self._append(fd, continued, [fields, *(then or [])], sync=True)
 
     def _append(self, fd: int, tail: Tail, items: list[Mapping[str, Any]], *, sync: bool) -> Tail:
         """Append ``items`` (the lock held) as one write; a failed or short write is cut back to where it
@@ -414,14 +449,20 @@ class AuditLog:
         """Close this file with a checkpoint of its head, and start the next one with a ``rotate`` record
         that continues the chain. The path never goes missing: the old file gets a second name (a hard
         link), then a prepared new file is renamed over the path."""
-        if self.signer is not None and not tail.checkpointed:
+        if self.signer is not None and not tail.checkpointed and not self._found_tampered(fd, tail):
             try:
                 tail = self._append(fd, tail, [self._checkpoint_fields(tail)], sync=True)
             except AuditUnavailable as e:
                 log.error("audit log %s: no checkpoint before rotating: %s", self.path, e.message)
         archive = self.path.with_name(f"{self.path.stem}-{tail.seq:012d}{self.path.suffix}")
         nxt = self.path.with_name(self.path.name + ".next")
-        nfd = os.open(nxt, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        # A fresh file of our own: whatever has the name already (left by a rotation cut short, or a link
+        # planted in a directory others can write) is unlinked, never opened and truncated through.
+        try:
+            os.unlink(nxt)
+        except FileNotFoundError:
+            pass
+        nfd = os.open(nxt, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(nfd, fcntl.LOCK_EX)
             fields = {"event": Event.ROTATE.value, "previousFile": archive.name, "previousSeq": tail.seq}
@@ -462,8 +503,8 @@ class AuditLog:
         """Sign and append a checkpoint of the chain's current head, unless the last record already is one
         (another worker just wrote it) or the log is empty. The token signs outside the file lock: the
         checkpoint covers the head it read, wherever in the file it lands."""
-        if self.signer is None:
-            return False
+        if self.signer is None or self.tampered is not None:
+            return False  # once a file was found cut or rewritten under it, the agent signs nothing more
         self._last_checkpoint = time.monotonic()
         self._checkpoint_wanted = False
         with self._write_lock:
@@ -471,12 +512,10 @@ class AuditLog:
             try:
                 tail = self._tail(fd)
                 ino = os.fstat(fd).st_ino
-                problem = self._inconsistent(fd, ino, tail)
+                tampered = self._found_tampered(fd, tail)
             finally:
                 self._release_lock(fd)
-        if problem is not None:
-            self.tampered = f"audit log {self.path}: {problem}; no checkpoint signed over it"
-            log.error("%s", self.tampered)
+        if tampered:
             return False
         if tail.seq == 0 or tail.checkpointed:
             return False
@@ -490,6 +529,17 @@ class AuditLog:
         if item.error is None:
             self._anchor = (ino, tail.end, tail.seq, tail.prev)
         return item.error is None
+
+    def _found_tampered(self, fd: int, tail: Tail) -> bool:
+        """Whether the agent must sign no checkpoint (the lock held): it found before, or finds now, that the
+        file no longer holds the head it last checkpointed. Logged, and health says so from then on."""
+        if self.tampered is None:
+            problem = self._inconsistent(fd, os.fstat(fd).st_ino, tail)
+            if problem is None:
+                return False
+            self.tampered = f"audit log {self.path}: {problem}; no checkpoint signed over it"
+            log.error("%s", self.tampered)
+        return True
 
     def _inconsistent(self, fd: int, ino: int, tail: Tail) -> str | None:
         """Why the file no longer holds the head this worker last checkpointed, or None if it does."""
