@@ -81,8 +81,8 @@ def test_a_refused_session_lowers_the_bound_to_the_sessions_held(caplog: pytest.
     got: list[Any] = []
     waiter = threading.Thread(target=lambda: got.append(pool.checkout()))
     waiter.start()
-    wait_until(lambda: module.refused == 1, 5, "the third session refused")
-    assert pool.limit == 2
+    # The stand-in counts the refusal before the pool has taken it in: wait for both.
+    wait_until(lambda: module.refused == 1 and pool.limit == 2, 5, "the third session refused, the bound lowered")
     waiter.join(0.2)
     assert waiter.is_alive() and got == []  # waiting for one of the two
     pool.checkin(b)
@@ -147,8 +147,7 @@ def test_a_bound_the_module_set_grows_back_when_it_has_sessions_again(caplog: py
     got: list[Any] = []
     waiter = threading.Thread(target=lambda: got.append(pool.checkout()))
     waiter.start()
-    wait_until(lambda: module.refused == 1, 5, "the second session refused")
-    assert pool.limit == 1
+    wait_until(lambda: module.refused == 1 and pool.limit == 1, 5, "the second session refused, the bound set")
     pool.checkin(a)
     waiter.join(5)
     assert got == [a]
@@ -163,8 +162,8 @@ def test_a_bound_the_module_set_grows_back_when_it_has_sessions_again(caplog: py
     caplog.clear()
     waiter = threading.Thread(target=lambda: got.append(pool.checkout()))
     waiter.start()
-    wait_until(lambda: module.refused == 2, 5, "the third session refused")
-    assert pool.limit == 2 and "refused another session" not in caplog.text
+    wait_until(lambda: module.refused == 2 and pool.limit == 2, 5, "the third session refused, the bound lowered")
+    assert "refused another session" not in caplog.text
     pool.checkin(b)
     waiter.join(5)
     assert got[-1] is b
@@ -174,9 +173,10 @@ def test_growing_back_stops_at_max_sessions() -> None:
     module = Module(1)
     pool = make_pool(module, limit=2)
     a = pool.checkout()
-    waiter = threading.Thread(target=pool.checkout)
+    waiter = threading.Thread(target=pool.checkout, daemon=True)
     waiter.start()
-    wait_until(lambda: module.refused == 1, 5, "the second session refused")
+    # Not only refused: taken in by the pool, which would otherwise set _grow_at after the test does.
+    wait_until(lambda: module.refused == 1 and pool.limit == 1, 5, "the second session refused, the bound set")
     module.cap = None
     pool._grow_at = 0.0
     pool.checkin(a)
