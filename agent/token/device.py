@@ -321,7 +321,10 @@ class Token:
                 except _STALE as e:
                     self._pool.drop(session)
                     if attempt == 1:
-                        continue  # an idle session the device expired, or a stale handle: once more, fresh
+                        # An idle session the device expired (and with it the others idle as long), or a stale
+                        # handle: once more, on a fresh session.
+                        self._pool.drop_idle()
+                        continue
                     error: BaseException = e
                 except p11.PKCS11Error as e:
                     self._pool.drop(session)

@@ -210,6 +210,19 @@ class SessionPool:
                 pass
         self._release()
 
+    def drop_idle(self) -> None:
+        """Close the idle sessions: a device that expired one session idle for a while (YubiHSM 2 after 30 s, a
+        network HSM's idle timeout) expired those idle as long too, so a retry must open a fresh one."""
+        with self._lock:
+            idle, self._idle = [s for s in self._idle if s in self._open_sessions], []
+            for session in idle:
+                self._open_sessions.remove(session)
+        for session in idle:
+            try:
+                session.session.close()
+            except p11.PKCS11Error:
+                pass  # expired already
+
     def _release(self) -> None:
         with self._lock:
             self._in_use -= 1
