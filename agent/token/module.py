@@ -193,7 +193,13 @@ def load_module(path: str) -> LoadedModule:
         cant_lock = False
         if shares_one_instance(path):
             raw = RawModule(path)
-            cant_lock = not raw.reinitialize_with_locking()
+            try:
+                cant_lock = not raw.reinitialize_with_locking()
+            except TokenUnavailable:
+                # python-pkcs11 still counts it initialised and would hand it back as it is (finalised) to the
+                # next load, whose C_Finalize then fails for ever: drop it, so the next load starts afresh.
+                pkcs11.unload(path)
+                raise
             if cant_lock:
                 log.warning("PKCS#11 module %s cannot use OS locking (CKR_CANT_LOCK): calling it one at a time "
                             "unless [token] concurrency says otherwise", path)  # fmt: skip
