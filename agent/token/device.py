@@ -61,7 +61,7 @@ from agent.token.keys import (
     self_test,
     sign_with,
 )
-from agent.token.module import USER_STATES, LoadedModule, describe, load_module, unload_module
+from agent.token.module import USER_STATES, LoadedModule, RawModule, describe, load_module, unload_module
 from agent.token.pool import Session, SessionPool
 from agent.token.recovery import Circuit
 
@@ -86,6 +86,7 @@ class Token:
         self._loaded = loaded
         self._token = token
         self._anchor = anchor
+        self._anchor_loaded = loaded  # the module instance the anchor was opened on
         self._anchor_lock = threading.RLock()
         self.serial = _serial(cfg, loaded)
         self._pool = SessionPool(
@@ -164,10 +165,8 @@ class Token:
             except p11.PKCS11Error:
                 pass
         with self._anchor_lock:
-            try:
-                self._anchor.close()
-            except p11.PKCS11Error:
-                pass
+            # Its handle means nothing to a module loaded since: never close a number another session may have.
+            _close_logged_in(self._anchor, self._loaded.raw if self._anchor_loaded is self._loaded else None)
 
     def __enter__(self) -> Token:
         return self
@@ -428,13 +427,10 @@ class Token:
             if self.circuit.closed:  # close() gave up waiting for this attempt: log out again, keep nothing
                 raise TokenUnavailable(f"{self.name} was closed while it reconnected")
         except BaseException:
-            try:
-                anchor.close()
-            except p11.PKCS11Error:
-                pass
+            _close_logged_in(anchor, self._loaded.raw)
             raise
         with self._anchor_lock:
-            self._token, self._anchor = token, anchor
+            self._token, self._anchor, self._anchor_loaded = token, anchor, self._loaded
 
     def _probe_once(self) -> tuple[bool, int]:
         with self._in_call(), self._gate.shared(), self._anchor_lock:  # a probe that hangs is stuck too
@@ -550,6 +546,20 @@ def _serial(cfg: TokenConfig, loaded: LoadedModule) -> bool:
         return cfg.concurrency is TokenConcurrency.SERIAL
     maker = loaded.manufacturer.strip()
     return maker in SERIAL_MODULES or loaded.cant_lock or (not loaded.os_locking and maker != P11KIT)
+
+
+def _close_logged_in(session: Any, raw: RawModule | None) -> None:
+    """Log out and close the logged-in ``session``, ignoring errors. python-pkcs11's ``close()`` raises on a
+    failed ``C_Logout`` (``CKR_USER_NOT_LOGGED_IN`` once the token ended the login, a device error) and never
+    calls ``C_CloseSession`` then: the session is closed here instead, so no recovery leaves one open on the
+    device. ``raw``: the module instance ``session`` belongs to (None: none we can reach, or not that one)."""
+    try:
+        session.close()
+    except (p11.SessionHandleInvalid, p11.SessionClosed):
+        pass  # gone already
+    except p11.PKCS11Error:
+        if raw is not None:
+            raw.close_session(session.handle)  # its answer changes nothing: the session is no longer ours
 
 
 def _login(token: Any, pin: Secret, *, rw: bool) -> Any:

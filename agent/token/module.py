@@ -88,6 +88,7 @@ USER_STATES = frozenset({1, 3})  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
 _RV = ctypes.c_ulong
 _InitFn = ctypes.CFUNCTYPE(_RV, ctypes.c_void_p)
 _SessionInfoFn = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong, ctypes.POINTER(_CK_SESSION_INFO))
+_CloseSessionFn = ctypes.CFUNCTYPE(_RV, ctypes.c_ulong)
 
 
 def _function_list(dll: ctypes.CDLL, path: str) -> ctypes._Pointer[_CK_FUNCTION_LIST_HEAD]:
@@ -114,6 +115,7 @@ class RawModule:
         fl = _function_list(self._dll, path).contents
         self.initialize = _InitFn(fl.f0)
         self.finalize = _InitFn(fl.f1)
+        self.close_session = _CloseSessionFn(fl.f13)
         self.get_session_info = _SessionInfoFn(fl.f15)
 
     def reinitialize_with_locking(self) -> bool:
