@@ -11,17 +11,29 @@ loop again. The same calls, bounded by a timer, cost 67-75 us.
 A job whose future is already done when a thread takes it (its caller was cancelled, or timed out) is
 skipped, as a ``ThreadPoolExecutor`` skips a cancelled one; a job already running goes on, and its answer
 is dropped.
+
+Shutting down joins the threads for at most ``SHUTDOWN_WAIT`` seconds: a thread still in a call then is stuck
+in the module (a hung HSM), and is left to the process's exit (they are daemon threads). The token's close
+waits a bounded time for such a call too, and never closes the session under it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
 
 __all__ = ["SigningThreads"]
+
+log = logging.getLogger(__name__)
+
+# Seconds shutdown() waits for the threads. With the token's close (3 s for a call in progress) it stays
+# within the 5 s the supervisor gives a worker after its drain.
+SHUTDOWN_WAIT = 1.0
 
 T = TypeVar("T")
 
@@ -102,15 +114,25 @@ class SigningThreads:
         for job in jobs:
             job.settle()
 
-    def shutdown(self, *, wait: bool = True) -> None:
+    def shutdown(self, *, wait: bool = True, timeout: float = SHUTDOWN_WAIT) -> None:
         """No new jobs; the threads end after the queued ones. ``wait``: join them, as leaving a
-        ``ThreadPoolExecutor`` block does (before the token they call into is closed)."""
+        ``ThreadPoolExecutor`` block does (before the token they call into is closed), but for at most
+        ``timeout`` seconds: one still in a call then is stuck in the module, and is left behind (logged)."""
         self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
         if wait:
+            deadline = time.monotonic() + timeout
             for t in self._threads:
-                t.join()
+                t.join(max(0.0, deadline - time.monotonic()))
+            stuck = [t.name for t in self._threads if t.is_alive()]
+            if stuck:
+                log.error(
+                    "signing thread(s) %s still in a token call after %.1fs: not waiting for them (the module "
+                    "hangs); the process's exit ends them",
+                    ", ".join(stuck),
+                    timeout,
+                )
 
     def __enter__(self) -> SigningThreads:
         return self
