@@ -216,7 +216,7 @@ class _Listener:
 
 
 class _Pending:
-    __slots__ = ("method", "url", "headers", "body", "head_done", "head_bytes", "length", "continue_due")
+    __slots__ = ("method", "url", "headers", "body", "head_done", "head_bytes", "length", "continue_due", "trailing")
 
     def __init__(self) -> None:
         self.method = ""
@@ -227,6 +227,7 @@ class _Pending:
         self.head_done = False
         self.length = 0  # the body's Content-Length, when it has one
         self.continue_due = False  # it asked for a 100 Continue while earlier requests were being answered
+        self.trailing = False  # after a chunk's size line and before its data: the trailers, if the last chunk
 
 
 class Connection(asyncio.Protocol):
@@ -332,7 +333,8 @@ class Connection(asyncio.Protocol):
         pending = self._current
         if pending is None:
             return not self._closing
-        if not pending.head_done:
+        if not pending.head_done or pending.trailing:
+            # (Trailers after a chunked body are bounded as a head is: httptools holds a header not yet ended.)
             # Counted from the start of the piece the head began in, so with up to one piece (_FEED) of what
             # came before it: the bound allows for that, so that no head within _MAX_HEAD is refused, and a
             # head that never ends is refused within _MAX_HEAD + _FEED bytes. (A head parsed whole is bounded
@@ -341,7 +343,7 @@ class Connection(asyncio.Protocol):
             if self._head_size > _MAX_HEAD + _FEED:
                 self._fail(431, "headers_too_large", f"request line and headers exceed {_MAX_HEAD} bytes")
                 return False
-        elif not self._paused and self._on_deadline != self._body_late:
+        if pending.head_done and not self._paused and self._on_deadline != self._body_late:
             # The body straddles reads. (While reading is paused the rest may be ours to feed, or not read
             # yet: its deadline is set once the queue has drained.)
             self._expect(self.limits.body_timeout, self._body_late)
@@ -398,9 +400,16 @@ class Connection(asyncio.Protocol):
             else:  # never ahead of the answers before it: sent when it is next, unless its body has begun
                 pending.continue_due = True
 
+    def on_chunk_header(self) -> None:
+        """A chunk's size line ended: its data follows, or, after the last (empty) chunk, the trailers."""
+        if self._current is not None:
+            self._current.trailing = True
+            self._head_size = 0
+
     def on_body(self, body: bytes) -> None:
         if self._current is None:
             return
+        self._current.trailing = False
         self._size += len(body)
         if self._size > self.limits.max_body:
             self._too_large()
