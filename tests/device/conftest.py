@@ -11,15 +11,22 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import TokenConfig
 from agent.dev.testing import (
+    PIN,
+    TOKEN_LABEL,
     AgentProcess,
     TokenEnv,
     agent_starter,
     make_token_env,
     shared_template_token,
     short_tempdir,
+    softhsm_module,
     template_public_keys,
+    wait_until,
 )
+from agent.secret import Secret
+from agent.token import Token, unload_module
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +43,20 @@ def template_keys(template_token: Path) -> dict[str, str]:
 @pytest.fixture
 def token_env(template_token: Path, tmp_path: Path) -> TokenEnv:
     return make_token_env(template_token, tmp_path / "hsm")
+
+
+@pytest.fixture
+def token(token_env: TokenEnv, monkeypatch: pytest.MonkeyPatch) -> Iterator[Token]:
+    """The test's own token opened in this process (``SOFTHSM2_CONF`` pointed at it), logged in. Closed, and
+    the module unloaded, only once a recovery the test set off has ended: never under a thread inside it."""
+    monkeypatch.setenv("SOFTHSM2_CONF", str(token_env.softhsm_conf))
+    t = Token.open(TokenConfig(module=softhsm_module(), label=TOKEN_LABEL), Secret(PIN, "test"))
+    try:
+        yield t
+    finally:
+        wait_until(lambda: not t.circuit._recovering.locked(), 30, "recovery to end")
+        t.close()
+        unload_module(softhsm_module())
 
 
 @pytest.fixture

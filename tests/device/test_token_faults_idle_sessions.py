@@ -11,29 +11,11 @@ sessions in the pool. The probe keeps only the logged-in session warm.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 
-from agent.config import TokenConfig
-from agent.dev.testing import PIN, TOKEN_LABEL, key_label, make_token_env, softhsm_module, verify_signature, wait_until
+from agent.dev.testing import key_label, verify_signature
 from agent.health import TokenState
-from agent.secret import Secret
-from agent.token import Token, unload_module
-
-
-@pytest.fixture
-def token(template_token: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Token]:
-    te = make_token_env(template_token, tmp_path / "hsm")
-    monkeypatch.setenv("SOFTHSM2_CONF", str(te.softhsm_conf))
-    t = Token.open(TokenConfig(module=softhsm_module(), label=TOKEN_LABEL), Secret(PIN, "test"))
-    try:
-        yield t
-    finally:
-        wait_until(lambda: not t.circuit._recovering.locked(), 30, "recovery to end")
-        t.close()
-        unload_module(softhsm_module())
+from agent.token import Token
 
 
 @pytest.mark.parametrize("idle", [2, 3])

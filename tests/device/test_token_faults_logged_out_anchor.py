@@ -13,33 +13,16 @@ else is the real module. python-pkcs11's ``Session.close()`` raises on the ``C_L
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 from pkcs11 import exceptions as p11
 
-from agent.config import TokenConfig
-from agent.dev.testing import PIN, TOKEN_LABEL, key_label, make_token_env, softhsm_module, verify_signature, wait_until
+from agent.dev.testing import key_label, softhsm_module, verify_signature, wait_until
 from agent.errors import TokenUnavailable
-from agent.secret import Secret
-from agent.token import Token, unload_module
+from agent.token import Token
 
 _CKR_OK = 0
-
-
-@pytest.fixture
-def token(template_token: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Token]:
-    te = make_token_env(template_token, tmp_path / "hsm")
-    monkeypatch.setenv("SOFTHSM2_CONF", str(te.softhsm_conf))
-    t = Token.open(TokenConfig(module=softhsm_module(), label=TOKEN_LABEL), Secret(PIN, "test"))
-    try:
-        yield t
-    finally:
-        wait_until(lambda: not t.circuit._recovering.locked(), 30, "recovery to end")
-        t.close()
-        unload_module(softhsm_module())
 
 
 def _log_out(handle: int) -> int:

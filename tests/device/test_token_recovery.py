@@ -17,19 +17,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 import agent.token.device as agent_token
-from agent.config import TokenConfig
 from agent.dev.softhsm import reinit_token
-from agent.dev.testing import PIN, SO_PIN, TOKEN_LABEL, TokenEnv, key_label, make_token_env, softhsm_module, wait_until
+from agent.dev.testing import PIN, SO_PIN, TOKEN_LABEL, TokenEnv, key_label, wait_until
 from agent.errors import SelfTestFailed, TokenUnavailable
 from agent.health import TokenState
-from agent.secret import Secret
-from agent.token import Token, unload_module
+from agent.token import Token
 from agent.token import keys as token_keys
 from agent.token import module as token_module
 
@@ -42,25 +39,6 @@ with open(sys.argv[1], "rb") as f:
     print("locked", flush=True)
     sys.stdin.read()
 """
-
-
-@pytest.fixture
-def env(template_token: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> TokenEnv:
-    te = make_token_env(template_token, tmp_path / "hsm")
-    monkeypatch.setenv("SOFTHSM2_CONF", str(te.softhsm_conf))
-    return te
-
-
-@pytest.fixture
-def token(env: TokenEnv) -> Iterator[Token]:
-    t = Token.open(TokenConfig(module=softhsm_module(), label=TOKEN_LABEL), Secret(PIN, "test"))
-    try:
-        yield t
-    finally:
-        # Never unload the module under a recovery thread still inside it (the test released what it hung on).
-        wait_until(lambda: not recovering(t), 30, "recovery to end")
-        t.close()
-        unload_module(softhsm_module())
 
 
 def recovering(token: Token) -> bool:
@@ -95,8 +73,8 @@ def thread_in(name: str, function: str) -> bool:
     return False
 
 
-def test_a_hung_relogin_counts_as_a_stuck_token_call(token: Token, env: TokenEnv) -> None:
-    with store_read_locked(env):
+def test_a_hung_relogin_counts_as_a_stuck_token_call(token: Token, token_env: TokenEnv) -> None:
+    with store_read_locked(token_env):
         token.fault("test: the device dropped the session")
         wait_until(lambda: thread_in("token-recovery", "_login"), 10, "recovery to wait in C_Login")
         # What the worker's heartbeat and watchdog read: past the limit, the worker is replaced.
@@ -108,12 +86,12 @@ def test_a_hung_relogin_counts_as_a_stuck_token_call(token: Token, env: TokenEnv
 
 
 def test_close_gives_up_on_a_hung_recovery_within_its_bound(
-    token: Token, env: TokenEnv, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    token: Token, token_env: TokenEnv, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     bound = 1.0
     monkeypatch.setattr(agent_token, "CLOSE_TIMEOUT", bound, raising=False)
     caplog.set_level(logging.INFO, logger="agent.token")
-    with store_read_locked(env):
+    with store_read_locked(token_env):
         token.fault("test: the device dropped the session")
         wait_until(lambda: thread_in("token-recovery", "_login"), 10, "recovery to wait in C_Login")
         began = time.monotonic()
@@ -133,7 +111,7 @@ def test_close_gives_up_on_a_hung_recovery_within_its_bound(
 
 
 def test_the_module_is_never_unloaded_under_a_self_test(
-    token: Token, env: TokenEnv, monkeypatch: pytest.MonkeyPatch
+    token: Token, token_env: TokenEnv, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Recovery's later attempts reload the module (C_Finalize, unload); a self-test (SIGHUP's reload runs
     one) running meanwhile must not be inside the module then. Instrumented: each unload waits a moment for
@@ -203,15 +181,15 @@ def test_the_module_is_never_unloaded_under_a_self_test(
 
     thread = threading.Thread(target=self_tests, name="self-tests")
     thread.start()
-    backup = env.dir / "tokens.backup"
+    backup = token_env.dir / "tokens.backup"
     try:
         wait_until(lambda: outcomes["ok"] > 0, 10, "a self-test passing")
-        shutil.copytree(env.dir / "tokens", backup)
-        reinit_token(env.dir, label=TOKEN_LABEL, pin=PIN, so_pin=SO_PIN)  # every key wiped: recovery retries
+        shutil.copytree(token_env.dir / "tokens", backup)
+        reinit_token(token_env.dir, label=TOKEN_LABEL, pin=PIN, so_pin=SO_PIN)  # every key wiped: recovery retries
         token.fault("test: the keys are gone")
         wait_until(lambda: len(overlaps) >= 2, 30, "two module reloads by recovery")
-        shutil.rmtree(env.dir / "tokens")
-        shutil.copytree(backup, env.dir / "tokens")
+        shutil.rmtree(token_env.dir / "tokens")
+        shutil.copytree(backup, token_env.dir / "tokens")
         wait_until(lambda: token.state is TokenState.OK, 60, "recovery once the keys are back")
         passed = outcomes["ok"]
         wait_until(lambda: outcomes["ok"] > passed, 10, "a self-test passing after recovery")
