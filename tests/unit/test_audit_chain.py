@@ -44,6 +44,18 @@ def lines(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_bytes().splitlines()]
 
 
+def edit_and_rechain(path: Path) -> None:
+    """Record 2's "who" edited (to one as long) and the chain recomputed from it: same length, same inode."""
+    records, prev, out = lines(path), GENESIS, []
+    records[1]["who"] = "mally"
+    for r in records:
+        r["prev"] = prev
+        raw = json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode()
+        prev = line_hash(raw)
+        out.append(raw + b"\n")
+    path.write_bytes(b"".join(out))
+
+
 def signer(kind: KeyKind = KeyKind.ED25519, *, fresh: bool = False) -> NoteSigner:
     store = SoftKeyStore.with_keys([("audit", kind)], fresh=fresh)
     return NoteSigner(store, store.find_key("audit"), ORIGIN)
@@ -409,15 +421,8 @@ def test_the_agent_never_signs_a_checkpoint_over_a_history_it_checkpointed_diffe
         assert log.checkpoint()
         log.record(Fields(event="sign", who="alice", i=3))
         data = path.read_bytes()
-        if change == "edit":  # record 2 edited and the chain recomputed from it (same length, same inode)
-            records, prev, out = lines(path), GENESIS, []
-            records[1]["who"] = "mally"
-            for r in records:
-                r["prev"] = prev
-                raw = json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode()
-                prev = line_hash(raw)
-                out.append(raw + b"\n")
-            path.write_bytes(b"".join(out))
+        if change == "edit":
+            edit_and_rechain(path)
         else:
             path.write_bytes(b"".join(data.splitlines(keepends=True)[:2]))
         log.record(Fields(event="sign", i=4))  # records go on (the chain continues whatever the file ends in)

@@ -15,14 +15,7 @@ from pathlib import Path
 import pytest
 
 from agent.core.audit import AuditLog
-
-
-class Fields:
-    def __init__(self, **fields: object) -> None:
-        self.fields = fields
-
-    def to_json(self) -> dict[str, object]:
-        return self.fields
+from tests.unit.test_audit_chain import Fields
 
 
 def test_a_new_log_and_the_directory_made_for_it_are_synced_before_the_first_record_is_confirmed(

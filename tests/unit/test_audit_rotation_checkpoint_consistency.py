@@ -5,47 +5,19 @@ nothing more and health says down"). Real files, a software checkpoint key, a re
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from agent.config import AuditConfig
-from agent.core.audit import GENESIS, AuditLog, line_hash
-from agent.core.checkpoint import NoteSigner
-from agent.dev.softkeys import SoftKeyStore
-from agent.token.keys import KeyKind
-
-
-class Fields:
-    def __init__(self, **fields: object) -> None:
-        self.fields = fields
-
-    def to_json(self) -> dict[str, object]:
-        return self.fields
-
-
-def lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_bytes().splitlines()]
-
-
-def signer() -> NoteSigner:
-    store = SoftKeyStore.with_keys([("audit", KeyKind.ED25519)])
-    return NoteSigner(store, store.find_key("audit"), "test.example/dfns-agent/audit")
+from agent.core.audit import AuditLog
+from tests.unit.test_audit_chain import Fields, edit_and_rechain, lines, signer
 
 
 def tamper(path: Path, change: str) -> None:
-    if change == "edit":  # record 2 edited and the chain recomputed from it
-        records, prev, out = lines(path), GENESIS, []
-        records[1]["who"] = "mally"
-        for r in records:
-            r["prev"] = prev
-            raw = json.dumps(r, separators=(",", ":"), ensure_ascii=False).encode()
-            prev = line_hash(raw)
-            out.append(raw + b"\n")
-        path.write_bytes(b"".join(out))
+    if change == "edit":
+        edit_and_rechain(path)
     else:
         path.write_bytes(b"".join(path.read_bytes().splitlines(keepends=True)[:2]))
 

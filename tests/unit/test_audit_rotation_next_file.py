@@ -12,14 +12,7 @@ from pathlib import Path
 from agent.config import AuditConfig
 from agent.core.audit import AuditLog
 from agent.core.audit_verify import verify
-
-
-class Fields:
-    def __init__(self, **fields: object) -> None:
-        self.fields = fields
-
-    def to_json(self) -> dict[str, object]:
-        return self.fields
+from tests.unit.test_audit_chain import Fields
 
 
 def rotate_with_planted(tmp_path: Path, plant: str) -> tuple[Path, Path, bytes]:

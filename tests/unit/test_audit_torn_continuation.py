@@ -8,23 +8,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 from agent.config import AuditConfig
 from agent.core.audit import AuditLog, line_hash
 from agent.core.audit_verify import verify
-
-
-class Fields:
-    def __init__(self, **fields: object) -> None:
-        self.fields = fields
-
-    def to_json(self) -> dict[str, object]:
-        return self.fields
-
-
-def lines(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_bytes().splitlines()]
+from tests.unit.test_audit_chain import Fields, lines
 
 
 def rotated_then_torn(tmp_path: Path) -> tuple[Path, list[Path]]:

@@ -13,14 +13,7 @@ from agent.core.audit import AuditLog
 from agent.core.audit_verify import verify
 from agent.core.chain import GENESIS, line_hash
 from agent.errors import AuditUnavailable
-
-
-class Fields:
-    def __init__(self, **fields: object) -> None:
-        self.fields = fields
-
-    def to_json(self) -> dict[str, object]:
-        return self.fields
+from tests.unit.test_audit_chain import Fields
 
 
 def chained(*seqs: object) -> bytes:
